@@ -1,0 +1,199 @@
+"""The `warmstart` command: parses, validates, and calls the library. A user mistake is one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import fields
+
+from .config import AUGMENTS, OPTIMIZERS, SCHEDULES, STRATEGIES, RunConfig
+from .errors import UserError
+
+EXIT_USAGE = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line naming the fix, not a usage dump."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message} (see '{self.prog} --help')")
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    S = argparse.SUPPRESS  # only options given on the command line override --config
+    add = parser.add_argument
+    add("--config", default=S, help="YAML run config (e.g. RUN/config.yaml); other flags override it")
+    data = parser.add_argument_group("data")
+    data.add_argument("--data", default=S, help="ROOT with train/ and val/ or test/ class folders, ROOT/<class>/*, "
+                      "or a CSV manifest (image_path,label)")
+    data.add_argument("--val-data", default=S, help="separate validation data (folder tree or CSV)")
+    data.add_argument("--val-fraction", type=float, default=S,
+                      help="held-out fraction when there is no val/ split (seeded, stratified; default 0.2)")
+    data.add_argument("--augment", choices=AUGMENTS, default=S,
+                      help="standard: random-resized-crop + flip (default); none")
+    data.add_argument("--input-size", type=int, default=S, help="input size in px (default: the model's)")
+    data.add_argument("--crop-pct", type=float, default=S, help="center-crop fraction at evaluation")
+    data.add_argument("--workers", type=int, default=S, help="data loader processes (default: CPU count, max 8)")
+    model = parser.add_argument_group("model and weights")
+    model.add_argument("--model", default=S, help="timm name or resnet50, resnet_v2_50, inception_v4, "
+                       "nasnet_a_large, efficientnet_lite0 (default)")
+    model.add_argument("--weights", default=S, help="bundled (offline EfficientNet-Lite0, default), hub, none, "
+                       "or a .safetensors/.pth file")
+    model.add_argument("--skip", action="append", default=S, metavar="PATTERN",
+                       help="parameter-name pattern not to restore (repeatable); the old classifier is "
+                       "skipped by default when the class count differs")
+    model.add_argument("--strategy", choices=STRATEGIES, default=S,
+                       help="feature-extractor (head only, default), partial, fine-tune")
+    model.add_argument("--trainable", action="append", default=S, metavar="PATTERN",
+                       help="with --strategy partial: parameter-name pattern that trains (repeatable)")
+    model.add_argument("--unfreeze-last", type=int, default=S, metavar="N",
+                       help="with --strategy partial: the last N stages train")
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--optimizer", choices=OPTIMIZERS, default=S, help="sgd (momentum, default) or adamw")
+    optim.add_argument("--lr", type=float, default=S,
+                       help="learning rate (default: sgd 0.01; adamw 1e-3 head-only, 1e-4 otherwise)")
+    optim.add_argument("--momentum", type=float, default=S)
+    optim.add_argument("--weight-decay", type=float, default=S)
+    optim.add_argument("--schedule", choices=SCHEDULES, default=S, help="cosine (default), piecewise, constant")
+    optim.add_argument("--warmup-epochs", type=float, default=S)
+    optim.add_argument("--piecewise-boundaries", type=float, nargs="+", default=S, metavar="EPOCH",
+                       help="epochs where the learning rate changes")
+    optim.add_argument("--piecewise-lr-decay", type=float, nargs="+", default=S, metavar="FACTOR",
+                       help="lr multiplier of each piece (one more than the boundaries)")
+    optim.add_argument("--label-smoothing", type=float, default=S)
+    optim.add_argument("--epochs", type=int, default=S)
+    optim.add_argument("--batch-size", type=int, default=S, help="batch size (per GPU/process)")
+    optim.add_argument("--seed", type=int, default=S)
+    optim.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", default=S,
+                       help="run the frozen backbone every epoch even when features could be computed once")
+    out = parser.add_argument_group("output")
+    out.add_argument("--out", default=S, help="run directory (default runs/<timestamp>-<model>)")
+    out.add_argument("--quiet", action="store_true", default=S, help="log lines instead of progress bars")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    names = {f.name for f in fields(RunConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    if getattr(args, "config", None):
+        return RunConfig.from_yaml(args.config, overrides)
+    return RunConfig.from_dict(overrides, source="command line")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="warmstart", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    train = sub.add_parser("train", help="train a classifier from pretrained weights")
+    _add_train_options(train)
+
+    ev = sub.add_parser("eval", help="evaluate a trained run (top-1, top-5, per class, confusion matrix)")
+    ev.add_argument("run", help="run directory")
+    ev.add_argument("--data", default=None, help="data to evaluate on (default: the run's own)")
+    ev.add_argument("--split", default="val", choices=("train", "val", "test"))
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--workers", type=int, default=None)
+    ev.add_argument("--json", action="store_true", help="print eval.json")
+
+    pr = sub.add_parser("predict", help="top-k classes of image files")
+    pr.add_argument("run", help="run directory")
+    pr.add_argument("images", nargs="+")
+    pr.add_argument("--top-k", type=int, default=5)
+    pr.add_argument("--json", action="store_true")
+
+    qs = sub.add_parser("quickstart", help="offline demo: EfficientNet-Lite0 features on scikit-learn's digits")
+    qs.add_argument("--out", default=None)
+    qs.add_argument("--quiet", action="store_true")
+
+    md = sub.add_parser("models", help="list model names with input size and parameter count")
+    md.add_argument("pattern", nargs="?", help="a timm name pattern, e.g. 'convnext*' (default: the familiar names)")
+    return parser
+
+
+def _cmd_train(args) -> int:
+    from .train.run import train
+
+    train(config_from_args(args))
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .evaluate import evaluate_run
+
+    result = evaluate_run(args.run, args.data, args.split, args.batch_size, args.workers)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2))
+    else:
+        print(f"{args.split}: top-1 {result.top1:.4f}, top-5 {result.top5:.4f} on {result.num_images} images "
+              f"({result.images_per_sec:.1f} img/s); per-class accuracy and confusion matrix in {args.run}")
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from .predict import predict
+
+    predictions = predict(args.run, args.images, args.top_k)
+    if args.json:
+        print(json.dumps([{"image": p.image, "error": p.error,
+                           "top": [{"class": c, "probability": round(q, 6)} for c, q in p.top]}
+                          for p in predictions], indent=2))
+    else:
+        for p in predictions:
+            if p.error:
+                print(f"{p.image}: error: {p.error}")
+                continue
+            print(p.image)
+            for name, prob in p.top:
+                print(f"  {prob:7.2%}  {name}")
+    return 1 if any(p.error for p in predictions) else 0
+
+
+def _cmd_quickstart(args) -> int:
+    from .quickstart import quickstart
+
+    result = quickstart(args.out, args.quiet)
+    m = result.metrics
+    print(f"quickstart: top-1 {m['top1']:.2%} on {m['val_images']} held-out digits; "
+          f"feature extraction + training {m['train_images_per_sec']:.1f} img/s, "
+          f"evaluation {m['eval_images_per_sec']:.1f} img/s, {m['wall_seconds']:.0f}s in all")
+    print(f"try: warmstart predict {result.run_dir} {result.run_dir}/samples/digit_3.png")
+    return 0
+
+
+def _cmd_models(args) -> int:
+    from .models.registry import list_model_names, model_info
+
+    names = list_model_names(args.pattern)
+    if not names:
+        raise UserError(f"no timm model matches {args.pattern!r}: try a broader pattern like 'resnet*'")
+    print(f"{'name':32} {'timm architecture':32} {'input':>6} {'params':>8}")
+    for name in names[:200]:
+        info = model_info(name)
+        print(f"{name:32} {info.architecture:32} {info.input_size:>6} {info.params / 1e6:>7.1f}M")
+    if len(names) > 200:
+        print(f"… and {len(names) - 200} more: narrow the pattern")
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "quickstart": _cmd_quickstart,
+            "models": _cmd_models}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # e.g. `warmstart models | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

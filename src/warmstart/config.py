@@ -1,0 +1,170 @@
+"""The run config: the single source of truth for a training run.
+
+The CLI, YAML config files and the Python API all produce a `RunConfig`; every run
+saves it, resolved, as `config.yaml` in its run directory, and
+`warmstart train --config RUN/config.yaml` re-runs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import UserError
+
+STRATEGIES = ("feature-extractor", "partial", "fine-tune")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "piecewise", "constant")
+AUGMENTS = ("standard", "none")
+
+
+@dataclass
+class RunConfig:
+    # what to train on
+    data: str = ""
+    val_data: str | None = None
+    val_fraction: float = 0.2
+    # the network and where its weights come from
+    model: str = "efficientnet_lite0"
+    weights: str = "bundled"
+    skip: list[str] = field(default_factory=list)
+    # how far the model may move from its pretrained state
+    strategy: str = "feature-extractor"
+    trainable: list[str] = field(default_factory=list)
+    unfreeze_last: int | None = None
+    # preprocessing (None: from the model's pretrained config)
+    input_size: int | None = None
+    crop_pct: float | None = None
+    augment: str = "standard"
+    # optimisation
+    optimizer: str = "sgd"
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    piecewise_boundaries: list[float] = field(default_factory=list)
+    piecewise_lr_decay: list[float] = field(default_factory=list)
+    label_smoothing: float = 0.0
+    epochs: int = 10
+    batch_size: int = 32
+    seed: int = 0
+    workers: int | None = None
+    # when only the head trains on un-augmented images, run the frozen backbone once
+    feature_cache: bool = True
+    # output
+    out: str | None = None
+    quiet: bool = False
+
+    # -- construction -------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        normalized = {str(k).replace("-", "_"): v for k, v in values.items()}
+        unknown = sorted(set(normalized) - known)
+        if unknown:
+            raise UserError(
+                f"{source}: unknown setting(s) {', '.join(unknown)}; "
+                f"valid settings are the long option names of 'warmstart train --help'"
+            )
+        return cls(**normalized).validated()
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "RunConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist: pass the path of a YAML run config")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"config file {path} is not valid YAML ({exc.__class__.__name__}): fix its syntax")
+        if not isinstance(values, dict):
+            raise UserError(f"config file {path} must hold a mapping of setting: value")
+        values.update(overrides or {})
+        return cls.from_dict(values, source=str(path))
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes).validated()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    # -- validation ----------------------------------------------------------------
+    def validated(self) -> "RunConfig":
+        def choice(name: str, allowed: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in allowed:
+                raise UserError(f"--{name.replace('_', '-')} {value!r} is not valid: use one of {', '.join(allowed)}")
+
+        def positive(name: str, value: float, allow_zero: bool = False) -> None:
+            if value is None:
+                return
+            if value < 0 or (value == 0 and not allow_zero):
+                bound = ">= 0" if allow_zero else "> 0"
+                raise UserError(f"--{name.replace('_', '-')} {value} is not valid: it must be {bound}")
+
+        # lists may come from YAML as scalars
+        for name in ("skip", "trainable", "piecewise_boundaries", "piecewise_lr_decay"):
+            value = getattr(self, name)
+            if value is None:
+                setattr(self, name, [])
+            elif not isinstance(value, list):
+                setattr(self, name, [value])
+        choice("strategy", STRATEGIES)
+        choice("optimizer", OPTIMIZERS)
+        choice("schedule", SCHEDULES)
+        choice("augment", AUGMENTS)
+        positive("epochs", self.epochs)
+        positive("batch_size", self.batch_size)
+        positive("lr", self.lr)
+        positive("weight_decay", self.weight_decay, allow_zero=True)
+        positive("momentum", self.momentum, allow_zero=True)
+        positive("warmup_epochs", self.warmup_epochs, allow_zero=True)
+        positive("input_size", self.input_size)
+        positive("workers", self.workers, allow_zero=True)
+        if not 0 < self.val_fraction < 1:
+            raise UserError(f"--val-fraction {self.val_fraction} is not valid: it must be between 0 and 1")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserError(f"--label-smoothing {self.label_smoothing} is not valid: it must be in [0, 1)")
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise UserError(f"--crop-pct {self.crop_pct} is not valid: it must be in (0, 1]")
+        if self.strategy == "partial":
+            if not self.trainable and self.unfreeze_last is None:
+                raise UserError("--strategy partial needs --trainable PATTERN or --unfreeze-last N: say what trains")
+            positive("unfreeze_last", self.unfreeze_last)
+        elif self.trainable or self.unfreeze_last is not None:
+            raise UserError(
+                f"--trainable/--unfreeze-last only apply to --strategy partial (got --strategy {self.strategy})"
+            )
+        if self.schedule == "piecewise":
+            self.piecewise_boundaries = [float(b) for b in self.piecewise_boundaries]
+            self.piecewise_lr_decay = [float(d) for d in self.piecewise_lr_decay]
+            bounds = self.piecewise_boundaries
+            if bounds != sorted(bounds) or any(b <= 0 for b in bounds):
+                raise UserError(f"--piecewise-boundaries {bounds} must be increasing epochs > 0")
+            if len(self.piecewise_lr_decay) != len(bounds) + 1:
+                raise UserError(
+                    f"--piecewise-lr-decay needs one factor per piece: {len(bounds) + 1} for "
+                    f"{len(bounds)} boundaries, got {len(self.piecewise_lr_decay)}"
+                )
+        return self
+
+    # -- derived values -------------------------------------------------------------
+    @property
+    def head_only(self) -> bool:
+        return self.strategy == "feature-extractor"
+
+    def resolved_lr(self) -> float:
+        """Default learning rates (the demo's 0.1 diverges on unnormalised pooled features)."""
+        if self.lr is not None:
+            return self.lr
+        if self.optimizer == "sgd":
+            return 0.01
+        return 1e-3 if self.head_only else 1e-4

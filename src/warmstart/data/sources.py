@@ -1,0 +1,238 @@
+"""Data sources: an image-folder tree, a CSV manifest, or the embedded digits, as labelled splits."""
+
+from __future__ import annotations
+
+import csv
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import UserError
+from .images import is_image_file
+
+SPLIT_NAMES = ("train", "val", "test")
+_SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "eval": "val", "test": "test"}
+BUILTIN_DIGITS = "sklearn-digits"
+
+
+@dataclass
+class ImageSet:
+    """Labelled images of one split. Items are file paths, or arrays for embedded data."""
+
+    items: list[Any]
+    labels: list[int]
+    class_ids: list[str]
+    class_names: list[str]
+    origin: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def subset(self, indices: Sequence[int]) -> "ImageSet":
+        return ImageSet(
+            [self.items[i] for i in indices], [self.labels[i] for i in indices],
+            self.class_ids, self.class_names, self.origin,
+        )
+
+    def class_counts(self) -> list[int]:
+        return np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=len(self.class_ids)).tolist()
+
+
+_WNID_NAME = re.compile(r"^(n\d{8})[-_](.+)$")
+_WNID = re.compile(r"^n\d{8}$")
+
+
+def readable_class_name(folder: str) -> str:
+    """`n02085620-Chihuahua` -> `Chihuahua`; a bare ImageNet id -> its ImageNet name."""
+    match = _WNID_NAME.match(folder)
+    if match:
+        return match.group(2).replace("_", " ")
+    if _WNID.match(folder):
+        try:
+            from timm.data import ImageNetInfo
+
+            return ImageNetInfo().label_name_to_description(folder).split(",")[0]
+        except Exception:  # not an ImageNet-1k id: keep the folder name
+            return folder
+    return folder
+
+
+def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded, stratified split into (keep, held_out) index lists; every class keeps >= 1 image."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    keep, held = [], []
+    for label in np.unique(labels):
+        idx = np.flatnonzero(labels == label)
+        rng.shuffle(idx)
+        n_held = int(round(len(idx) * fraction))
+        n_held = min(max(n_held, 1 if len(idx) > 1 else 0), len(idx) - 1)
+        held.extend(idx[:n_held].tolist())
+        keep.extend(idx[n_held:].tolist())
+    return sorted(keep), sorted(held)
+
+
+# -- folder trees ---------------------------------------------------------------------
+def _class_folders(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _scan_class_tree(root: Path, class_ids: list[str] | None = None) -> ImageSet:
+    folders = _class_folders(root)
+    if not folders:
+        raise UserError(f"{root} has no class folders: expected {root}/<class>/<image files>")
+    found = {f.name: sorted(p for p in f.rglob("*") if p.is_file() and is_image_file(p)) for f in folders}
+    if class_ids is None:
+        class_ids = [f.name for f in folders]
+        empty = [c for c in class_ids if not found[c]]
+        if empty:
+            raise UserError(
+                f"class folder(s) with no images in {root}: {', '.join(empty[:5])}"
+                f"{' …' if len(empty) > 5 else ''}: add images or remove the folder(s)"
+            )
+    else:
+        extra = sorted(set(found) - set(class_ids))
+        if extra:
+            raise UserError(
+                f"{root} has class folder(s) not in the training classes: {', '.join(extra[:5])}: "
+                f"every split must use the same classes"
+            )
+    items, labels = [], []
+    for label, class_id in enumerate(class_ids):
+        for path in found.get(class_id, []):
+            items.append(str(path))
+            labels.append(label)
+    return ImageSet(items, labels, class_ids, [readable_class_name(c) for c in class_ids], str(root))
+
+
+# -- CSV manifests --------------------------------------------------------------------
+def read_csv_manifest(path: Path, class_ids: list[str] | None = None) -> ImageSet:
+    """The original demo's `dataset_meta` format: `image_path,label` rows, paths relative to the CSV.
+
+    Labels are class names, or integer indices when every label is a number. A header row
+    (`image`/`path`/`filename`, `label`/`class`) is recognised and skipped.
+    """
+    if not path.is_file():
+        raise UserError(f"CSV manifest {path} does not exist")
+    with path.open(newline="") as handle:
+        rows = [r for r in csv.reader(handle) if r and any(c.strip() for c in r)]
+    if rows and rows[0][0].strip().lower() in ("image", "image_path", "path", "filename", "file", "img"):
+        rows = rows[1:]
+    if not rows:
+        raise UserError(f"CSV manifest {path} has no rows: expected 'image_path,label' per line")
+    bad = [i + 1 for i, r in enumerate(rows) if len(r) < 2 or not r[0].strip() or not r[1].strip()]
+    if bad:
+        raise UserError(f"CSV manifest {path}: row {bad[0]} is not 'image_path,label'")
+    base = path.parent
+    paths = [(base / r[0].strip()).resolve() for r in rows]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise UserError(
+            f"CSV manifest {path} lists {len(missing)} image(s) that do not exist, e.g. {missing[0]}: "
+            f"paths must be relative to the CSV's folder"
+        )
+    raw = [r[1].strip() for r in rows]
+    if class_ids is None:
+        if all(label.isdigit() for label in raw):
+            class_ids = [str(i) for i in range(max(int(label) for label in raw) + 1)]
+        else:
+            class_ids = sorted(set(raw))
+    index = {c: i for i, c in enumerate(class_ids)}
+    unknown = sorted({label for label in raw if label not in index})
+    if unknown:
+        raise UserError(f"CSV manifest {path} has labels not among the classes: {', '.join(unknown[:5])}")
+    labels = [index[label] for label in raw]
+    return ImageSet([str(p) for p in paths], labels, class_ids, [readable_class_name(c) for c in class_ids], str(path))
+
+
+# -- embedded data --------------------------------------------------------------------
+def load_digits_images() -> ImageSet:
+    """scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels) as uint8 RGB arrays."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    gray = np.clip(digits.images * (255.0 / 16.0), 0, 255).astype(np.uint8)
+    items = [np.repeat(g[:, :, None], 3, axis=2) for g in gray]
+    class_ids = [str(i) for i in range(10)]
+    return ImageSet(items, digits.target.tolist(), class_ids, class_ids, BUILTIN_DIGITS)
+
+
+# -- resolving --data into splits -------------------------------------------------------
+def _split_folders(root: Path) -> dict[str, Path]:
+    found = {}
+    for child in root.iterdir():
+        name = _SPLIT_ALIASES.get(child.name.lower())
+        if name and child.is_dir():
+            found[name] = child
+    return found
+
+
+def _split_csvs(root: Path) -> dict[str, Path]:
+    found = {}
+    for child in root.glob("*.csv"):
+        name = _SPLIT_ALIASES.get(child.stem.lower())
+        if name:
+            found[name] = child
+    return found
+
+
+def load_source(data: str, class_ids: list[str] | None = None) -> dict[str, ImageSet]:
+    """The splits a data source provides on its own (before any validation carve-out)."""
+    if data == BUILTIN_DIGITS:
+        return {"all": load_digits_images()}
+    if not data:
+        raise UserError("no training data: pass --data ROOT (an image-folder tree or a CSV manifest)")
+    root = Path(data).expanduser()
+    if not root.exists():
+        raise UserError(f"data path {root} does not exist: pass --data ROOT with your images")
+    if root.is_file():
+        if root.suffix.lower() != ".csv":
+            raise UserError(f"--data {root} is a file but not a .csv manifest")
+        return {"all": read_csv_manifest(root, class_ids)}
+    if not any(True for _ in root.iterdir()):
+        raise UserError(f"data folder {root} is empty: expected {root}/train/<class>/* or {root}/<class>/*")
+    splits = _split_folders(root)
+    if "train" in splits:
+        train = _scan_class_tree(splits["train"], class_ids)
+        out = {"train": train}
+        for name in ("val", "test"):
+            if name in splits:
+                out[name] = _scan_class_tree(splits[name], train.class_ids)
+        return out
+    csvs = _split_csvs(root)
+    if "train" in csvs:
+        train = read_csv_manifest(csvs["train"], class_ids)
+        out = {"train": train}
+        for name in ("val", "test"):
+            if name in csvs:
+                out[name] = read_csv_manifest(csvs[name], train.class_ids)
+        return out
+    if set(splits) - {"train"}:
+        raise UserError(f"{root} has {'/'.join(sorted(splits))} folder(s) but no train/: add {root}/train/<class>/*")
+    return {"all": _scan_class_tree(root, class_ids)}
+
+
+def resolve_splits(
+    data: str, val_fraction: float, seed: int, val_data: str | None = None, class_ids: list[str] | None = None
+) -> dict[str, ImageSet]:
+    """train / val (/ test) splits. Validation comes from val/, --val-data, or a seeded
+    stratified carve-out of the training images, never from test."""
+    splits = load_source(data, class_ids)
+    if "all" in splits:
+        whole = splits.pop("all")
+        keep, held = stratified_split(whole.labels, val_fraction, seed)
+        splits["train"], splits["val"] = whole.subset(keep), whole.subset(held)
+    train = splits["train"]
+    if val_data:
+        extra = load_source(val_data, train.class_ids)
+        splits["val"] = extra.get("val") or extra.get("all") or extra.get("test") or extra["train"]
+    elif "val" not in splits:
+        keep, held = stratified_split(train.labels, val_fraction, seed)
+        splits["train"], splits["val"] = train.subset(keep), train.subset(held)
+    if len(splits["train"]) == 0:
+        raise UserError(f"no training images found in {data}")
+    return splits
