@@ -17,6 +17,10 @@ EXIT_USAGE = 2
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line naming the fix, not a usage dump."""
 
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)  # `--epoch` must not silently mean `--epochs`
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):
         raise UserError(f"{self.prog}: {message} (see '{self.prog} --help')")
 

@@ -176,15 +176,6 @@ def restore_weights(
             report.shape_mismatched.append(name)
             continue
         to_load[name] = tensor
-    if report.shape_mismatched:
-        name = report.shape_mismatched[0]
-        raise UserError(
-            f"weights {source}: tensor {name} has shape {tuple(state[name].shape)} but the model needs "
-            f"{tuple(target[name].shape)}: pass --skip {name} to leave it at random init, or use weights "
-            f"of the same architecture"
-        )
-    report.restored = sorted(to_load)
-    report.missing = sorted(n for n in target if n not in to_load and n not in report.skipped)
     # a file of another architecture matches little: most of what was not skipped on purpose
     backbone = [n for n in target if n not in head and not n.endswith("num_batches_tracked")]
     backbone = [n for n in backbone if not matches(n, skip)]
@@ -195,5 +186,14 @@ def restore_weights(
             f"{len(restored_backbone)} of {len(backbone)} backbone tensors match by name and shape; "
             f"use weights saved from the same architecture"
         )
+    if report.shape_mismatched:
+        name = report.shape_mismatched[0]
+        raise UserError(
+            f"weights {source}: tensor {name} has shape {tuple(state[name].shape)} but the model needs "
+            f"{tuple(target[name].shape)}: pass --skip {name} to leave it at random init, or use weights "
+            f"of the same architecture"
+        )
+    report.restored = sorted(to_load)
+    report.missing = sorted(n for n in target if n not in to_load and n not in report.skipped)
     model.load_state_dict(to_load, strict=False)
     return report

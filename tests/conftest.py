@@ -1,0 +1,55 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# never reach for the network in tests
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+COLORS = [(200, 40, 40), (40, 180, 40), (40, 60, 210), (220, 200, 40)]
+
+
+def require_shared(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"{path} not present (the real photos live in ../shared/data)")
+    return path
+
+
+def make_color_images(folder: Path, color, count: int, seed: int, size: int = 40) -> None:
+    """Small images of one dominant colour with noise: learnable, and fast to decode."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        base = np.array(color, dtype=np.float32)
+        pixels = np.clip(base + rng.normal(0, 30, (size, size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"img_{i:03d}.jpg", quality=90)
+
+
+@pytest.fixture
+def color_tree(tmp_path) -> Path:
+    """ROOT/train/<class>/* and ROOT/val/<class>/* with 3 colour classes."""
+    root = tmp_path / "colors"
+    for c, name in enumerate(["n00000001-red_thing", "n00000002-green_thing", "n00000003-blue_thing"]):
+        make_color_images(root / "train" / name, COLORS[c], 12, seed=c)
+        make_color_images(root / "val" / name, COLORS[c], 4, seed=100 + c)
+    return root
+
+
+@pytest.fixture
+def dog_tree(tmp_path) -> Path:
+    """A single ROOT/<class>/* tree of real dog photos (symlinks into ../shared/data)."""
+    source = require_shared("stanford-dogs-4breeds") / "Images"
+    root = tmp_path / "dogs"
+    for breed in sorted(source.iterdir()):
+        target = root / breed.name
+        target.mkdir(parents=True)
+        for photo in sorted(breed.glob("*.jpg"))[:10]:
+            (target / photo.name).symlink_to(photo)
+    return root
+
+
+FAST = ["--input-size", "64", "--workers", "0", "--quiet"]
