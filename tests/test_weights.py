@@ -108,3 +108,26 @@ def test_restore_counts_unexpected_tensors():
     state["extra.weight"] = torch.zeros(1)
     report = restore_weights(model, state, [], "test")
     assert report.unexpected == ["extra.weight"] and len(report.restored) == len(state) - 1
+
+
+def test_hub_weights_come_from_the_local_hub_cache_offline(tmp_path, color_tree):
+    """`--weights hub` goes through timm's hub loader; here it finds the weights in a hub cache laid
+    out as huggingface_hub writes it (no network on this machine)."""
+    import json
+    import subprocess
+    import sys
+
+    reference = timm.create_model("test_resnet", num_classes=1000)
+    snapshot = tmp_path / "hub" / "models--timm--test_resnet.r160_in1k" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(snapshot / "model.safetensors"))
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    run = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "warmstart", "train", "--data", str(color_tree), "--model",
+                          "test_resnet", "--weights", "hub", "--epochs", "1", "--augment", "none", "--workers", "0",
+                          "--input-size", "64", "--quiet", "--out", str(run)], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    report = json.loads((run / "restore_report.json").read_text())
+    assert report["source"] == "hub (test_resnet)" and report["counts"]["restored"] == len(reference.state_dict()) - 2

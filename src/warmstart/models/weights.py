@@ -9,8 +9,10 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -119,17 +121,34 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick connection to the hub's host, so an offline machine fails in seconds, not after retries."""
+    endpoint = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
 def load_hub_state_dict(arch: str) -> dict[str, torch.Tensor]:
-    """timm's pretrained weights for `arch` from the model hub (or the local hub cache)."""
+    """timm's pretrained weights for `arch` from the model hub, or from the local hub cache offline."""
+    from huggingface_hub import constants
+
+    offline = constants.HF_HUB_OFFLINE or not hub_reachable()
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = offline  # offline: only the local cache is tried
     try:
         source = timm.create_model(arch, pretrained=True)
     except Exception as exc:
-        offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
-        why = "offline" if offline else exc.__class__.__name__
+        why = "offline and not in the local hub cache" if offline else exc.__class__.__name__
         raise UserError(
             f"could not get hub weights for {arch} ({why}): download them where you have internet and "
             f"pass --weights PATH/to/{arch}.safetensors (or .pth), or use --weights bundled with efficientnet_lite0"
         ) from None
+    finally:
+        constants.HF_HUB_OFFLINE = saved
     return source.state_dict()
 
 
