@@ -196,21 +196,11 @@ def load_source(data: str, class_ids: list[str] | None = None) -> dict[str, Imag
     if not any(True for _ in root.iterdir()):
         raise UserError(f"data folder {root} is empty: expected {root}/train/<class>/* or {root}/<class>/*")
     splits = _split_folders(root)
-    if "train" in splits:
-        train = _scan_class_tree(splits["train"], class_ids)
-        out = {"train": train}
-        for name in ("val", "test"):
-            if name in splits:
-                out[name] = _scan_class_tree(splits[name], train.class_ids)
-        return out
-    csvs = _split_csvs(root)
-    if "train" in csvs:
-        train = read_csv_manifest(csvs["train"], class_ids)
-        out = {"train": train}
-        for name in ("val", "test"):
-            if name in csvs:
-                out[name] = read_csv_manifest(csvs[name], train.class_ids)
-        return out
+    for found, read in ((splits, _scan_class_tree), (_split_csvs(root), read_csv_manifest)):
+        if "train" in found:
+            train = read(found["train"], class_ids)
+            # val/test use the training classes, in the same order
+            return {"train": train, **{n: read(found[n], train.class_ids) for n in ("val", "test") if n in found}}
     if set(splits) - {"train"}:
         raise UserError(f"{root} has {'/'.join(sorted(splits))} folder(s) but no train/: add {root}/train/<class>/*")
     return {"all": _scan_class_tree(root, class_ids)}

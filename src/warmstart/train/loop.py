@@ -108,13 +108,8 @@ def _fit_full(model, trainable, train_set, config, data_config, device, reporter
                     scheduler.step()
                     continue
                 images, labels = batch.images.to(device), batch.labels.to(device)
-                logits = model(images)
-                loss = criterion(logits, labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                total_loss += loss.item() * len(labels)
+                logits, loss = _step(model, images, labels, criterion, optimizer, scheduler)
+                total_loss += loss * len(labels)
                 correct += int((logits.argmax(1) == labels).sum())
                 count += len(labels)
                 rate = count / (time.perf_counter() - epoch_start)
@@ -168,13 +163,8 @@ def _fit_head_on_features(model, splits, config, data_config, device, reporter) 
                 x, y = feats[idx], labels[idx]
                 if drop_rate:
                     x = F.dropout(x, drop_rate, training=True)
-                logits = head(x)
-                loss = criterion(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                total_loss += loss.item() * len(y)
+                logits, loss = _step(head, x, y, criterion, optimizer, scheduler)
+                total_loss += loss * len(y)
                 correct += int((logits.argmax(1) == y).sum())
             head.eval()
             with torch.inference_mode():
@@ -193,6 +183,17 @@ def _fit_head_on_features(model, splits, config, data_config, device, reporter) 
                   f"on cached features")
     result.val_logits, result.val_labels, result.val_seconds = val_logits.cpu(), val_labels.cpu(), val_seconds
     return result
+
+
+def _step(module, inputs, labels, criterion, optimizer, scheduler) -> tuple[torch.Tensor, float]:
+    """One optimizer step; returns the logits and the loss."""
+    logits = module(inputs)
+    loss = criterion(logits, labels)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return logits.detach(), loss.item()
 
 
 def _epoch_record(epoch, optimizer, total_loss, correct, count, epoch_start) -> dict:
