@@ -8,7 +8,7 @@ import os
 import sys
 from dataclasses import fields
 
-from .config import AUGMENTS, OPTIMIZERS, SCHEDULES, STRATEGIES, RunConfig
+from .config import AUGMENTS, BALANCES, OPTIMIZERS, SCHEDULES, STRATEGIES, RunConfig
 from .errors import UserError
 
 EXIT_USAGE = 2
@@ -37,6 +37,12 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                       help="held-out fraction when there is no val/ split (seeded, stratified; default 0.2)")
     data.add_argument("--augment", choices=AUGMENTS, default=S,
                       help="standard: random-resized-crop + flip (default); none")
+    data.add_argument("--crop-to-box", action="store_true", default=S,
+                      help="Stanford Dogs: train and evaluate on the annotated dog box")
+    data.add_argument("--drop-empty-classes", action="store_true", default=S,
+                      help="leave out class folders without images instead of stopping")
+    data.add_argument("--balance", choices=BALANCES, default=S,
+                      help="class imbalance: none (default), sampler (class-balanced sampling), loss (weights)")
     data.add_argument("--input-size", type=int, default=S, help="input size in px (default: the model's)")
     data.add_argument("--crop-pct", type=float, default=S, help="center-crop fraction at evaluation")
     data.add_argument("--workers", type=int, default=S, help="data loader processes (default: CPU count, max 8)")
@@ -110,6 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument("--out", default=None)
     qs.add_argument("--quiet", action="store_true")
 
+    data = sub.add_parser("data", help="datasets: download, check")
+    data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=OneLineParser)
+    dl = data_sub.add_parser("download", help="download a dataset (stanford-dogs), resumable and verified")
+    dl.add_argument("dataset", choices=("stanford-dogs",))
+    dl.add_argument("--dir", default=None, help="where to put it (default: $WARMSTART_DATA/stanford-dogs or "
+                    "~/.cache/warmstart/stanford-dogs, where --data stanford-dogs looks)")
+    dl.add_argument("--base-url", default=None, help="a mirror of the dataset's archives")
+    dl.add_argument("--quiet", action="store_true")
+    ck = data_sub.add_parser("check", help="scan a dataset: classes, counts, sizes, unreadable files")
+    ck.add_argument("root", help="a folder tree, CSV manifest, Stanford Dogs folder, or stanford-dogs")
+    ck.add_argument("--workers", type=int, default=None)
+    ck.add_argument("--json", action="store_true")
+
     md = sub.add_parser("models", help="list model names with input size and parameter count")
     md.add_argument("pattern", nargs="?", help="a timm name pattern, e.g. 'convnext*' (default: the familiar names)")
     return parser
@@ -180,8 +199,23 @@ def _cmd_models(args) -> int:
     return 0
 
 
+def _cmd_data(args) -> int:
+    if args.data_command == "download":
+        from .data import stanford_dogs
+        from .data.download import download_stanford_dogs
+
+        root = download_stanford_dogs(args.dir, args.base_url or stanford_dogs.BASE_URL, args.quiet)
+        print(f"ready: warmstart train --data {root}")
+        return 0
+    from .data.check import check_dataset
+
+    report = check_dataset(args.root, args.workers, quiet=args.json)
+    print(report.to_json() if args.json else report.to_text())
+    return 1 if report.problems else 0
+
+
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "quickstart": _cmd_quickstart,
-            "models": _cmd_models}
+            "models": _cmd_models, "data": _cmd_data}
 
 
 def main(argv: list[str] | None = None) -> int:

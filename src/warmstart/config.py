@@ -20,6 +20,7 @@ STRATEGIES = ("feature-extractor", "partial", "fine-tune")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "piecewise", "constant")
 AUGMENTS = ("standard", "none")
+BALANCES = ("none", "sampler", "loss")
 
 
 @dataclass
@@ -28,6 +29,11 @@ class RunConfig:
     data: str = ""
     val_data: str | None = None
     val_fraction: float = 0.2
+    # Stanford Dogs: train and evaluate on the annotated dog box (the largest, where several)
+    crop_to_box: bool = False
+    drop_empty_classes: bool = False
+    # class imbalance: class-balanced sampling, or class-weighted loss
+    balance: str = "none"
     # the network and where its weights come from
     model: str = "efficientnet_lite0"
     weights: str = "bundled"
@@ -121,6 +127,7 @@ class RunConfig:
         choice("optimizer", OPTIMIZERS)
         choice("schedule", SCHEDULES)
         choice("augment", AUGMENTS)
+        choice("balance", BALANCES)
         positive("epochs", self.epochs)
         positive("batch_size", self.batch_size)
         positive("lr", self.lr)

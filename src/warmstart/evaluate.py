@@ -118,7 +118,8 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "val
     run = load_run(run_dir)
     config = RunConfig.from_yaml(Path(run_dir) / "config.yaml")
     splits = resolve_splits(data or config.data, config.val_fraction, config.seed,
-                            None if data else config.val_data, class_ids=run.class_ids)
+                            None if data else config.val_data, class_ids=run.class_ids,
+                            crop_to_box=config.crop_to_box, drop_empty_classes=True, quiet=True)
     if split not in splits:
         raise UserError(f"split {split!r} is not in {data or config.data}: available {', '.join(sorted(splits))}")
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -1,30 +1,84 @@
-"""Opening images the way a user expects: EXIF orientation applied, always RGB."""
+"""Opening images the way a user expects: EXIF orientation applied, always 8-bit RGB.
+
+Items are file paths, in-memory arrays (embedded data), or a `BoxedImage` (a file cropped to
+an annotated box). Anything that cannot be decoded raises; callers skip it and say so.
+"""
 
 from __future__ import annotations
 
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# system files that folders collect: never images, never worth a warning
+SYSTEM_FILES = {"thumbs.db", "desktop.ini", "icon\r"}
+# decompression-bomb guard: PIL refuses images above twice this many pixels
+DEFAULT_MAX_PIXELS = 89_478_485
+
+
+@dataclass(frozen=True)
+class BoxedImage:
+    """A photo cropped to a box (left, top, right, bottom) in its original pixel coordinates."""
+
+    path: str
+    box: tuple[int, int, int, int]
+
+    def __str__(self) -> str:
+        return self.path
+
+
+def is_hidden_or_system(path: Path) -> bool:
+    return path.name.startswith(".") or path.name.lower() in SYSTEM_FILES
 
 
 def is_image_file(path: Path) -> bool:
-    """A candidate image: right extension, not a hidden or macOS resource-fork file."""
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+    """A candidate image: right extension, not a hidden, resource-fork or system file."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden_or_system(path)
 
 
-def open_image(item: "str | Path | np.ndarray") -> Image.Image:
-    """Decode one item to an RGB PIL image. Raises on unreadable files (callers skip those)."""
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16/32-bit grey: scale to 8 bits (a plain convert would clip almost everything to white)
+        array = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if image.mode.startswith("I;16") else max(float(array.max()), 1.0)
+        return Image.fromarray(np.rint(array * (255.0 / peak)).clip(0, 255).astype(np.uint8)).convert("RGB")
+    if image.mode == "F":
+        array = np.asarray(image, dtype=np.float64)
+        span = max(float(array.max() - array.min()), 1e-12)
+        return Image.fromarray(((array - array.min()) * (255.0 / span)).astype(np.uint8)).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        # composite transparency on white, as viewers show it, rather than on black
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+class ImageTooLarge(ValueError):
+    """More pixels than the decompression-bomb limit."""
+
+
+def open_image(item, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode one item to an RGB PIL image (raises on unreadable files)."""
     if isinstance(item, np.ndarray):
         return Image.fromarray(item).convert("RGB")
-    with Image.open(item) as image:
+    path, box = (item.path, item.box) if isinstance(item, BoxedImage) else (item, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with a clear reason
+        image = Image.open(path)
+    with image:
+        # checked from the header, before any pixel is decoded
+        if image.width * image.height > max_pixels:
+            raise ImageTooLarge(f"{image.width}x{image.height} pixels is over the {max_pixels:,}-pixel limit "
+                                f"(decompression bomb guard)")
+        if box is not None:
+            # annotation boxes are in the stored pixel grid: crop before applying EXIF orientation
+            left, top, right, bottom = box
+            image = image.crop((max(0, left), max(0, top), min(image.width, right), min(image.height, bottom)))
         image = ImageOps.exif_transpose(image)
-        if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-            # composite transparency on white rather than black, as viewers show it
-            rgba = image.convert("RGBA")
-            background = Image.new("RGB", rgba.size, (255, 255, 255))
-            background.paste(rgba, mask=rgba.getchannel("A"))
-            return background
-        return image.convert("RGB")
+        return _to_rgb(image)

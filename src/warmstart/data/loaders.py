@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
 
 from .images import open_image
 from .sources import ImageSet
@@ -69,14 +69,31 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+def make_sampler(labels, seed: int, balance: str = "none"):
+    """Shuffling with its own seeded generator, so the data order depends on the seed alone
+    (the same for images and for cached features); `sampler` balance draws classes equally."""
+    if balance == "sampler":
+        labels = np.asarray(labels)
+        counts = np.bincount(labels)
+        weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
+        return WeightedRandomSampler(weights, len(labels), replacement=True, generator=seeded_generator(seed))
+    return RandomSampler(range(len(labels)), generator=seeded_generator(seed))
+
+
+def class_weights(labels, num_classes: int) -> torch.Tensor:
+    """Loss weights inversely proportional to class frequency (mean 1 over the samples)."""
+    counts = np.bincount(np.asarray(labels), minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, len(labels) / (num_classes * np.maximum(counts, 1)), 0.0)
+    return torch.as_tensor(weights, dtype=torch.float32)
+
+
 def make_loader(
-    images: ImageSet, transform, batch_size: int, shuffle: bool, seed: int, workers: int | None = None
+    images: ImageSet, transform, batch_size: int, shuffle: bool, seed: int, workers: int | None = None,
+    balance: str = "none",
 ) -> DataLoader:
     workers = default_workers() if workers is None else workers
     dataset = ImageDataset(images, transform)
-    # the sampler owns its generator, so the data order depends on the seed alone
-    # (not on worker seeding), exactly as in training from cached features
-    sampler = RandomSampler(dataset, generator=seeded_generator(seed)) if shuffle else None
+    sampler = make_sampler(images.labels, seed, balance) if shuffle else None
     return DataLoader(
         dataset,
         batch_size=batch_size,

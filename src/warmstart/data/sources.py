@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import UserError
-from .images import is_image_file
+from .images import is_hidden_or_system, is_image_file
 
 SPLIT_NAMES = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "eval": "val", "test": "test"}
@@ -35,8 +35,13 @@ class ImageSet:
     def subset(self, indices: Sequence[int]) -> "ImageSet":
         return ImageSet(
             [self.items[i] for i in indices], [self.labels[i] for i in indices],
-            self.class_ids, self.class_names, self.origin,
+            self.class_ids, self.class_names, self.origin, dict(self.extra),
         )
+
+    @property
+    def ignored(self) -> list[tuple[str, str]]:
+        """Files found beside the images that are not images: (path, reason)."""
+        return self.extra.get("ignored", [])
 
     def class_counts(self) -> list[int]:
         return np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=len(self.class_ids)).tolist()
@@ -81,21 +86,35 @@ def _class_folders(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def _scan_class_tree(root: Path, class_ids: list[str] | None = None) -> ImageSet:
+def _scan_class_tree(root: Path, class_ids: list[str] | None = None, drop_empty: bool = False) -> ImageSet:
     folders = _class_folders(root)
     if not folders:
         raise UserError(f"{root} has no class folders: expected {root}/<class>/<image files>")
-    found = {f.name: sorted(p for p in f.rglob("*") if p.is_file() and is_image_file(p)) for f in folders}
+    found: dict[str, list[Path]] = {}
+    ignored: list[tuple[str, str]] = []
+    for folder in folders:
+        images = []
+        for path in sorted(folder.rglob("*")):
+            if not path.is_file() or is_hidden_or_system(path) or any(
+                    part.startswith(".") for part in path.relative_to(folder).parts):
+                continue
+            if is_image_file(path):
+                images.append(path)
+            else:
+                ignored.append((str(path), f"not an image file ({path.suffix or 'no extension'})"))
+        found[folder.name] = images
     if class_ids is None:
         class_ids = [f.name for f in folders]
         empty = [c for c in class_ids if not found[c]]
-        if empty:
+        if empty and drop_empty:
+            class_ids = [c for c in class_ids if found[c]]
+        elif empty:
             raise UserError(
                 f"class folder(s) with no images in {root}: {', '.join(empty[:5])}"
-                f"{' …' if len(empty) > 5 else ''}: add images or remove the folder(s)"
+                f"{' …' if len(empty) > 5 else ''}: add images, remove the folder(s), or pass --drop-empty-classes"
             )
     else:
-        extra = sorted(set(found) - set(class_ids))
+        extra = sorted(c for c in set(found) - set(class_ids) if found[c] or not drop_empty)
         if extra:
             raise UserError(
                 f"{root} has class folder(s) not in the training classes: {', '.join(extra[:5])}: "
@@ -106,11 +125,13 @@ def _scan_class_tree(root: Path, class_ids: list[str] | None = None) -> ImageSet
         for path in found.get(class_id, []):
             items.append(str(path))
             labels.append(label)
-    return ImageSet(items, labels, class_ids, [readable_class_name(c) for c in class_ids], str(root))
+    dropped = [c for c in found if not found[c]] if drop_empty else []
+    return ImageSet(items, labels, class_ids, [readable_class_name(c) for c in class_ids], str(root),
+                    {"ignored": ignored, "dropped_classes": dropped})
 
 
 # -- CSV manifests --------------------------------------------------------------------
-def read_csv_manifest(path: Path, class_ids: list[str] | None = None) -> ImageSet:
+def read_csv_manifest(path: Path, class_ids: list[str] | None = None, drop_empty: bool = False) -> ImageSet:
     """The original demo's `dataset_meta` format: `image_path,label` rows, paths relative to the CSV.
 
     Labels are class names, or integer indices when every label is a number. A header row
@@ -180,49 +201,63 @@ def _split_csvs(root: Path) -> dict[str, Path]:
     return found
 
 
-def load_source(data: str, class_ids: list[str] | None = None) -> dict[str, ImageSet]:
+def load_source(data: str, class_ids: list[str] | None = None, crop_to_box: bool = False,
+                drop_empty_classes: bool = False, quiet: bool = False) -> dict[str, ImageSet]:
     """The splits a data source provides on its own (before any validation carve-out)."""
+    from . import stanford_dogs
+
     if data == BUILTIN_DIGITS:
         return {"all": load_digits_images()}
     if not data:
         raise UserError("no training data: pass --data ROOT (an image-folder tree or a CSV manifest)")
+    if data == stanford_dogs.NAME:
+        from .download import ensure_stanford_dogs
+
+        return stanford_dogs.load_stanford_dogs(ensure_stanford_dogs(quiet), crop_to_box, class_ids)
     root = Path(data).expanduser()
     if not root.exists():
         raise UserError(f"data path {root} does not exist: pass --data ROOT with your images")
+    if root.is_dir() and stanford_dogs.is_stanford_dogs(root):
+        return stanford_dogs.load_stanford_dogs(root, crop_to_box, class_ids)
+    if crop_to_box:
+        raise UserError(f"--crop-to-box needs bounding-box annotations (the Stanford Dogs layout); {root} has none")
     if root.is_file():
         if root.suffix.lower() != ".csv":
             raise UserError(f"--data {root} is a file but not a .csv manifest")
-        return {"all": read_csv_manifest(root, class_ids)}
+        return {"all": read_csv_manifest(root, class_ids, drop_empty_classes)}
     if not any(True for _ in root.iterdir()):
         raise UserError(f"data folder {root} is empty: expected {root}/train/<class>/* or {root}/<class>/*")
     splits = _split_folders(root)
     for found, read in ((splits, _scan_class_tree), (_split_csvs(root), read_csv_manifest)):
         if "train" in found:
-            train = read(found["train"], class_ids)
+            train = read(found["train"], class_ids, drop_empty_classes)
             # val/test use the training classes, in the same order
             return {"train": train, **{n: read(found[n], train.class_ids) for n in ("val", "test") if n in found}}
     if set(splits) - {"train"}:
         raise UserError(f"{root} has {'/'.join(sorted(splits))} folder(s) but no train/: add {root}/train/<class>/*")
-    return {"all": _scan_class_tree(root, class_ids)}
+    return {"all": _scan_class_tree(root, class_ids, drop_empty_classes)}
 
 
 def resolve_splits(
-    data: str, val_fraction: float, seed: int, val_data: str | None = None, class_ids: list[str] | None = None
+    data: str, val_fraction: float, seed: int, val_data: str | None = None, class_ids: list[str] | None = None,
+    crop_to_box: bool = False, drop_empty_classes: bool = False, quiet: bool = False,
 ) -> dict[str, ImageSet]:
     """train / val (/ test) splits. Validation comes from val/, --val-data, or a seeded
     stratified carve-out of the training images, never from test."""
-    splits = load_source(data, class_ids)
+    splits = load_source(data, class_ids, crop_to_box, drop_empty_classes, quiet)
     if "all" in splits:
         whole = splits.pop("all")
         keep, held = stratified_split(whole.labels, val_fraction, seed)
         splits["train"], splits["val"] = whole.subset(keep), whole.subset(held)
+        splits["val"].extra["ignored"] = []  # reported once, with train
     train = splits["train"]
     if val_data:
-        extra = load_source(val_data, train.class_ids)
+        extra = load_source(val_data, train.class_ids, crop_to_box)
         splits["val"] = extra.get("val") or extra.get("all") or extra.get("test") or extra["train"]
     elif "val" not in splits:
         keep, held = stratified_split(train.labels, val_fraction, seed)
         splits["train"], splits["val"] = train.subset(keep), train.subset(held)
+        splits["val"].extra["ignored"] = []
     if len(splits["train"]) == 0:
         raise UserError(f"no training images found in {data}")
     return splits

@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
-from torch.utils.data import BatchSampler, RandomSampler
+from torch.utils.data import BatchSampler
 from tqdm.auto import tqdm
 
-from ..data.loaders import make_loader, seeded_generator
+from ..data.loaders import class_weights, make_loader, make_sampler
 from ..data.transforms import eval_transform, train_transform
 from ..evaluate import compute_outputs
 from ..models.trainable import TrainableSet, only_head_trains, set_train_mode
@@ -61,6 +61,11 @@ def build_optimizer(model: torch.nn.Module, config) -> torch.optim.Optimizer:
     return create_optimizer_v2([g for g in groups if g["params"]], opt=opt, lr=config.resolved_lr(), **kwargs)
 
 
+def make_criterion(config, labels, num_classes: int, device) -> torch.nn.Module:
+    weight = class_weights(labels, num_classes).to(device) if config.balance == "loss" else None
+    return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
+
+
 def pre_logits(model: torch.nn.Module):
     """The model's forward up to the classifier input (pooled features)."""
     return lambda x: model.forward_head(model.forward_features(x), pre_logits=True)
@@ -90,10 +95,10 @@ def fit(model, trainable: TrainableSet, splits: dict, config, data_config: dict,
 def _fit_full(model, trainable, train_set, config, data_config, device, reporter) -> FitResult:
     result = FitResult()
     loader = make_loader(train_set, train_transform(data_config, config.augment), config.batch_size,
-                         shuffle=True, seed=config.seed, workers=config.workers)
+                         shuffle=True, seed=config.seed, workers=config.workers, balance=config.balance)
     optimizer = build_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, len(loader))
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    criterion = make_criterion(config, train_set.labels, len(train_set.class_ids), device)
     seen: dict = {}
     start = time.perf_counter()
     for epoch in range(config.epochs):
@@ -149,10 +154,10 @@ def _fit_head_on_features(model, splits, config, data_config, device, reporter) 
     optimizer = build_optimizer(model, config)
     n = len(labels)
     # same sampler and generator as the image loader: the same order as training on images
-    batches = BatchSampler(RandomSampler(range(n), generator=seeded_generator(config.seed)),
-                           config.batch_size, drop_last=False)
+    batches = BatchSampler(make_sampler(labels.tolist(), config.seed, config.balance), config.batch_size,
+                           drop_last=False)
     scheduler = make_scheduler(optimizer, config, math.ceil(n / config.batch_size))
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    criterion = make_criterion(config, labels.tolist(), len(splits["train"].class_ids), device)
     train_start = time.perf_counter()
     with reporter.bar(config.epochs, "training head", unit="epoch") as bar:
         for epoch in range(config.epochs):

@@ -43,10 +43,17 @@ def train(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
     config = config.validated()
     reporter = reporter or Reporter(config.quiet)
     resolve_architecture(config.model, config.weights)  # a bad name fails before any data scan
-    splits = resolve_splits(config.data, config.val_fraction, config.seed, config.val_data)
+    splits = resolve_splits(config.data, config.val_fraction, config.seed, config.val_data,
+                            crop_to_box=config.crop_to_box, drop_empty_classes=config.drop_empty_classes,
+                            quiet=config.quiet)
     train_set, val_set = splits["train"], splits["val"]
     num_classes = len(train_set.class_ids)
     reporter.info(f"data: {len(train_set)} train / {len(val_set)} val images, {num_classes} classes")
+    for name in train_set.extra.get("dropped_classes", []):
+        reporter.warn(f"dropped class {name}: its folder has no images (--drop-empty-classes)")
+    ignored = [entry for split in splits.values() for entry in split.ignored]
+    for item, reason in ignored:
+        reporter.warn(f"skipped {item}: {reason}")
 
     seed_everything(config.seed)
     model, report, arch = create_model(config.model, num_classes, config.weights, config.skip)
@@ -89,9 +96,18 @@ def train(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
                                     config.workers, device)
         fitted.skipped.extend(evaluation.skipped)
     evaluation.write(run_dir)
+    test_metrics = {}
+    if "test" in splits:  # e.g. Stanford Dogs' official test split, where the demo reported
+        tested = evaluate_model(model, splits["test"], eval_transform(data_config), max(config.batch_size, 64),
+                                config.workers, device)
+        tested.split = "test"
+        tested.write(run_dir, "test")
+        fitted.skipped.extend(tested.skipped)
+        test_metrics = {"test_top1": tested.top1, "test_top5": tested.top5, "test_images": tested.num_images}
+        reporter.info(f"test top-1 {tested.top1:.4f}, top-5 {tested.top5:.4f} on {tested.num_images} images")
     with (run_dir / "history.json").open("w") as handle:
         json.dump(fitted.history, handle, indent=2)
-    skipped = sorted(dict(fitted.skipped).items())
+    skipped = sorted(dict(ignored + fitted.skipped).items())
     if skipped:
         (run_dir / "skipped.txt").write_text("".join(f"{item}\t{reason}\n" for item, reason in skipped))
 
@@ -111,7 +127,9 @@ def train(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
         "train_seconds": fitted.seconds,
         "feature_cache": fitted.used_feature_cache,
         "feature_extraction_seconds": fitted.feature_seconds,
+        "crop_to_box": config.crop_to_box,
         "eval_images_per_sec": evaluation.images_per_sec,
+        **test_metrics,
         "skipped_images": len(skipped),
         "wall_seconds": time.perf_counter() - start,
     }
