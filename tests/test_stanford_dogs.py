@@ -69,7 +69,10 @@ def test_path_traversal_in_an_archive_is_refused(mini_dogs, tmp_path):
         server.override["lists.tar"] = tar_with({"../escape.mat": b"x", "file_list.mat": b"y"})
         with pytest.raises(DownloadError, match="unsafe"):
             download_stanford_dogs(tmp_path / "dogs", server.url, quiet=True)
-    assert not (tmp_path / "escape.mat").exists()
+        server.override["lists.tar"] = tar_with({"file_list.mat": b"y"}, links={"train_list.mat": "../../outside"})
+        with pytest.raises(DownloadError, match="unsafe.*train_list.mat"):
+            download_stanford_dogs(tmp_path / "dogs", server.url, quiet=True)
+    assert not (tmp_path / "escape.mat").exists() and not (tmp_path / "dogs" / "train_list.mat").exists()
 
 
 def test_official_split_and_validation_from_train(mini_dogs):
