@@ -8,7 +8,7 @@ import os
 import sys
 from dataclasses import fields
 
-from .config import AUGMENTS, BALANCES, OPTIMIZERS, SCHEDULES, STRATEGIES, RunConfig
+from .config import AUGMENTS, BALANCES, OPTIMIZERS, PRECISIONS, SCHEDULES, STRATEGIES, RunConfig
 from .errors import UserError
 
 EXIT_USAGE = 2
@@ -76,8 +76,21 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--epochs", type=int, default=S)
     optim.add_argument("--batch-size", type=int, default=S, help="batch size (per GPU/process)")
     optim.add_argument("--seed", type=int, default=S)
-    optim.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", default=S,
+    speed = parser.add_argument_group("speed")
+    speed.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", default=S,
                        help="run the frozen backbone every epoch even when features could be computed once")
+    speed.add_argument("--cache-dir", default=S, help="feature/image cache folder shared by runs "
+                       "(default: the run's cache/)")
+    speed.add_argument("--cache-views", type=int, default=S, metavar="K",
+                       help="with --augment standard and a frozen backbone: cache K views per image "
+                       "(view 0 un-augmented) and sample among them each epoch")
+    speed.add_argument("--image-cache", action="store_true", default=S,
+                       help="decode each image once into a pre-resized uint8 store (faster epochs)")
+    speed.add_argument("--precision", choices=PRECISIONS, default=S,
+                       help="fp32 (default), bf16 (autocast; fast on recent CPUs and GPUs), fp16 (GPU)")
+    speed.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=S,
+                       help="keep NCHW memory format (channels_last is usually faster)")
+    speed.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
     out = parser.add_argument_group("output")
     out.add_argument("--out", default=S, help="run directory (default runs/<timestamp>-<model>)")
     out.add_argument("--quiet", action="store_true", default=S, help="log lines instead of progress bars")

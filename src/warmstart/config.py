@@ -21,6 +21,7 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "piecewise", "constant")
 AUGMENTS = ("standard", "none")
 BALANCES = ("none", "sampler", "loss")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -60,8 +61,15 @@ class RunConfig:
     batch_size: int = 32
     seed: int = 0
     workers: int | None = None
-    # when only the head trains on un-augmented images, run the frozen backbone once
+    # speed: when only the head trains, run the frozen backbone once per image (and view) and
+    # keep its features on disk (the run's cache/ folder, or a --cache-dir shared by runs)
     feature_cache: bool = True
+    cache_dir: str | None = None
+    cache_views: int = 1  # with --augment standard: K stored views per image (view 0 un-augmented)
+    image_cache: bool = False  # decode each image once into a pre-resized uint8 store
+    precision: str = "fp32"
+    channels_last: bool = True
+    compile: bool = False
     # output
     out: str | None = None
     quiet: bool = False
@@ -128,6 +136,8 @@ class RunConfig:
         choice("schedule", SCHEDULES)
         choice("augment", AUGMENTS)
         choice("balance", BALANCES)
+        choice("precision", PRECISIONS)
+        positive("cache_views", self.cache_views)
         positive("epochs", self.epochs)
         positive("batch_size", self.batch_size)
         positive("lr", self.lr)

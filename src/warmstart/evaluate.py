@@ -97,8 +97,9 @@ def compute_outputs(model, images: ImageSet, transform, batch_size: int, workers
 
 
 def evaluate_model(model, images: ImageSet, transform, batch_size: int = 64, workers: int | None = None,
-                   device="cpu") -> EvalResult:
-    logits, labels, seconds, skipped = compute_outputs(model, images, transform, batch_size, workers, device)
+                   device="cpu", forward=None) -> EvalResult:
+    logits, labels, seconds, skipped = compute_outputs(model, images, transform, batch_size, workers, device,
+                                                       forward=forward)
     result = metrics_from_logits(logits, labels, images.class_names)
     result.seconds = seconds
     result.images_per_sec = result.num_images / seconds if seconds > 0 else 0.0

@@ -67,6 +67,8 @@ def open_image(item, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Decode one item to an RGB PIL image (raises on unreadable files)."""
     if isinstance(item, np.ndarray):
         return Image.fromarray(item).convert("RGB")
+    if hasattr(item, "pixels"):  # a pre-resized image cache entry
+        return Image.fromarray(item.pixels())
     path, box = (item.path, item.box) if isinstance(item, BoxedImage) else (item, None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with a clear reason

@@ -20,35 +20,56 @@ class Batch:
     labels: torch.Tensor
     indices: torch.Tensor
     skipped: list[tuple[str, str]]  # (item, reason) for images that could not be decoded
+    skipped_indices: list[int]
 
 
 class ImageDataset(Dataset):
-    def __init__(self, images: ImageSet, transform):
+    """Decoded, transformed images. With `item_seed`, each image's random augmentation depends
+    only on (item_seed, index): the same view whatever the worker count or order (cached views)."""
+
+    def __init__(self, images: ImageSet, transform, item_seed: int | None = None):
         self.images = images
         self.transform = transform
+        self.item_seed = item_seed
 
     def __len__(self) -> int:
         return len(self.images)
 
+    def _transform(self, image, index: int):
+        if self.item_seed is None:
+            return self.transform(image)
+        state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            seed = (self.item_seed * 1_000_003 + index) % 2**63
+            torch.manual_seed(seed)
+            random.seed(seed)
+            try:
+                return self.transform(image)
+            finally:
+                random.setstate(state)
+
     def __getitem__(self, index: int):
         item = self.images.items[index]
         try:
-            tensor = self.transform(open_image(item))
+            tensor = self._transform(open_image(item), index)
         except Exception as exc:  # any decoding failure: report it, keep the run alive
-            return None, str(item), f"{exc.__class__.__name__}: {exc}"
+            return None, str(item), f"{exc.__class__.__name__}: {exc}", index
         return tensor, self.images.labels[index], index
 
 
 def collate_skipping(samples) -> Batch:
     good = [s for s in samples if s[0] is not None]
-    skipped = [(s[1], s[2]) for s in samples if s[0] is None]
+    bad = [s for s in samples if s[0] is None]
+    skipped, skipped_indices = [(s[1], s[2]) for s in bad], [s[3] for s in bad]
     if not good:
-        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped)
+        empty = torch.empty(0, dtype=torch.long)
+        return Batch(torch.empty(0), empty, empty, skipped, skipped_indices)
     return Batch(
         torch.stack([s[0] for s in good]),
         torch.tensor([s[1] for s in good], dtype=torch.long),
         torch.tensor([s[2] for s in good], dtype=torch.long),
         skipped,
+        skipped_indices,
     )
 
 
@@ -89,19 +110,22 @@ def class_weights(labels, num_classes: int) -> torch.Tensor:
 
 def make_loader(
     images: ImageSet, transform, batch_size: int, shuffle: bool, seed: int, workers: int | None = None,
-    balance: str = "none",
+    balance: str = "none", item_seed: int | None = None, epochs: int = 1,
 ) -> DataLoader:
     workers = default_workers() if workers is None else workers
-    dataset = ImageDataset(images, transform)
+    dataset = ImageDataset(images, transform, item_seed)
     sampler = make_sampler(images.labels, seed, balance) if shuffle else None
+    num_workers = min(workers, max(1, len(images) // batch_size)) if len(images) else 0
     return DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
-        num_workers=min(workers, max(1, len(images) // batch_size)) if len(images) else 0,
+        num_workers=num_workers,
         collate_fn=collate_skipping,
         worker_init_fn=_seed_worker,
         generator=seeded_generator(seed + 1),
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=False,
+        # workers live across epochs instead of restarting (and re-forking the dataset) each epoch
+        persistent_workers=epochs > 1 and num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
     )

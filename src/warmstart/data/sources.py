@@ -16,6 +16,7 @@ from .images import is_hidden_or_system, is_image_file
 SPLIT_NAMES = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "eval": "val", "test": "test"}
 BUILTIN_DIGITS = "sklearn-digits"
+SYNTHETIC = "synthetic"
 
 
 @dataclass
@@ -182,6 +183,15 @@ def load_digits_images() -> ImageSet:
     return ImageSet(items, digits.target.tolist(), class_ids, class_ids, BUILTIN_DIGITS)
 
 
+def synthetic_images(count: int = 640, num_classes: int = 10, size: int = 256, seed: int = 0) -> ImageSet:
+    """Random images (the original demo's synthetic inputter): measures the model, not the disk."""
+    rng = np.random.default_rng(seed)
+    items = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(count)]
+    labels = [i % num_classes for i in range(count)]
+    class_ids = [f"class_{i}" for i in range(num_classes)]
+    return ImageSet(items, labels, class_ids, class_ids, SYNTHETIC)
+
+
 # -- resolving --data into splits -------------------------------------------------------
 def _split_folders(root: Path) -> dict[str, Path]:
     found = {}
@@ -208,6 +218,11 @@ def load_source(data: str, class_ids: list[str] | None = None, crop_to_box: bool
 
     if data == BUILTIN_DIGITS:
         return {"all": load_digits_images()}
+    if data == SYNTHETIC or data.startswith(SYNTHETIC + ":"):
+        count = data.partition(":")[2]
+        if count and not count.isdigit():
+            raise UserError(f"--data {data}: use 'synthetic' or 'synthetic:N' with N images")
+        return {"all": synthetic_images(int(count) if count else 640)}
     if not data:
         raise UserError("no training data: pass --data ROOT (an image-folder tree or a CSV manifest)")
     if data == stanford_dogs.NAME:

@@ -1,10 +1,12 @@
-"""The training loop: the whole model per batch, or the head alone on features computed once."""
+"""The training loop: the whole model per batch, or the head alone on cached features."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -12,10 +14,13 @@ from timm.optim import create_optimizer_v2
 from torch.utils.data import BatchSampler
 from tqdm.auto import tqdm
 
-from ..data.loaders import class_weights, make_loader, make_sampler
+from ..data.feature_cache import CachedFeatures, FeatureCache
+from ..data.fingerprint import fingerprint_tensors
+from ..data.loaders import class_weights, make_loader, make_sampler, seeded_generator
 from ..data.transforms import eval_transform, train_transform
-from ..evaluate import compute_outputs
+from ..errors import UserError
 from ..models.trainable import TrainableSet, only_head_trains, set_train_mode
+from ..models.weights import classifier_names
 from .schedule import make_scheduler
 
 
@@ -26,6 +31,7 @@ class FitResult:
     images_processed: int = 0
     feature_seconds: float = 0.0
     used_feature_cache: bool = False
+    features_from_cache: bool = False
     # validation outputs when the head was trained on features (reused for the final evaluation)
     val_logits: torch.Tensor | None = None
     val_labels: torch.Tensor | None = None
@@ -49,6 +55,42 @@ class Reporter:
         return tqdm(total=total, desc=desc, unit=unit, disable=self.quiet, leave=False, dynamic_ncols=True)
 
 
+@dataclass
+class Runtime:
+    """Where and how tensors are computed: device, precision, memory format, compilation."""
+
+    device: torch.device
+    precision: str = "fp32"
+    channels_last: bool = True
+
+    @classmethod
+    def for_config(cls, config) -> "Runtime":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if config.precision == "fp16" and device.type != "cuda":
+            raise UserError("--precision fp16 needs a GPU: use --precision bf16 on the CPU")
+        return cls(device, config.precision, config.channels_last)
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        model.to(self.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last and images.ndim == 4 \
+            else images
+
+    def grad_scaler(self):
+        return torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
+
+
 def build_optimizer(model: torch.nn.Module, config) -> torch.optim.Optimizer:
     """SGD with (plain) momentum or AdamW over the trainable parameters; no decay on biases and norms."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -66,15 +108,29 @@ def make_criterion(config, labels, num_classes: int, device) -> torch.nn.Module:
     return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
 
 
-def pre_logits(model: torch.nn.Module):
+def pre_logits(model: torch.nn.Module, runtime: Runtime | None = None):
     """The model's forward up to the classifier input (pooled features)."""
-    return lambda x: model.forward_head(model.forward_features(x), pre_logits=True)
+    runtime = runtime or Runtime(torch.device("cpu"), "fp32", False)
+
+    def forward(x):
+        with runtime.autocast():
+            return model.forward_head(model.forward_features(runtime.inputs(x)), pre_logits=True)
+
+    return forward
 
 
 def can_train_on_features(model, trainable: TrainableSet, config) -> bool:
-    """Exact only when nothing before the head trains and training images are not augmented."""
-    return (config.feature_cache and config.augment == "none" and hasattr(model, "forward_head")
-            and only_head_trains(model, trainable))
+    """Exact when nothing before the head trains and the training views are fixed: un-augmented,
+    or K stored augmented views (--cache-views K)."""
+    return (config.feature_cache and hasattr(model, "forward_head") and only_head_trains(model, trainable)
+            and (config.augment == "none" or config.cache_views > 1))
+
+
+def model_fingerprint(model: torch.nn.Module, arch: str, runtime: Runtime) -> str:
+    """What the features depend on: the frozen weights' values and how they are computed."""
+    head = set(classifier_names(model))
+    frozen = {k: v for k, v in model.state_dict().items() if k not in head}
+    return f"{arch}|{runtime.precision}|cl={runtime.channels_last}|{fingerprint_tensors(frozen)}"
 
 
 def _log_skipped(reporter: Reporter, skipped, seen: dict) -> None:
@@ -85,20 +141,24 @@ def _log_skipped(reporter: Reporter, skipped, seen: dict) -> None:
             reporter.warn(f"skipped unreadable image {item} ({reason})")
 
 
-def fit(model, trainable: TrainableSet, splits: dict, config, data_config: dict, device,
-        reporter: Reporter) -> FitResult:
+def fit(model, trainable: TrainableSet, splits: dict, config, data_config: dict, runtime: Runtime,
+        reporter: Reporter, cache_dir: Path | None = None, arch: str = "") -> FitResult:
     if can_train_on_features(model, trainable, config):
-        return _fit_head_on_features(model, splits, config, data_config, device, reporter)
-    return _fit_full(model, trainable, splits["train"], config, data_config, device, reporter)
+        cache = FeatureCache(cache_dir or Path(config.cache_dir or "."), model_fingerprint(model, arch, runtime))
+        return _fit_head_on_features(model, splits, config, data_config, runtime, reporter, cache)
+    return _fit_full(model, trainable, splits["train"], config, data_config, runtime, reporter)
 
 
-def _fit_full(model, trainable, train_set, config, data_config, device, reporter) -> FitResult:
+def _fit_full(model, trainable, train_set, config, data_config, runtime: Runtime, reporter) -> FitResult:
     result = FitResult()
     loader = make_loader(train_set, train_transform(data_config, config.augment), config.batch_size,
-                         shuffle=True, seed=config.seed, workers=config.workers, balance=config.balance)
+                         shuffle=True, seed=config.seed, workers=config.workers, balance=config.balance,
+                         epochs=config.epochs)
     optimizer = build_optimizer(model, config)
     scheduler = make_scheduler(optimizer, config, len(loader))
-    criterion = make_criterion(config, train_set.labels, len(train_set.class_ids), device)
+    criterion = make_criterion(config, train_set.labels, len(train_set.class_ids), runtime.device)
+    scaler = runtime.grad_scaler()
+    forward = torch.compile(model) if config.compile else model
     seen: dict = {}
     start = time.perf_counter()
     for epoch in range(config.epochs):
@@ -112,8 +172,8 @@ def _fit_full(model, trainable, train_set, config, data_config, device, reporter
                 if not len(batch.labels):
                     scheduler.step()
                     continue
-                images, labels = batch.images.to(device), batch.labels.to(device)
-                logits, loss = _step(model, images, labels, criterion, optimizer, scheduler)
+                images, labels = runtime.inputs(batch.images), batch.labels.to(runtime.device)
+                logits, loss = _step(forward, images, labels, criterion, optimizer, scheduler, runtime, scaler)
                 total_loss += loss * len(labels)
                 correct += int((logits.argmax(1) == labels).sum())
                 count += len(labels)
@@ -128,26 +188,44 @@ def _fit_full(model, trainable, train_set, config, data_config, device, reporter
     return result
 
 
-def _fit_head_on_features(model, splits, config, data_config, device, reporter) -> FitResult:
+def _cached(cache: FeatureCache, name: str, images, transform, forward, config, runtime, reporter,
+            view: int = 0, item_seed: int | None = None) -> CachedFeatures:
+    label = name if view == 0 else f"{name} view {view}"
+    with reporter.bar(len(images), f"features {label}") as bar:
+        out = cache.features(name, images, transform, forward, max(config.batch_size, 64), config.workers,
+                             runtime.device, view, item_seed, progress=bar.update)
+    if out.computed:
+        reporter.info(f"features of {out.computed} {label} images in {out.seconds:.1f}s "
+                      f"({out.computed / max(out.seconds, 1e-9):.1f} img/s)")
+    else:
+        reporter.info(f"features of {len(images)} {label} images from the cache")
+    return out
+
+
+def _fit_head_on_features(model, splits, config, data_config, runtime: Runtime, reporter,
+                          cache: FeatureCache) -> FitResult:
     result = FitResult(used_feature_cache=True)
-    transform = eval_transform(data_config)
-    forward = pre_logits(model)
-    eval_batch = max(config.batch_size, 64)
+    model.eval()
+    forward = pre_logits(torch.compile(model) if config.compile else model, runtime)
     start = time.perf_counter()
-    outputs = {}
-    for name in ("train", "val"):
-        images = splits[name]
-        with reporter.bar(len(images), f"features {name}") as bar:
-            feats, labels, seconds, skipped = compute_outputs(model, images, transform, eval_batch, config.workers,
-                                                              device, forward=forward, progress=bar.update)
-        outputs[name] = (feats.to(device), labels.to(device), seconds)
-        result.skipped.extend(skipped)
-        reporter.info(f"features of {len(labels)} {name} images in {seconds:.1f}s "
-                      f"({len(labels) / max(seconds, 1e-9):.1f} img/s)")
+    train_set = splits["train"]
+    views = [_cached(cache, "train", train_set, eval_transform(data_config), forward, config, runtime, reporter)]
+    augmented = train_transform(data_config, "standard")
+    for view in range(1, config.cache_views if config.augment != "none" else 1):
+        views.append(_cached(cache, "train", train_set, augmented, forward, config, runtime, reporter,
+                             view=view, item_seed=config.seed * 1000 + view))
+    result.feature_seconds = sum(v.seconds for v in views)
+    result.features_from_cache = not any(v.computed for v in views)
+    val = _cached(cache, "val", splits["val"], eval_transform(data_config), forward, config, runtime, reporter)
+    result.skipped = sorted(dict([s for v in views for s in v.skipped] + val.skipped).items())
     _log_skipped(reporter, result.skipped, {})
-    result.feature_seconds = outputs["train"][2]
-    feats, labels, _ = outputs["train"]
-    val_feats, val_labels, val_seconds = outputs["val"]
+
+    valid = torch.stack([v.valid for v in views]).all(0)
+    rows = torch.nonzero(valid).flatten()
+    feats = torch.stack([v.features[rows] for v in views]).to(runtime.device)  # [views, n, dim]
+    labels = views[0].labels[rows].to(runtime.device)
+    val_rows = torch.nonzero(val.valid).flatten()
+    val_feats, val_labels = val.features[val_rows].to(runtime.device), val.labels[val_rows].to(runtime.device)
 
     head = model.get_classifier()
     drop_rate = float(getattr(model, "drop_rate", 0.0) or 0.0)
@@ -156,8 +234,9 @@ def _fit_head_on_features(model, splits, config, data_config, device, reporter) 
     # same sampler and generator as the image loader: the same order as training on images
     batches = BatchSampler(make_sampler(labels.tolist(), config.seed, config.balance), config.batch_size,
                            drop_last=False)
+    view_choice = seeded_generator(config.seed + 7)
     scheduler = make_scheduler(optimizer, config, math.ceil(n / config.batch_size))
-    criterion = make_criterion(config, labels.tolist(), len(splits["train"].class_ids), device)
+    criterion = make_criterion(config, labels.tolist(), len(train_set.class_ids), runtime.device)
     train_start = time.perf_counter()
     with reporter.bar(config.epochs, "training head", unit="epoch") as bar:
         for epoch in range(config.epochs):
@@ -165,7 +244,9 @@ def _fit_head_on_features(model, splits, config, data_config, device, reporter) 
             head.train()
             total_loss, correct = 0.0, 0
             for idx in batches:
-                x, y = feats[idx], labels[idx]
+                idx = torch.as_tensor(idx)
+                view = torch.randint(len(views), (len(idx),), generator=view_choice) if len(views) > 1 else 0
+                x, y = feats[view, idx], labels[idx]
                 if drop_rate:
                     x = F.dropout(x, drop_rate, training=True)
                 logits, loss = _step(head, x, y, criterion, optimizer, scheduler)
@@ -183,20 +264,27 @@ def _fit_head_on_features(model, splits, config, data_config, device, reporter) 
             if reporter.quiet:
                 reporter.info(_epoch_line(record, config.epochs))
     result.images_processed = n * config.epochs
-    result.seconds = time.perf_counter() - start
+    result.seconds = time.perf_counter() - start - val.seconds  # validation features belong to evaluation
     reporter.info(f"trained the head for {config.epochs} epochs in {time.perf_counter() - train_start:.1f}s "
-                  f"on cached features")
-    result.val_logits, result.val_labels, result.val_seconds = val_logits.cpu(), val_labels.cpu(), val_seconds
+                  f"on cached features ({len(views)} view{'s' if len(views) > 1 else ''})")
+    result.val_logits, result.val_labels, result.val_seconds = val_logits.cpu(), val_labels.cpu(), val.seconds
     return result
 
 
-def _step(module, inputs, labels, criterion, optimizer, scheduler) -> tuple[torch.Tensor, float]:
+def _step(module, inputs, labels, criterion, optimizer, scheduler, runtime: Runtime | None = None,
+          scaler=None) -> tuple[torch.Tensor, float]:
     """One optimizer step; returns the logits and the loss."""
-    logits = module(inputs)
-    loss = criterion(logits, labels)
+    with runtime.autocast() if runtime else contextlib.nullcontext():
+        logits = module(inputs)
+        loss = criterion(logits.float(), labels)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
     scheduler.step()
     return logits.detach(), loss.item()
 

@@ -14,13 +14,14 @@ import torch
 from .. import __version__
 from ..config import RunConfig
 from ..data.sources import resolve_splits
+from ..data.image_cache import cached_images
 from ..data.transforms import data_config_for, eval_transform
 from ..evaluate import EvalResult, evaluate_model, metrics_from_logits
 from ..models.create import create_model
 from ..models.registry import resolve_architecture
 from ..models.trainable import apply_strategy
 from ..run_dir import new_run_dir, save_model
-from .loop import Reporter, fit
+from .loop import Reporter, Runtime, fit
 
 
 @dataclass
@@ -37,11 +38,22 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _with_image_cache(splits: dict, data_config: dict, cache_dir: Path, config, reporter) -> dict:
+    """Serve every split from the pre-resized image store (built on first use)."""
+    resize = eval_transform(data_config).transforms[0]
+    out = {}
+    for name, images in splits.items():
+        with reporter.bar(len(images), f"image cache {name}") as bar:
+            out[name] = cached_images(images, resize, cache_dir, config.workers, progress=bar.update)
+    return out
+
+
 def train(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
     """Train a classifier as `config` says; returns the run directory and its metrics."""
     start = time.perf_counter()
     config = config.validated()
     reporter = reporter or Reporter(config.quiet)
+    runtime = Runtime.for_config(config)
     resolve_architecture(config.model, config.weights)  # a bad name fails before any data scan
     splits = resolve_splits(config.data, config.val_fraction, config.seed, config.val_data,
                             crop_to_box=config.crop_to_box, drop_empty_classes=config.drop_empty_classes,
@@ -71,9 +83,15 @@ def train(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
     reporter.info(f"model {config.model} ({arch}), strategy {config.strategy}: "
                   f"{trainable_count:,} of {total:,} parameters train; run directory {run_dir}")
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    fitted = fit(model, trainable, splits, resolved, data_config, device, reporter)
+    runtime.prepare(model)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else run_dir / "cache"
+    if config.image_cache:
+        splits = _with_image_cache(splits, data_config, cache_dir, config, reporter)
+    fitted = fit(model, trainable, splits, resolved, data_config, runtime, reporter, cache_dir, arch)
+
+    def forward(images):
+        with runtime.autocast():
+            return model(runtime.inputs(images))
 
     meta = {
         "warmstart_version": __version__,
@@ -93,13 +111,13 @@ def train(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
         evaluation.images_per_sec = evaluation.num_images / max(fitted.val_seconds, 1e-9)
     else:
         evaluation = evaluate_model(model, val_set, eval_transform(data_config), max(config.batch_size, 64),
-                                    config.workers, device)
+                                    config.workers, runtime.device, forward)
         fitted.skipped.extend(evaluation.skipped)
     evaluation.write(run_dir)
     test_metrics = {}
     if "test" in splits:  # e.g. Stanford Dogs' official test split, where the demo reported
         tested = evaluate_model(model, splits["test"], eval_transform(data_config), max(config.batch_size, 64),
-                                config.workers, device)
+                                config.workers, runtime.device, forward)
         tested.split = "test"
         tested.write(run_dir, "test")
         fitted.skipped.extend(tested.skipped)
@@ -124,8 +142,12 @@ def train(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
         "trainable_params": trainable_count,
         "total_params": total,
         "train_images_per_sec": fitted.images_processed / max(fitted.seconds, 1e-9),
-        "train_seconds": fitted.seconds,
+        "train_seconds": fitted.seconds,  # the training phase (feature extraction of train included)
+        "eval_seconds": evaluation.seconds,
         "feature_cache": fitted.used_feature_cache,
+        "features_from_cache": fitted.features_from_cache,
+        "precision": config.precision,
+        "image_cache": config.image_cache,
         "feature_extraction_seconds": fitted.feature_seconds,
         "crop_to_box": config.crop_to_box,
         "eval_images_per_sec": evaluation.images_per_sec,

@@ -1,0 +1,110 @@
+"""Run the benchmarks and write BENCHMARKS.md.
+
+    python -m benchmarks.run [--quick] [--only feature_extractor fine_tune image_path]
+
+--quick uses small subsets of imagewoof-mini and finishes in a few minutes on 2 cores.
+BENCHMARKS.md is regenerated from every result in benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from . import feature_extractor, fine_tune, image_path
+from .common import RESULTS, ROOT
+
+SUITES = {"feature_extractor": feature_extractor, "fine_tune": fine_tune, "image_path": image_path}
+
+
+def _machine_line(m: dict) -> str:
+    gpu = f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU"
+    return (f"{m['cpu']}, {m['cores']} cores{gpu}; Python {m['python']}, torch {m['torch']}, timm {m['timm']}, "
+            f"warmstart {m['warmstart']}; {m['date']}")
+
+
+def _feature_extractor(r: dict) -> list[str]:
+    p, w, b = r["plain"], r["warmstart"], r["warmstart_bf16"]
+    return [
+        f"### 1. Feature-extractor recipe ({'quick: ' if r['quick'] else ''}{r['train_images']} train / "
+        f"{r['val_images']} val images)",
+        "", f"Machine: {_machine_line(r['machine'])}", "",
+        "| | plain timm + PyTorch loop | warmstart (fp32) | warmstart (bf16) |",
+        "| --- | ---: | ---: | ---: |",
+        f"| training phase, 10 epochs (s) | {p['train_seconds']:.1f} | {w['train_seconds']:.1f} | "
+        f"{b['train_seconds']:.1f} |",
+        f"| final evaluation (s) | {p['eval_seconds']:.1f} | {w['eval_seconds']:.1f} | {b['eval_seconds']:.1f} |",
+        f"| end to end (s) | {p['end_to_end_seconds']:.1f} | {w['end_to_end_seconds']:.1f} | "
+        f"{b['end_to_end_seconds']:.1f} |",
+        f"| top-1 | {100 * p['top1']:.2f}% | {100 * w['top1']:.2f}% | {100 * b['top1']:.2f}% |",
+        f"| **training-phase speed-up** | 1× | **{r['train_phase_ratio']:.1f}×** | "
+        f"**{r['bf16_train_phase_ratio']:.1f}×** |",
+        f"| **end-to-end speed-up** | 1× | **{r['end_to_end_ratio']:.1f}×** | **{r['bf16_end_to_end_ratio']:.1f}×** |",
+        f"| top-1 difference (points) | | {r['top1_difference_points']:+.2f} | {r['bf16_top1_difference_points']:+.2f} |",
+        "",
+        f"### 4. Feature extraction throughput",
+        "",
+        f"warmstart extracts {w['extraction_images_per_sec']:.1f} img/s (fp32, channels_last, inference mode) and "
+        f"{b['extraction_images_per_sec']:.1f} img/s (bf16); the plain loop's frozen forward runs "
+        f"{p['forward_images_per_sec']:.1f} img/s: {r['extraction_vs_plain_forward']:.2f}× (fp32).",
+        "",
+    ]
+
+
+def _fine_tune(r: dict) -> list[str]:
+    lines = [
+        f"### 2. Full fine-tuning throughput ({'quick: ' if r['quick'] else ''}{r['train_images']} images, "
+        f"one epoch each)", "", f"Machine: {_machine_line(r['machine'])}", "",
+        "| | images/sec | vs plain loop |", "| --- | ---: | ---: |",
+        f"| plain timm + PyTorch loop (fp32, NCHW) | {r['plain_images_per_sec']:.2f} | 1.00× |",
+    ]
+    for name, value in r["warmstart_images_per_sec"].items():
+        lines.append(f"| warmstart: {name} | {value:.2f} | {r['ratios'][name]:.2f}× |")
+    return lines + [""]
+
+
+def _image_path(r: dict) -> list[str]:
+    return [
+        f"### 3. Image path ({'quick: ' if r['quick'] else ''}{r['images']} imagewoof photos, one process)", "",
+        f"Machine: {_machine_line(r['machine'])}", "",
+        "| view | original JPEG (img/s) | pre-resized cache (img/s) | ratio |", "| --- | ---: | ---: | ---: |",
+        f"| evaluation (resize + center crop) | {r['jpeg_eval_images_per_sec']:.0f} | "
+        f"{r['cache_eval_images_per_sec']:.0f} | **{r['eval_ratio']:.1f}×** |",
+        f"| training (random-resized-crop + flip) | {r['jpeg_train_images_per_sec']:.0f} | "
+        f"{r['cache_train_images_per_sec']:.0f} | **{r['train_ratio']:.1f}×** |",
+        "", f"Building the cache took {r['cache_build_seconds']:.1f} s ({r['cache_bytes'] / 1e6:.0f} MB).", "",
+    ]
+
+
+RENDER = {"feature_extractor": _feature_extractor, "fine_tune": _fine_tune, "image_path": _image_path}
+
+
+def write_markdown() -> None:
+    lines = ["# Benchmarks", "",
+             "Measured by `python -m benchmarks.run` (add `--quick` for the few-minute version); each "
+             "comparison runs warmstart and its baseline in the same process, on the same images and machine. "
+             "Raw results: `benchmarks/results/`.", ""]
+    notes = ROOT / "benchmarks" / "NOTES.md"
+    for name in ("feature_extractor", "fine_tune", "image_path"):
+        for variant in (name, f"{name}_quick"):
+            path = RESULTS / f"{variant}.json"
+            if path.is_file():
+                lines += RENDER[name](json.loads(path.read_text()))
+    if notes.is_file():
+        lines += [notes.read_text()]
+    (ROOT / "BENCHMARKS.md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", nargs="+", choices=sorted(SUITES))
+    args = parser.parse_args()
+    for name in args.only or SUITES:
+        print(f"== {name}", flush=True)
+        print(json.dumps(SUITES[name].run(args.quick), indent=2, default=str), flush=True)
+    write_markdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""Fingerprints that key the caches: what the images are, and what the network computes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+import torch
+
+from .images import BoxedImage
+
+
+def _stat(path: str) -> tuple[int, int]:
+    try:
+        st = os.stat(path)
+        return st.st_size, st.st_mtime_ns
+    except OSError:
+        return -1, -1
+
+
+def fingerprint_items(items) -> str:
+    """Paths with their sizes and modification times (and crop boxes); array contents for
+    in-memory images. A file that changes, appears or disappears changes the fingerprint."""
+    digest = hashlib.sha256()
+    for item in items:
+        if isinstance(item, np.ndarray):
+            digest.update(hashlib.sha1(np.ascontiguousarray(item).tobytes()).digest())
+            digest.update(repr(item.shape).encode())
+        elif isinstance(item, BoxedImage):
+            digest.update(f"{item.path}|{item.box}|{_stat(item.path)}\n".encode())
+        else:
+            digest.update(f"{item}|{_stat(str(item))}\n".encode())
+    return digest.hexdigest()
+
+
+def fingerprint_tensors(state: dict[str, torch.Tensor]) -> str:
+    """The exact values of a set of tensors (the frozen weights a feature depends on)."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}\n".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def fingerprint_json(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
