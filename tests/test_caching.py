@@ -141,3 +141,20 @@ def test_bf16_channels_last_and_synthetic_data(tmp_path):
     with pytest.raises(UserError, match="fp16 needs a GPU"):
         train(RunConfig(data="synthetic:96", precision="fp16", input_size=64, workers=0, quiet=True,
                         out=str(tmp_path / "fp16")))
+
+
+def test_boundary_cache_trains_the_tail_like_the_whole_model(color_tree, tmp_path):
+    kw = dict(strategy="partial", unfreeze_last=1, epochs=3, lr=0.05, seed=2)
+    full = train(_config(color_tree, tmp_path / "full", **kw))
+    tail = train(_config(color_tree, tmp_path / "tail", cache_boundary=True, **kw))
+    assert not full.metrics["feature_cache"] and tail.metrics["feature_cache"]
+    assert list((tail.run_dir / "cache").glob("train-boundary-*"))
+    from warmstart.run_dir import load_run
+
+    a, b = (load_run(r.run_dir).model.state_dict() for r in (full, tail))
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-4) for k in a)
+    assert [h["train_loss"] for h in tail.history] == pytest.approx([h["train_loss"] for h in full.history], abs=1e-4)
+    assert tail.metrics["top1"] == full.metrics["top1"]
+    # the frozen prefix really stayed frozen
+    before, _, _ = create_model("efficientnet_lite0", 3, "bundled")
+    assert all(torch.equal(before.state_dict()[k], b[k]) for k in b if k.startswith(("conv_stem", "blocks.0.")))

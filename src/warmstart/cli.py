@@ -84,6 +84,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     speed.add_argument("--cache-views", type=int, default=S, metavar="K",
                        help="with --augment standard and a frozen backbone: cache K views per image "
                        "(view 0 un-augmented) and sample among them each epoch")
+    speed.add_argument("--cache-boundary", action="store_true", default=S,
+                       help="with --strategy partial and un-augmented (or --cache-views) training: cache the "
+                       "frozen prefix's activations once and run only the trainable tail each epoch")
     speed.add_argument("--image-cache", action="store_true", default=S,
                        help="decode each image once into a pre-resized uint8 store (faster epochs)")
     speed.add_argument("--precision", choices=PRECISIONS, default=S,

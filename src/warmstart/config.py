@@ -67,6 +67,8 @@ class RunConfig:
     cache_dir: str | None = None
     cache_views: int = 1  # with --augment standard: K stored views per image (view 0 un-augmented)
     image_cache: bool = False  # decode each image once into a pre-resized uint8 store
+    # --strategy partial: cache the frozen prefix's activations, run only the trainable tail per epoch
+    cache_boundary: bool = False
     precision: str = "fp32"
     channels_last: bool = True
     compile: bool = False

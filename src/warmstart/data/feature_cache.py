@@ -30,7 +30,7 @@ FLUSH_EVERY = 8  # batches
 
 @dataclass
 class CachedFeatures:
-    features: torch.Tensor  # [N, D], rows of unreadable images are zero
+    features: torch.Tensor  # [N, D] (or [N, C, H, W] activations), memory-mapped; unreadable rows are zero
     valid: torch.Tensor  # [N] bool
     labels: torch.Tensor  # [N]
     seconds: float = 0.0  # extraction time spent in this call
@@ -95,14 +95,15 @@ class FeatureCache:
                         skipped[str(row)] = [str(item), reason]
                         status[row] = UNREADABLE
                     if len(batch.labels):
-                        out = forward(batch.images.to(device)).float().cpu().numpy()
+                        out = forward(batch.images.to(device)).float().cpu()
                         if features is None:
-                            meta["dim"] = int(out.shape[1])
+                            meta["shape"] = list(out.shape[1:])  # pooled features, or activation maps
+                            meta["dim"] = int(out[0].numel())
                             features = open_memmap(folder / "features.npy", mode="w+", dtype=np.float32,
                                                    shape=(n, meta["dim"]))
                             _write_json_atomically(meta_path, meta)
                         rows = todo[batch.indices.numpy()]
-                        features[rows] = out
+                        features[rows] = out.reshape(len(out), -1).numpy()
                         pending_rows.extend(rows.tolist())
                     if progress is not None:
                         progress(len(batch.labels) + len(batch.skipped))
@@ -115,8 +116,12 @@ class FeatureCache:
             meta["complete"] = True
             _write_json_atomically(meta_path, meta)
         valid = torch.from_numpy(np.asarray(status) == DONE)
-        dim = meta["dim"] or 0
-        values = torch.from_numpy(np.array(features)) if features is not None else torch.zeros(n, dim)
+        if features is not None:
+            del features
+            # copy-on-write map: rows are read from disk as they are used, never written back
+            values = torch.from_numpy(np.load(folder / "features.npy", mmap_mode="c")).view(n, *meta["shape"])
+        else:
+            values = torch.zeros(n, 0)
         return CachedFeatures(values, valid, torch.as_tensor(images.labels, dtype=torch.long), seconds,
                               int(len(todo)), [tuple(v) for v in skipped.values()])
 

@@ -20,6 +20,7 @@ from ..data.loaders import class_weights, make_loader, make_sampler, seeded_gene
 from ..data.transforms import eval_transform, train_transform
 from ..errors import UserError
 from ..models.trainable import TrainableSet, only_head_trains, set_train_mode
+from ..models.segments import split_at_freeze_boundary
 from ..models.weights import classifier_names
 from .schedule import make_scheduler
 
@@ -143,9 +144,21 @@ def _log_skipped(reporter: Reporter, skipped, seen: dict) -> None:
 
 def fit(model, trainable: TrainableSet, splits: dict, config, data_config: dict, runtime: Runtime,
         reporter: Reporter, cache_dir: Path | None = None, arch: str = "") -> FitResult:
+    cache_dir = cache_dir or Path(config.cache_dir or ".")
     if can_train_on_features(model, trainable, config):
-        cache = FeatureCache(cache_dir or Path(config.cache_dir or "."), model_fingerprint(model, arch, runtime))
+        cache = FeatureCache(cache_dir, model_fingerprint(model, arch, runtime))
         return _fit_head_on_features(model, splits, config, data_config, runtime, reporter, cache)
+    if config.cache_boundary:
+        split = split_at_freeze_boundary(model, data_config["input_size"]) \
+            if config.augment == "none" or config.cache_views > 1 else None
+        if split is not None:
+            prefix, tail = split
+            key = f"{arch}|prefix={len(prefix)}|{runtime.precision}|cl={runtime.channels_last}|" \
+                  f"{fingerprint_tensors(prefix.state_dict())}"
+            return _fit_tail_on_activations(model, trainable, prefix, tail, splits, config, data_config, runtime,
+                                            reporter, FeatureCache(cache_dir, key))
+        reporter.warn("--cache-boundary: no frozen prefix to cache here (it needs --strategy partial, "
+                      "un-augmented training or --cache-views, and a known model layout); running the whole model")
     return _fit_full(model, trainable, splits["train"], config, data_config, runtime, reporter)
 
 
@@ -202,6 +215,83 @@ def _cached(cache: FeatureCache, name: str, images, transform, forward, config, 
     return out
 
 
+def _cached_training_views(cache, train_set, forward, config, data_config, runtime, reporter,
+                           name: str = "train") -> list[CachedFeatures]:
+    """View 0 un-augmented, then K-1 augmented views (--cache-views K with --augment standard)."""
+    views = [_cached(cache, name, train_set, eval_transform(data_config), forward, config, runtime, reporter)]
+    augmented = train_transform(data_config, "standard")
+    for view in range(1, config.cache_views if config.augment != "none" else 1):
+        views.append(_cached(cache, name, train_set, augmented, forward, config, runtime, reporter,
+                             view=view, item_seed=config.seed * 1000 + view))
+    return views
+
+
+def _fit_tail_on_activations(model, trainable, prefix, tail, splits, config, data_config, runtime: Runtime,
+                             reporter, cache: FeatureCache) -> FitResult:
+    """The frozen prefix runs once per image (and view); each epoch runs only the trainable tail."""
+    result = FitResult(used_feature_cache=True)
+    model.eval()
+
+    def run_prefix(x):
+        with runtime.autocast():
+            return prefix(runtime.inputs(x))
+
+    start = time.perf_counter()
+    train_set = splits["train"]
+    views = _cached_training_views(cache, train_set, run_prefix, config, data_config, runtime, reporter,
+                                   "train-boundary")
+    result.feature_seconds = sum(v.seconds for v in views)
+    result.features_from_cache = not any(v.computed for v in views)
+    val = _cached(cache, "val-boundary", splits["val"], eval_transform(data_config), run_prefix, config, runtime,
+                  reporter)
+    result.skipped = sorted(dict([s for v in views for s in v.skipped] + val.skipped).items())
+    _log_skipped(reporter, result.skipped, {})
+    rows = torch.nonzero(torch.stack([v.valid for v in views]).all(0)).flatten()
+    labels = views[0].labels[rows]
+    n = len(rows)
+
+    def run_tail(x):
+        return model.forward_head(tail(x))
+
+    optimizer = build_optimizer(model, config)
+    batches = BatchSampler(make_sampler(labels.tolist(), config.seed, config.balance), config.batch_size,
+                           drop_last=False)
+    view_choice = seeded_generator(config.seed + 7)
+    scheduler = make_scheduler(optimizer, config, math.ceil(n / config.batch_size))
+    criterion = make_criterion(config, labels.tolist(), len(train_set.class_ids), runtime.device)
+    for epoch in range(config.epochs):
+        set_train_mode(model, trainable)
+        total_loss, correct, count = 0.0, 0, 0
+        epoch_start = time.perf_counter()
+        with reporter.bar(n, f"epoch {epoch + 1}/{config.epochs} (tail)") as bar:
+            for idx in batches:
+                idx = torch.as_tensor(idx)
+                view = torch.randint(len(views), (len(idx),), generator=view_choice) if len(views) > 1 else None
+                source = rows[idx]
+                x = torch.stack([views[int(v)].features[r] for v, r in zip(view, source)]) if view is not None \
+                    else views[0].features[source]
+                y = labels[idx].to(runtime.device)
+                logits, loss = _step(run_tail, runtime.inputs(x), y, criterion, optimizer, scheduler, runtime,
+                                     runtime.grad_scaler())
+                total_loss += loss * len(y)
+                correct += int((logits.argmax(1) == y).sum())
+                count += len(y)
+                bar.update(len(y))
+        result.history.append(_epoch_record(epoch, optimizer, total_loss, correct, count, epoch_start))
+        reporter.info(_epoch_line(result.history[-1], config.epochs))
+    result.images_processed = n * config.epochs
+    result.seconds = time.perf_counter() - start - val.seconds
+    model.eval()
+    eval_start = time.perf_counter()
+    val_rows = torch.nonzero(val.valid).flatten()
+    with torch.inference_mode():
+        val_logits = torch.cat([run_tail(runtime.inputs(val.features[val_rows[i:i + 64]])).float().cpu()
+                                for i in range(0, len(val_rows), 64)]) if len(val_rows) else torch.empty(0)
+    result.val_logits, result.val_labels = val_logits, val.labels[val_rows]
+    result.val_seconds = val.seconds + time.perf_counter() - eval_start
+    return result
+
+
 def _fit_head_on_features(model, splits, config, data_config, runtime: Runtime, reporter,
                           cache: FeatureCache) -> FitResult:
     result = FitResult(used_feature_cache=True)
@@ -209,11 +299,7 @@ def _fit_head_on_features(model, splits, config, data_config, runtime: Runtime, 
     forward = pre_logits(torch.compile(model) if config.compile else model, runtime)
     start = time.perf_counter()
     train_set = splits["train"]
-    views = [_cached(cache, "train", train_set, eval_transform(data_config), forward, config, runtime, reporter)]
-    augmented = train_transform(data_config, "standard")
-    for view in range(1, config.cache_views if config.augment != "none" else 1):
-        views.append(_cached(cache, "train", train_set, augmented, forward, config, runtime, reporter,
-                             view=view, item_seed=config.seed * 1000 + view))
+    views = _cached_training_views(cache, train_set, forward, config, data_config, runtime, reporter)
     result.feature_seconds = sum(v.seconds for v in views)
     result.features_from_cache = not any(v.computed for v in views)
     val = _cached(cache, "val", splits["val"], eval_transform(data_config), forward, config, runtime, reporter)
