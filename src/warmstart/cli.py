@@ -145,6 +145,21 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--workers", type=int, default=None)
     ck.add_argument("--json", action="store_true")
 
+    rp = sub.add_parser("report", help="a self-contained HTML report of a run, with plots")
+    rp.add_argument("run", help="run directory")
+    rp.add_argument("--data", default=None, help="data to report on (default: the run's own)")
+    rp.add_argument("--split", default="val", choices=("train", "val", "test"))
+    rp.add_argument("--gallery", type=int, default=24, help="misclassified images to show")
+    rp.add_argument("--workers", type=int, default=None)
+
+    rn = sub.add_parser("runs", help="list trained runs")
+    rn.add_argument("directory", nargs="?", default="runs")
+    rn.add_argument("--json", action="store_true")
+
+    cp = sub.add_parser("compare", help="runs side by side, with their config differences")
+    cp.add_argument("runs", nargs="+")
+    cp.add_argument("--json", action="store_true")
+
     md = sub.add_parser("models", help="list model names with input size and parameter count")
     md.add_argument("pattern", nargs="?", help="a timm name pattern, e.g. 'convnext*' (default: the familiar names)")
     return parser
@@ -230,8 +245,33 @@ def _cmd_data(args) -> int:
     return 1 if report.problems else 0
 
 
+def _cmd_report(args) -> int:
+    from .report import build_report
+
+    path = build_report(args.run, args.data, args.split, args.gallery, workers=args.workers)
+    print(f"report: {path} (figures in {path.parent / 'report'})")
+    return 0
+
+
+def _cmd_runs(args) -> int:
+    from .report.runs import list_runs, runs_table
+
+    runs = list_runs(args.directory)
+    print(json.dumps(runs, indent=2) if args.json else runs_table(runs) if runs else f"no runs in {args.directory}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from .report.runs import compare_runs, comparison_table
+
+    comparison = compare_runs(args.runs)
+    print(json.dumps(comparison, indent=2) if args.json else comparison_table(comparison))
+    return 0
+
+
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "quickstart": _cmd_quickstart,
-            "models": _cmd_models, "data": _cmd_data}
+            "models": _cmd_models, "data": _cmd_data, "report": _cmd_report, "runs": _cmd_runs,
+            "compare": _cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

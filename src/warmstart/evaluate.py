@@ -74,45 +74,53 @@ def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, class_names:
                       confusion)
 
 
+@dataclass
+class Outputs:
+    outputs: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor  # which items of the split (unreadable ones are missing)
+    seconds: float
+    skipped: list[tuple[str, str]]
+
+
 @torch.inference_mode()
 def compute_outputs(model, images: ImageSet, transform, batch_size: int, workers: int | None, device,
-                    forward=None, progress=None):
-    """Run `forward` (default: the model) over a split; returns (outputs, labels, seconds, skipped)."""
+                    forward=None, progress=None) -> Outputs:
+    """Run `forward` (default: the model) over a split, in order."""
     forward = forward or model
     model.eval()
     loader = make_loader(images, transform, batch_size, shuffle=False, seed=0, workers=workers)
-    outputs, labels, skipped = [], [], []
+    outputs, labels, indices, skipped = [], [], [], []
     start = time.perf_counter()
     for batch in loader:
         skipped.extend(batch.skipped)
         if len(batch.labels):
             outputs.append(forward(batch.images.to(device)).float().cpu())
             labels.append(batch.labels)
+            indices.append(batch.indices)
         if progress is not None:
             progress(len(batch.labels) + len(batch.skipped))
     seconds = time.perf_counter() - start
     if not outputs:
-        return torch.empty(0), torch.empty(0, dtype=torch.long), seconds, skipped
-    return torch.cat(outputs), torch.cat(labels), seconds, skipped
+        empty = torch.empty(0, dtype=torch.long)
+        return Outputs(torch.empty(0), empty, empty, seconds, skipped)
+    return Outputs(torch.cat(outputs), torch.cat(labels), torch.cat(indices), seconds, skipped)
 
 
 def evaluate_model(model, images: ImageSet, transform, batch_size: int = 64, workers: int | None = None,
                    device="cpu", forward=None) -> EvalResult:
-    logits, labels, seconds, skipped = compute_outputs(model, images, transform, batch_size, workers, device,
-                                                       forward=forward)
-    result = metrics_from_logits(logits, labels, images.class_names)
-    result.seconds = seconds
-    result.images_per_sec = result.num_images / seconds if seconds > 0 else 0.0
-    result.skipped = skipped
+    out = compute_outputs(model, images, transform, batch_size, workers, device, forward=forward)
+    result = metrics_from_logits(out.outputs, out.labels, images.class_names)
+    result.seconds = out.seconds
+    result.images_per_sec = result.num_images / out.seconds if out.seconds > 0 else 0.0
+    result.skipped = out.skipped
     return result
 
 
-def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "val", batch_size: int = 64,
-                 workers: int | None = None) -> EvalResult:
-    """Evaluate a trained run on a split of `data` (default: the run's own data); writes eval files."""
+def run_split(run_dir: str | Path, data: str | None, split: str):
+    """A trained run and one split of its data (or of `data`), with the run's classes and split seed."""
     from .config import RunConfig
     from .data.sources import resolve_splits
-    from .data.transforms import eval_transform
     from .errors import UserError
     from .run_dir import load_run
 
@@ -123,8 +131,17 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "val
                             crop_to_box=config.crop_to_box, drop_empty_classes=True, quiet=True)
     if split not in splits:
         raise UserError(f"split {split!r} is not in {data or config.data}: available {', '.join(sorted(splits))}")
+    return run, splits[split]
+
+
+def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "val", batch_size: int = 64,
+                 workers: int | None = None) -> EvalResult:
+    """Evaluate a trained run on a split of `data` (default: the run's own data); writes eval files."""
+    from .data.transforms import eval_transform
+
+    run, images = run_split(run_dir, data, split)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = evaluate_model(run.model.to(device), splits[split], eval_transform(run.data_config), batch_size,
+    result = evaluate_model(run.model.to(device), images, eval_transform(run.data_config), batch_size,
                             workers, device)
     result.split = split
     result.write(run_dir)

@@ -142,12 +142,37 @@ def _log_skipped(reporter: Reporter, skipped, seen: dict) -> None:
             reporter.warn(f"skipped unreadable image {item} ({reason})")
 
 
+class _NoLog:
+    def step(self, *args):
+        pass
+
+    def epoch(self, *args):
+        pass
+
+    def predictions(self, *args):
+        pass
+
+
+def _after_epoch(log, record: dict, model, runtime: Runtime, step: int) -> None:
+    log.epoch(record)
+    was_training = model.training
+    model.eval()
+
+    def forward(x):
+        with runtime.autocast():
+            return model(runtime.inputs(x))
+
+    log.predictions(record["epoch"], forward)
+    model.train(was_training)
+
+
 def fit(model, trainable: TrainableSet, splits: dict, config, data_config: dict, runtime: Runtime,
-        reporter: Reporter, cache_dir: Path | None = None, arch: str = "") -> FitResult:
+        reporter: Reporter, cache_dir: Path | None = None, arch: str = "", log=None) -> FitResult:
     cache_dir = cache_dir or Path(config.cache_dir or ".")
+    log = log or _NoLog()
     if can_train_on_features(model, trainable, config):
         cache = FeatureCache(cache_dir, model_fingerprint(model, arch, runtime))
-        return _fit_head_on_features(model, splits, config, data_config, runtime, reporter, cache)
+        return _fit_head_on_features(model, splits, config, data_config, runtime, reporter, cache, log)
     if config.cache_boundary:
         split = split_at_freeze_boundary(model, data_config["input_size"]) \
             if config.augment == "none" or config.cache_views > 1 else None
@@ -156,13 +181,13 @@ def fit(model, trainable: TrainableSet, splits: dict, config, data_config: dict,
             key = f"{arch}|prefix={len(prefix)}|{runtime.precision}|cl={runtime.channels_last}|" \
                   f"{fingerprint_tensors(prefix.state_dict())}"
             return _fit_tail_on_activations(model, trainable, prefix, tail, splits, config, data_config, runtime,
-                                            reporter, FeatureCache(cache_dir, key))
+                                            reporter, FeatureCache(cache_dir, key), log)
         reporter.warn("--cache-boundary: no frozen prefix to cache here (it needs --strategy partial, "
                       "un-augmented training or --cache-views, and a known model layout); running the whole model")
-    return _fit_full(model, trainable, splits["train"], config, data_config, runtime, reporter)
+    return _fit_full(model, trainable, splits["train"], config, data_config, runtime, reporter, log)
 
 
-def _fit_full(model, trainable, train_set, config, data_config, runtime: Runtime, reporter) -> FitResult:
+def _fit_full(model, trainable, train_set, config, data_config, runtime: Runtime, reporter, log) -> FitResult:
     result = FitResult()
     loader = make_loader(train_set, train_transform(data_config, config.augment), config.batch_size,
                          shuffle=True, seed=config.seed, workers=config.workers, balance=config.balance,
@@ -173,6 +198,7 @@ def _fit_full(model, trainable, train_set, config, data_config, runtime: Runtime
     scaler = runtime.grad_scaler()
     forward = torch.compile(model) if config.compile else model
     seen: dict = {}
+    step = 0
     start = time.perf_counter()
     for epoch in range(config.epochs):
         set_train_mode(model, trainable)
@@ -187,6 +213,8 @@ def _fit_full(model, trainable, train_set, config, data_config, runtime: Runtime
                     continue
                 images, labels = runtime.inputs(batch.images), batch.labels.to(runtime.device)
                 logits, loss = _step(forward, images, labels, criterion, optimizer, scheduler, runtime, scaler)
+                step += 1
+                log.step(step, loss, optimizer.param_groups[0]["lr"])
                 total_loss += loss * len(labels)
                 correct += int((logits.argmax(1) == labels).sum())
                 count += len(labels)
@@ -196,6 +224,7 @@ def _fit_full(model, trainable, train_set, config, data_config, runtime: Runtime
         result.images_processed += count
         result.history.append(_epoch_record(epoch, optimizer, total_loss, correct, count, epoch_start))
         reporter.info(_epoch_line(result.history[-1], config.epochs))
+        _after_epoch(log, result.history[-1], model, runtime, step)
     result.seconds = time.perf_counter() - start
     result.skipped = sorted(seen.items())
     return result
@@ -226,8 +255,19 @@ def _cached_training_views(cache, train_set, forward, config, data_config, runti
     return views
 
 
+def _cached_training_plan(model, config, labels: torch.Tensor, num_classes: int, device):
+    """Optimizer, batches, view chooser, schedule and loss for training on cached inputs. The
+    batches come from the same sampler and generator as the image loader: the same order."""
+    optimizer = build_optimizer(model, config)
+    batches = BatchSampler(make_sampler(labels.tolist(), config.seed, config.balance), config.batch_size,
+                           drop_last=False)
+    scheduler = make_scheduler(optimizer, config, math.ceil(len(labels) / config.batch_size))
+    criterion = make_criterion(config, labels.tolist(), num_classes, device)
+    return optimizer, batches, seeded_generator(config.seed + 7), scheduler, criterion
+
+
 def _fit_tail_on_activations(model, trainable, prefix, tail, splits, config, data_config, runtime: Runtime,
-                             reporter, cache: FeatureCache) -> FitResult:
+                             reporter, cache: FeatureCache, log) -> FitResult:
     """The frozen prefix runs once per image (and view); each epoch runs only the trainable tail."""
     result = FitResult(used_feature_cache=True)
     model.eval()
@@ -253,12 +293,9 @@ def _fit_tail_on_activations(model, trainable, prefix, tail, splits, config, dat
     def run_tail(x):
         return model.forward_head(tail(x))
 
-    optimizer = build_optimizer(model, config)
-    batches = BatchSampler(make_sampler(labels.tolist(), config.seed, config.balance), config.batch_size,
-                           drop_last=False)
-    view_choice = seeded_generator(config.seed + 7)
-    scheduler = make_scheduler(optimizer, config, math.ceil(n / config.batch_size))
-    criterion = make_criterion(config, labels.tolist(), len(train_set.class_ids), runtime.device)
+    optimizer, batches, view_choice, scheduler, criterion = _cached_training_plan(
+        model, config, labels, len(train_set.class_ids), runtime.device)
+    scaler, step = runtime.grad_scaler(), 0
     for epoch in range(config.epochs):
         set_train_mode(model, trainable)
         total_loss, correct, count = 0.0, 0, 0
@@ -272,13 +309,16 @@ def _fit_tail_on_activations(model, trainable, prefix, tail, splits, config, dat
                     else views[0].features[source]
                 y = labels[idx].to(runtime.device)
                 logits, loss = _step(run_tail, runtime.inputs(x), y, criterion, optimizer, scheduler, runtime,
-                                     runtime.grad_scaler())
+                                     scaler)
+                step += 1
+                log.step(step, loss, optimizer.param_groups[0]["lr"])
                 total_loss += loss * len(y)
                 correct += int((logits.argmax(1) == y).sum())
                 count += len(y)
                 bar.update(len(y))
         result.history.append(_epoch_record(epoch, optimizer, total_loss, correct, count, epoch_start))
         reporter.info(_epoch_line(result.history[-1], config.epochs))
+        _after_epoch(log, result.history[-1], model, runtime, step)
     result.images_processed = n * config.epochs
     result.seconds = time.perf_counter() - start - val.seconds
     model.eval()
@@ -293,7 +333,7 @@ def _fit_tail_on_activations(model, trainable, prefix, tail, splits, config, dat
 
 
 def _fit_head_on_features(model, splits, config, data_config, runtime: Runtime, reporter,
-                          cache: FeatureCache) -> FitResult:
+                          cache: FeatureCache, log) -> FitResult:
     result = FitResult(used_feature_cache=True)
     model.eval()
     forward = pre_logits(torch.compile(model) if config.compile else model, runtime)
@@ -315,15 +355,10 @@ def _fit_head_on_features(model, splits, config, data_config, runtime: Runtime, 
 
     head = model.get_classifier()
     drop_rate = float(getattr(model, "drop_rate", 0.0) or 0.0)
-    optimizer = build_optimizer(model, config)
     n = len(labels)
-    # same sampler and generator as the image loader: the same order as training on images
-    batches = BatchSampler(make_sampler(labels.tolist(), config.seed, config.balance), config.batch_size,
-                           drop_last=False)
-    view_choice = seeded_generator(config.seed + 7)
-    scheduler = make_scheduler(optimizer, config, math.ceil(n / config.batch_size))
-    criterion = make_criterion(config, labels.tolist(), len(train_set.class_ids), runtime.device)
-    train_start = time.perf_counter()
+    optimizer, batches, view_choice, scheduler, criterion = _cached_training_plan(
+        model, config, labels, len(train_set.class_ids), runtime.device)
+    train_start, step = time.perf_counter(), 0
     with reporter.bar(config.epochs, "training head", unit="epoch") as bar:
         for epoch in range(config.epochs):
             epoch_start = time.perf_counter()
@@ -336,6 +371,8 @@ def _fit_head_on_features(model, splits, config, data_config, runtime: Runtime, 
                 if drop_rate:
                     x = F.dropout(x, drop_rate, training=True)
                 logits, loss = _step(head, x, y, criterion, optimizer, scheduler)
+                step += 1
+                log.step(step, loss, optimizer.param_groups[0]["lr"])
                 total_loss += loss * len(y)
                 correct += int((logits.argmax(1) == y).sum())
             head.eval()
@@ -345,6 +382,7 @@ def _fit_head_on_features(model, splits, config, data_config, runtime: Runtime, 
             if len(val_labels):
                 record["val_top1"] = float((val_logits.argmax(1) == val_labels).float().mean())
             result.history.append(record)
+            _after_epoch(log, record, model, runtime, step)
             bar.update(1)
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['train_top1']:.3f}")
             if reporter.quiet:

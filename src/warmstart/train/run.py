@@ -21,6 +21,7 @@ from ..models.create import create_model
 from ..models.registry import resolve_architecture
 from ..models.trainable import apply_strategy
 from ..run_dir import new_run_dir, save_model
+from .history import TrainingLog
 from .loop import Reporter, Runtime, fit
 
 
@@ -36,6 +37,19 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def sample_items(images, count: int = 8) -> list:
+    """Up to `count` images for the per-epoch prediction grid, one class after another."""
+    by_class: dict[int, list[int]] = {}
+    for i, label in enumerate(images.labels):
+        by_class.setdefault(label, []).append(i)
+    picked = []
+    while len(picked) < min(count, len(images)):
+        for indices in by_class.values():
+            if indices and len(picked) < count:
+                picked.append(indices.pop(0))
+    return [(images.items[i], images.labels[i]) for i in picked]
 
 
 def _with_image_cache(splits: dict, data_config: dict, cache_dir: Path, config, reporter) -> dict:
@@ -87,7 +101,11 @@ def train(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
     cache_dir = Path(config.cache_dir) if config.cache_dir else run_dir / "cache"
     if config.image_cache:
         splits = _with_image_cache(splits, data_config, cache_dir, config, reporter)
-    fitted = fit(model, trainable, splits, resolved, data_config, runtime, reporter, cache_dir, arch)
+    log = TrainingLog(run_dir, sample_items(val_set), train_set.class_names, eval_transform(data_config))
+    try:
+        fitted = fit(model, trainable, splits, resolved, data_config, runtime, reporter, cache_dir, arch, log)
+    finally:
+        log.close()
 
     def forward(images):
         with runtime.autocast():

@@ -1,0 +1,140 @@
+"""`warmstart report RUN`: a self-contained report.html (figures embedded) plus the PNGs."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..data.images import open_image
+from ..data.transforms import eval_transform
+from ..evaluate import compute_outputs, metrics_from_logits, run_split
+from . import plots
+
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1100px;color:#222}
+h1{margin-bottom:.2rem} h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2.2rem}
+table{border-collapse:collapse;margin:.6rem 0} td,th{border:1px solid #ddd;padding:.25rem .6rem;text-align:left}
+th{background:#f4f4f4} img.figure{max-width:100%} .muted{color:#777}
+.gallery{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:.8rem}
+.card{border:1px solid #ddd;border-radius:6px;padding:.4rem;font-size:.8rem}
+.card img{width:100%;height:140px;object-fit:cover;border-radius:4px}
+.wrong{color:#b00020} .true{color:#1b5e20}
+"""
+
+
+def _png_data(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _thumbnail(item) -> str:
+    image = open_image(item)
+    image.thumbnail((220, 220))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _table(headers: list[str], rows: list[list]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def most_confused(names: list[str], confusion: np.ndarray, top: int = 15) -> list[dict]:
+    pairs = []
+    for t in range(len(names)):
+        total = confusion[t].sum()
+        for p in range(len(names)):
+            if t != p and confusion[t, p]:
+                pairs.append({"true": names[t], "predicted": names[p], "count": int(confusion[t, p]),
+                              "rate": float(confusion[t, p] / total)})
+    return sorted(pairs, key=lambda x: (-x["count"], -x["rate"]))[:top]
+
+
+def build_report(run_dir: str | Path, data: str | None = None, split: str = "val", gallery: int = 24,
+                 batch_size: int = 64, workers: int | None = None) -> Path:
+    run_dir = Path(run_dir)
+    run, images = run_split(run_dir, data, split)
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    history = json.loads((run_dir / "history.json").read_text()) if (run_dir / "history.json").is_file() else []
+    out = compute_outputs(run.model, images, eval_transform(run.data_config), batch_size, workers, "cpu")
+    evaluation = metrics_from_logits(out.outputs, out.labels, run.class_names)
+    probs = out.outputs.softmax(1) if len(out.outputs) else torch.empty(0, len(run.class_names))
+    names = run.class_names
+
+    figures = run_dir / "report"
+    figures.mkdir(exist_ok=True)
+    per_class_values = [a if a is not None else 0.0 for a in evaluation.per_class_accuracy]
+    files = {
+        "per_class": plots.per_class(names, per_class_values, figures / "per_class_accuracy.png"),
+        "confusion": plots.confusion_matrix(names, evaluation.confusion, figures / "confusion_matrix.png"),
+    }
+    if history:
+        files["curves"] = plots.curves(history, figures / "curves.png")
+    confidence, predicted = (probs.max(1) if len(probs) else (torch.empty(0), torch.empty(0, dtype=torch.long)))
+    correct = (predicted == out.labels).numpy()
+    calib = plots.calibration(confidence.numpy(), correct) if len(probs) else {"ece": 0.0, "bins": []}
+    files["calibration"] = plots.reliability_diagram(calib, figures / "reliability.png")
+    pairs = most_confused(names, evaluation.confusion)
+
+    wrong = [i for i in range(len(out.labels)) if not correct[i]]
+    wrong.sort(key=lambda i: -float(confidence[i]))  # the most confident mistakes first
+    cards = []
+    for i in wrong[:gallery]:
+        item = images.items[int(out.indices[i])]
+        top3 = probs[i].topk(min(3, len(names)))
+        guesses = "".join(f"<li>{html.escape(names[c])} {float(p):.1%}</li>" for p, c in zip(top3.values, top3.indices))
+        cards.append(f'<div class="card"><img src="{_thumbnail(item)}" alt="{html.escape(str(item))}">'
+                     f'<div class="true">true: {html.escape(names[int(out.labels[i])])}</div>'
+                     f'<ol class="wrong">{guesses}</ol></div>')
+
+    summary = {
+        "split": split, "images": evaluation.num_images, "top1": evaluation.top1, "top5": evaluation.top5,
+        "ece": calib["ece"], "misclassified": len(wrong), "most_confused": pairs,
+        "per_class_accuracy": dict(zip(names, evaluation.per_class_accuracy)),
+    }
+    (figures / "report.json").write_text(json.dumps(summary, indent=2))
+    metric_rows = [[k, f"{v:.4f}" if isinstance(v, float) else v] for k, v in metrics.items()]
+    sections = [
+        f"<h1>warmstart report</h1><p class='muted'>{html.escape(str(run_dir))} · {html.escape(metrics['model'])} · "
+        f"{html.escape(metrics.get('strategy', ''))} · {metrics['epochs']} epochs</p>",
+        "<h2 id='summary'>Summary</h2>",
+        f"<p>On the <b>{split}</b> split ({evaluation.num_images} images): top-1 <b id='top1'>{evaluation.top1:.4f}"
+        f"</b>, top-5 <b>{evaluation.top5:.4f}</b>, expected calibration error <b>{calib['ece']:.4f}</b>.</p>",
+        _table(["metrics.json", "value"], metric_rows),
+    ]
+    if "curves" in files:
+        sections += ["<h2 id='curves'>Training curves</h2>",
+                     f"<img class='figure' src='{_png_data(files['curves'])}' alt='training curves'>"]
+    worst = sorted(zip(names, evaluation.per_class_accuracy, evaluation.confusion.sum(1).tolist()),
+                   key=lambda x: (x[1] is None, x[1] if x[1] is not None else 0))
+    sections += [
+        "<h2 id='per-class'>Per-class accuracy</h2>",
+        f"<img class='figure' src='{_png_data(files['per_class'])}' alt='per-class accuracy'>",
+        _table(["class", "images", "accuracy"], [[n, c, "—" if a is None else f"{a:.3f}"] for n, a, c in worst]),
+        "<h2 id='confusion'>Confusion</h2>",
+        f"<img class='figure' src='{_png_data(files['confusion'])}' alt='confusion matrix'>",
+        "<h3>Most confused pairs</h3>",
+        _table(["true", "predicted as", "images", "share of the class"],
+               [[p["true"], p["predicted"], p["count"], f"{p['rate']:.1%}"] for p in pairs]) if pairs
+        else "<p>No confusions.</p>",
+        f"<h2 id='misclassified'>Misclassified images ({len(wrong)}; most confident first)</h2>",
+        f"<div class='gallery'>{''.join(cards)}</div>" if cards else "<p>None.</p>",
+        "<h2 id='calibration'>Calibration</h2>",
+        f"<img class='figure' src='{_png_data(files['calibration'])}' alt='reliability diagram'>",
+        f"<p>Expected calibration error (10 bins): <b id='ece'>{calib['ece']:.4f}</b></p>",
+        _table(["confidence", "images", "accuracy", "mean confidence"],
+               [[f"{b['low']:.1f}–{b['high']:.1f}", b["count"], f"{b['accuracy']:.3f}", f"{b['confidence']:.3f}"]
+                for b in calib["bins"]]),
+    ]
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>warmstart report</title>"
+            f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>")
+    path = run_dir / "report.html"
+    path.write_text(page)
+    return path

@@ -1,0 +1,105 @@
+"""The report's figures (matplotlib, Agg backend), each written as a PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def _save(figure, path: Path) -> Path:
+    figure.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def curves(history: list[dict], path: Path) -> Path:
+    epochs = [h["epoch"] for h in history]
+    figure, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(13, 3.6))
+    loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o")
+    loss_ax.set(title="training loss", xlabel="epoch")
+    acc_ax.plot(epochs, [h["train_top1"] for h in history], marker="o", label="train")
+    if any("val_top1" in h for h in history):
+        acc_ax.plot([h["epoch"] for h in history if "val_top1" in h],
+                    [h["val_top1"] for h in history if "val_top1" in h], marker="o", label="val")
+    acc_ax.set(title="top-1 accuracy", xlabel="epoch")
+    acc_ax.legend()
+    lr_ax.plot(epochs, [h["lr"] for h in history], marker="o")
+    lr_ax.set(title="learning rate (end of epoch)", xlabel="epoch")
+    for ax in (loss_ax, acc_ax, lr_ax):
+        ax.grid(alpha=0.3)
+    return _save(figure, path)
+
+
+def per_class(names: list[str], accuracy: list[float], path: Path) -> Path:
+    order = np.argsort(accuracy)
+    height = max(3.0, 0.18 * len(names) + 1)
+    figure, ax = plt.subplots(figsize=(7, height))
+    ax.barh(range(len(names)), [accuracy[i] for i in order], color="#4c72b0")
+    ax.set_yticks(range(len(names)), [names[i] for i in order], fontsize=7 if len(names) > 40 else 9)
+    ax.set(xlim=(0, 1), xlabel="accuracy", title="per-class accuracy (worst first)")
+    ax.invert_yaxis()
+    return _save(figure, path)
+
+
+def confusion_order(confusion: np.ndarray) -> np.ndarray:
+    """Classes ordered so that those confused with each other sit together (hierarchical
+    clustering of the symmetrised, row-normalised confusion)."""
+    n = len(confusion)
+    if n < 3:
+        return np.arange(n)
+    from scipy.cluster.hierarchy import leaves_list, linkage
+    from scipy.spatial.distance import squareform
+
+    rates = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+    similarity = (rates + rates.T) / 2
+    np.fill_diagonal(similarity, 0)
+    distance = 1.0 - similarity / max(similarity.max(), 1e-12)
+    np.fill_diagonal(distance, 0)
+    return leaves_list(linkage(squareform(distance, checks=False), method="average"))
+
+
+def confusion_matrix(names: list[str], confusion: np.ndarray, path: Path) -> Path:
+    order = confusion_order(confusion)
+    rates = confusion / np.maximum(confusion.sum(1, keepdims=True), 1)
+    size = min(max(5.0, 0.12 * len(names) + 3), 22)
+    figure, ax = plt.subplots(figsize=(size, size))
+    image = ax.imshow(rates[np.ix_(order, order)], cmap="Blues", vmin=0, vmax=1)
+    fontsize = 9 if len(names) <= 20 else 5 if len(names) <= 60 else 4
+    ax.set_xticks(range(len(names)), [names[i] for i in order], rotation=90, fontsize=fontsize)
+    ax.set_yticks(range(len(names)), [names[i] for i in order], fontsize=fontsize)
+    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix (row-normalised, similar classes together)")
+    figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
+    return _save(figure, path)
+
+
+def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> dict:
+    """Reliability bins and the expected calibration error."""
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            acc, conf = float(correct[mask].mean()), float(confidence[mask].mean())
+            ece += mask.mean() * abs(acc - conf)
+            table.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": int(mask.sum()),
+                          "accuracy": acc, "confidence": conf})
+    return {"ece": float(ece), "bins": table}
+
+
+def reliability_diagram(calib: dict, path: Path) -> Path:
+    figure, ax = plt.subplots(figsize=(4.8, 4.5))
+    centers = [(b["low"] + b["high"]) / 2 for b in calib["bins"]]
+    ax.bar(centers, [b["accuracy"] for b in calib["bins"]], width=0.09, color="#4c72b0", label="accuracy")
+    ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
+    ax.plot([b["confidence"] for b in calib["bins"]], [b["accuracy"] for b in calib["bins"]], "o", color="#dd8452",
+            label="mean confidence")
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
+           title=f"reliability (ECE {calib['ece']:.3f})")
+    ax.legend(loc="upper left", fontsize=8)
+    return _save(figure, path)

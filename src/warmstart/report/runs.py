@@ -1,0 +1,71 @@
+"""`warmstart runs` and `warmstart compare`: what was trained, and how runs differ."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from ..errors import UserError
+
+
+def _load(run_dir: Path) -> dict:
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
+    return {"run": str(run_dir), "metrics": metrics, "config": config or {}}
+
+
+def list_runs(directory: str | Path = "runs") -> list[dict]:
+    """Every run below `directory` (a folder with metrics.json), newest first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UserError(f"{directory} is not a folder of runs: pass the folder your runs are in (default runs/)")
+    found = sorted({p.parent for p in directory.rglob("metrics.json")}, key=lambda p: p.stat().st_mtime, reverse=True)
+    return [_load(p) for p in found]
+
+
+def runs_table(runs: list[dict]) -> str:
+    lines = [f"{'run':40} {'model':20} {'strategy':18} {'epochs':>6} {'top-1':>7} {'time':>8}"]
+    for r in runs:
+        m = r["metrics"]
+        lines.append(f"{Path(r['run']).name[:40]:40} {m.get('model', '?')[:20]:20} {m.get('strategy', '?'):18} "
+                     f"{m.get('epochs', '?'):>6} {m.get('top1', 0):>7.4f} {m.get('wall_seconds', 0):>7.1f}s")
+    return "\n".join(lines)
+
+
+COMPARED_METRICS = ["top1", "top5", "test_top1", "epochs", "train_images_per_sec", "eval_images_per_sec",
+                    "trainable_params", "wall_seconds"]
+
+
+def compare_runs(run_dirs: list[str | Path]) -> dict:
+    """Metrics side by side, and the config settings whose values differ."""
+    if len(run_dirs) < 2:
+        raise UserError("compare needs at least two run directories")
+    runs = []
+    for run_dir in run_dirs:
+        if not (Path(run_dir) / "metrics.json").is_file():
+            raise UserError(f"{run_dir} is not a finished run (no metrics.json)")
+        runs.append(_load(Path(run_dir)))
+    keys = sorted(set().union(*(r["config"] for r in runs)))
+    differences = {k: [r["config"].get(k) for r in runs] for k in keys
+                   if len({json.dumps(r["config"].get(k), sort_keys=True) for r in runs}) > 1}
+    metrics = {k: [r["metrics"].get(k) for r in runs] for k in COMPARED_METRICS
+               if any(k in r["metrics"] for r in runs)}
+    return {"runs": [r["run"] for r in runs], "metrics": metrics, "config_differences": differences}
+
+
+def comparison_table(comparison: dict) -> str:
+    names = [Path(r).name for r in comparison["runs"]]
+    width = max(14, *(len(n) for n in names))
+
+    def fmt(v):
+        return f"{v:.4f}" if isinstance(v, float) else ("—" if v is None else str(v))
+
+    lines = [f"{'':24}" + "".join(f"{n:>{width + 2}}" for n in names)]
+    lines += [f"{k:24}" + "".join(f"{fmt(v):>{width + 2}}" for v in values)
+              for k, values in comparison["metrics"].items()]
+    lines.append("config differences:" if comparison["config_differences"] else "same config")
+    lines += [f"  {k:22}" + "".join(f"{fmt(v):>{width + 2}}" for v in values)
+              for k, values in comparison["config_differences"].items()]
+    return "\n".join(lines)
