@@ -11,10 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import feature_extractor, fine_tune, image_path
+from . import feature_extractor, fine_tune, image_path, serve_load
 from .common import RESULTS, ROOT
 
-SUITES = {"feature_extractor": feature_extractor, "fine_tune": fine_tune, "image_path": image_path}
+SUITES = {"feature_extractor": feature_extractor, "fine_tune": fine_tune, "image_path": image_path,
+          "serve_load": serve_load}
 
 
 def _machine_line(m: dict) -> str:
@@ -76,7 +77,22 @@ def _image_path(r: dict) -> list[str]:
     ]
 
 
-RENDER = {"feature_extractor": _feature_extractor, "fine_tune": _fine_tune, "image_path": _image_path}
+def _serve_load(r: dict) -> list[str]:
+    lines = [f"### 5. Service under load ({'quick: ' if r['quick'] else ''}{r['clients']} concurrent clients, "
+             f"loopback, real photos)", "", f"Machine: {_machine_line(r['machine'])}", "",
+             "| | requests | errors | requests/sec | p50 (ms) | p99 (ms) |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, m in r["results"].items():
+        lines.append(f"| {name} | {m['requests']} | {m['errors']} | {m['requests_per_sec']:.1f} | {m['p50_ms']:.0f} | "
+                     f"{m['p99_ms']:.0f} |")
+    values = list(r["results"].values())
+    if len(values) == 2:
+        lines += ["", f"Micro-batching: {values[0]['requests_per_sec'] / values[1]['requests_per_sec']:.2f}× the "
+                      f"throughput of one forward pass per request."]
+    return lines + [""]
+
+
+RENDER = {"feature_extractor": _feature_extractor, "fine_tune": _fine_tune, "image_path": _image_path,
+          "serve_load": _serve_load}
 
 
 def write_markdown() -> None:
@@ -85,7 +101,7 @@ def write_markdown() -> None:
              "comparison runs warmstart and its baseline in the same process, on the same images and machine. "
              "Raw results: `benchmarks/results/`.", ""]
     notes = ROOT / "benchmarks" / "NOTES.md"
-    for name in ("feature_extractor", "fine_tune", "image_path"):
+    for name in ("feature_extractor", "fine_tune", "image_path", "serve_load"):
         for variant in (name, f"{name}_quick"):
             path = RESULTS / f"{variant}.json"
             if path.is_file():

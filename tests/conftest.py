@@ -53,3 +53,24 @@ def dog_tree(tmp_path) -> Path:
 
 
 FAST = ["--input-size", "64", "--workers", "0", "--quiet"]
+
+
+# headless Chromium from Debian's packages; flags so it makes no network calls of its own
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"]
+
+
+def require_browser():
+    """Playwright's sync API, or a skip where Debian's chromium is not installed (.ci/run installs it)."""
+    import shutil
+
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    return pytest.importorskip("playwright.sync_api")
+
+
+def launch_chromium(playwright):
+    import shutil
+
+    executable = shutil.which("chromium") or shutil.which("chromium-browser")
+    return playwright.chromium.launch(executable_path=executable, args=CHROMIUM_FLAGS)

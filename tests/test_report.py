@@ -2,13 +2,14 @@
 
 import csv
 import json
-import shutil
 
 import pytest
 
 from warmstart import RunConfig, train
 from warmstart.cli import main
 from warmstart.report import build_report, compare_runs, list_runs
+
+from conftest import launch_chromium, require_browser
 
 
 @pytest.fixture(scope="module")
@@ -67,17 +68,12 @@ def test_report_sections_match_the_run(trained):
 
 
 def test_report_in_a_real_browser(trained, tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not chromium:
-        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    sync_api = require_browser()
     _, _, result = trained
     path = build_report(result.run_dir, workers=0)
     errors = []
     with sync_api.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-            "--disable-sync", "--no-first-run"])
+        browser = launch_chromium(p)
         page = browser.new_page()
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(str(e)))

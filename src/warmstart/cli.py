@@ -122,11 +122,28 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--workers", type=int, default=None)
     ev.add_argument("--json", action="store_true", help="print eval.json")
 
-    pr = sub.add_parser("predict", help="top-k classes of image files")
-    pr.add_argument("run", help="run directory")
+    pr = sub.add_parser("predict", help="top-k classes of image files (run directory, ONNX file, or a server)")
+    pr.add_argument("model", nargs="?", help="run directory or exported .onnx file (not with --server)")
     pr.add_argument("images", nargs="+")
     pr.add_argument("--top-k", type=int, default=5)
     pr.add_argument("--json", action="store_true")
+    pr.add_argument("--server", default=None, help="URL of a 'warmstart serve' service to ask instead")
+
+    ex = sub.add_parser("export", help="export a run as ONNX, TorchScript or safetensors (with a parity check)")
+    ex.add_argument("run", help="run directory")
+    ex.add_argument("--format", default="onnx", choices=("onnx", "torchscript", "safetensors"))
+    ex.add_argument("--out", default=None, help="output file (default RUN/model.<format>)")
+
+    sv = sub.add_parser("serve", help="an HTTP breed-recognition service with a web page")
+    sv.add_argument("model", help="run directory or exported .onnx file")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--workers", type=int, default=1, help="server processes")
+    sv.add_argument("--max-batch", type=int, default=16, help="micro-batch size limit")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for a batch to fill")
+    sv.add_argument("--no-batching", action="store_true", help="one forward pass per request")
+    sv.add_argument("--max-upload-mb", type=float, default=20.0, help="per-image upload limit")
+    sv.add_argument("--max-pixels", type=int, default=50_000_000, help="decompression-bomb guard")
 
     qs = sub.add_parser("quickstart", help="offline demo: EfficientNet-Lite0 features on scikit-learn's digits")
     qs.add_argument("--out", default=None)
@@ -184,10 +201,32 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def _cmd_predict(args) -> int:
+def _predictions(args) -> list:
+    """(image, [(class, probability)], error) from a server, an ONNX file or a run directory."""
+    if args.top_k < 1:
+        raise UserError(f"--top-k {args.top_k} is not valid: it must be >= 1")
+    if args.server:
+        from .serve.client import predict_remote
+
+        images = ([args.model] if args.model else []) + args.images
+        answers = [predict_remote(args.server, image, args.top_k) for image in images]
+        return [(str(i), [(p["class"], p["probability"]) for p in a.get("predictions", [])], a.get("error"))
+                for i, a in zip(images, answers)]
+    if args.model is None:
+        raise UserError("predict needs a run directory or .onnx file, or --server URL")
+    if args.model.endswith(".onnx"):
+        from .serve.onnx_predict import predict_onnx
+
+        return predict_onnx(args.model, args.images, args.top_k)
     from .predict import predict
 
-    predictions = predict(args.run, args.images, args.top_k)
+    return [(p.image, p.top, p.error) for p in predict(args.model, args.images, args.top_k)]
+
+
+def _cmd_predict(args) -> int:
+    from types import SimpleNamespace
+
+    predictions = [SimpleNamespace(image=i, top=t, error=e) for i, t, e in _predictions(args)]
     if args.json:
         print(json.dumps([{"image": p.image, "error": p.error,
                            "top": [{"class": c, "probability": round(q, 6)} for c, q in p.top]}
@@ -269,9 +308,28 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from .export import export_run
+
+    result = export_run(args.run, args.format, args.out)
+    parity = (f"; parity with PyTorch on {result.parity_inputs} inputs: same top-1 {result.same_top1}, "
+              f"max abs logit difference {result.max_abs_logit_difference:.2e}") if result.parity_inputs else ""
+    print(f"exported {result.path} ({result.exporter}){parity}")
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    from .serve.app import ServeSettings, serve
+
+    settings = ServeSettings(args.model, args.max_batch, args.max_wait_ms, not args.no_batching,
+                             int(args.max_upload_mb * 1024 * 1024), args.max_pixels)
+    serve(settings, args.host, args.port, args.workers)
+    return 0
+
+
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "quickstart": _cmd_quickstart,
             "models": _cmd_models, "data": _cmd_data, "report": _cmd_report, "runs": _cmd_runs,
-            "compare": _cmd_compare}
+            "compare": _cmd_compare, "export": _cmd_export, "serve": _cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,7 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not is_hidden_or_system(path)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # 16/32-bit grey: scale to 8 bits (a plain convert would clip almost everything to white)
         array = np.asarray(image, dtype=np.float64)
@@ -83,4 +83,4 @@ def open_image(item, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
             left, top, right, bottom = box
             image = image.crop((max(0, left), max(0, top), min(image.width, right), min(image.height, bottom)))
         image = ImageOps.exif_transpose(image)
-        return _to_rgb(image)
+        return to_rgb(image)

@@ -1,0 +1,120 @@
+"""`warmstart export RUN --format onnx|torchscript|safetensors`: a trained run as one file that
+carries what is needed to use it alone, checked against PyTorch right after export."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import UserError
+from .run_dir import MODEL_FILE, load_run
+
+FORMATS = ("onnx", "torchscript", "safetensors")
+SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
+PARITY_TOLERANCE = 1e-3  # max abs logit difference accepted
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    parity_inputs: int = 0
+    max_abs_logit_difference: float = 0.0
+    same_top1: bool = True
+    exporter: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def export_metadata(run) -> dict:
+    """Everything a deployment needs besides the weights: classes and preprocessing."""
+    config = run.data_config
+    return {
+        "architecture": run.meta["architecture"],
+        "model": run.meta["model"],
+        "class_names": run.class_names,
+        "class_ids": run.class_ids,
+        "input_size": list(config["input_size"]),
+        "mean": list(config["mean"]),
+        "std": list(config["std"]),
+        "interpolation": config["interpolation"],
+        "crop_pct": config["crop_pct"],
+        "crop_mode": config.get("crop_mode", "center"),
+        "warmstart_version": run.meta.get("warmstart_version"),
+    }
+
+
+def _parity_inputs(run, count: int = 8) -> torch.Tensor:
+    """Sample inputs: random images in the model's normalised range (seeded)."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(count, *run.data_config["input_size"], generator=generator)
+
+
+def _export_onnx(model, example: torch.Tensor, path: Path) -> str:
+    """The dynamo-based exporter (with a dynamic batch dimension); the TorchScript-based one if it fails."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
+                              dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+                              opset_version=18, dynamo=True, verbose=False)
+        return "torch.onnx (dynamo)"
+    except Exception:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example,), str(path), input_names=["image"], output_names=["logits"],
+                              dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=17,
+                              dynamo=False)
+        return "torch.onnx (torchscript)"
+
+
+def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None) -> ExportResult:
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt!r} is not valid: use one of {', '.join(FORMATS)}")
+    run_dir = Path(run_dir)
+    run = load_run(run_dir)
+    model = run.model.eval()
+    meta = export_metadata(run)
+    path = Path(out) if out else run_dir / f"model{SUFFIX[fmt]}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    inputs = _parity_inputs(run)
+    with torch.inference_mode():
+        reference = model(inputs).numpy()
+
+    if fmt == "safetensors":
+        shutil.copyfile(run_dir / MODEL_FILE, path)  # weights with the metadata embedded
+        return ExportResult(path, fmt, exporter="safetensors (weights + metadata)")
+
+    if fmt == "torchscript":
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream; still asked for
+            traced = torch.jit.trace(model, inputs[:1], check_trace=False)
+            torch.jit.save(traced, str(path), _extra_files={"warmstart.json": json.dumps(meta)})
+            exported = torch.jit.load(str(path), map_location="cpu")(inputs).numpy()
+        exporter = "torch.jit.trace"
+    else:
+        import onnx
+        import onnxruntime as ort
+
+        exporter = _export_onnx(model, inputs[:2], path)
+        proto = onnx.load(str(path))
+        del proto.metadata_props[:]
+        for key, value in meta.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, json.dumps(value)
+        onnx.save(proto, str(path))
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        exported = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
+
+    difference = float(np.abs(exported - reference).max())
+    same_top1 = bool((exported.argmax(1) == reference.argmax(1)).all())
+    result = ExportResult(path, fmt, len(inputs), difference, same_top1, exporter)
+    if not same_top1 or difference > PARITY_TOLERANCE:
+        raise UserError(f"exported {fmt} model disagrees with PyTorch (max abs logit difference {difference:.2e}, "
+                        f"same top-1: {same_top1}): it was kept at {path} for inspection; do not deploy it")
+    return result

@@ -1,0 +1,98 @@
+"""Inference backends behind `predict` and `serve`: a run directory (PyTorch) or an exported
+ONNX file (onnxruntime, numpy and PIL only: no torch needed on that path)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ..errors import UserError
+
+_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
+             "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+
+
+def preprocess(image: Image.Image, meta: dict) -> np.ndarray:
+    """The evaluation view in numpy: resize the short side to size / crop_pct, center crop,
+    scale to [0, 1], normalise. Matches timm's evaluation transform on PIL images."""
+    size = int(meta["input_size"][-1])
+    scale = math.floor(size / meta["crop_pct"])
+    width, height = image.size
+    if width <= height:
+        new = (scale, int(scale * height / width))
+    else:
+        new = (int(scale * width / height), scale)
+    image = image.resize(new, _RESAMPLE.get(meta["interpolation"], Image.BICUBIC))
+    left = int(round((new[0] - size) / 2.0))
+    top = int(round((new[1] - size) / 2.0))
+    image = image.crop((left, top, left + size, top + size))
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    array = (array - np.asarray(meta["mean"], dtype=np.float32)) / np.asarray(meta["std"], dtype=np.float32)
+    return array.transpose(2, 0, 1)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+class OnnxBackend:
+    def __init__(self, path: str | Path):
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path} does not exist: pass an ONNX file written by 'warmstart export'")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise UserError(f"{path} is not a readable ONNX model ({exc.__class__.__name__})") from None
+        props = self.session.get_modelmeta().custom_metadata_map
+        if "class_names" not in props:
+            raise UserError(f"{path} carries no warmstart metadata: export it with 'warmstart export RUN --format onnx'")
+        self.meta = {k: json.loads(v) for k, v in props.items()}
+        self.input_name = self.session.get_inputs()[0].name
+        self.class_names = self.meta["class_names"]
+
+    def probabilities(self, images: list[Image.Image]) -> np.ndarray:
+        batch = np.stack([preprocess(image, self.meta) for image in images])
+        return softmax(self.session.run(None, {self.input_name: batch})[0])
+
+
+class TorchBackend:
+    def __init__(self, run_dir: str | Path):
+        import torch
+
+        from ..data.transforms import eval_transform
+        from ..export import export_metadata
+        from ..run_dir import load_run
+
+        self.torch = torch
+        self.run = load_run(run_dir)
+        self.transform = eval_transform(self.run.data_config)
+        self.meta = export_metadata(self.run)
+        self.class_names = self.run.class_names
+
+    def probabilities(self, images: list[Image.Image]) -> np.ndarray:
+        with self.torch.inference_mode():
+            batch = self.torch.stack([self.transform(image) for image in images])
+            return self.run.model(batch).softmax(1).numpy()
+
+
+def load_backend(model: str | Path):
+    """An ONNX file or a run directory."""
+    path = Path(model)
+    if path.suffix == ".onnx":
+        return OnnxBackend(path)
+    return TorchBackend(path)
+
+
+def top_k(probabilities: np.ndarray, class_names: list[str], k: int) -> list[list[tuple[str, float]]]:
+    k = min(k, len(class_names))
+    order = np.argsort(-probabilities, axis=1)[:, :k]
+    return [[(class_names[c], float(row[c])) for c in indices] for row, indices in zip(probabilities, order)]

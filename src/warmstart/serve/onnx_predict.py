@@ -1,0 +1,29 @@
+"""Predicting with an exported ONNX file: onnxruntime, numpy and PIL, no torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..data.images import open_image
+from .backends import OnnxBackend, top_k
+
+
+def predict_onnx(model: str | Path, images: list[str], k: int = 5, batch_size: int = 32) -> list:
+    """(image, [(class, probability)], error) per image, in order."""
+    backend = OnnxBackend(model)
+    results: list = [None] * len(images)
+    decoded, positions = [], []
+    for i, path in enumerate(images):
+        if not Path(path).is_file():
+            results[i] = (str(path), [], "file not found")
+            continue
+        try:
+            decoded.append(open_image(path))
+            positions.append(i)
+        except Exception as exc:
+            results[i] = (str(path), [], f"not a readable image ({exc.__class__.__name__})")
+    for start in range(0, len(decoded), batch_size):
+        probs = backend.probabilities(decoded[start:start + batch_size])
+        for i, ranked in zip(positions[start:start + batch_size], top_k(probs, backend.class_names, k)):
+            results[i] = (str(images[i]), ranked, None)
+    return results
