@@ -29,6 +29,14 @@ def make_color_images(folder: Path, color, count: int, seed: int, size: int = 40
         Image.fromarray(pixels).save(folder / f"img_{i:03d}.jpg", quality=90)
 
 
+def make_color_tree(root: Path, train: int, val: int, names=("red", "green", "blue")) -> Path:
+    """ROOT/train/<name>/* and ROOT/val/<name>/*, one colour per class."""
+    for c, name in enumerate(names):
+        make_color_images(root / "train" / name, COLORS[c], train, seed=c)
+        make_color_images(root / "val" / name, COLORS[c], val, seed=100 + c)
+    return root
+
+
 @pytest.fixture
 def color_tree(tmp_path) -> Path:
     """ROOT/train/<class>/* and ROOT/val/<class>/* with 3 colour classes."""

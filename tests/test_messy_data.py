@@ -113,11 +113,11 @@ def test_balance_sampler_and_loss(tmp_path):
     root = tmp_path / "skewed"
     make_color_images(root / "many", COLORS[0], 30, 0)
     make_color_images(root / "few", COLORS[1], 6, 1)
-    from warmstart.data.loaders import class_weights, make_sampler
+    from warmstart.data.loaders import EpochBatches, class_weights
 
     labels = [0] * 30 + [1] * 6
-    drawn = [labels[i] for i in make_sampler(labels, seed=0, balance="sampler") for _ in range(1)]
-    drawn += [labels[i] for seed in range(1, 20) for i in make_sampler(labels, seed=seed, balance="sampler")]
+    balanced = EpochBatches(labels, 6, seed=0, balance="sampler")
+    drawn = [labels[i] for epoch in range(20) for i in balanced.order(epoch)]
     assert 0.4 < np.mean(drawn) < 0.6  # classes drawn about equally
     assert class_weights(labels, 2).tolist() == pytest.approx([36 / 60, 36 / 12])
     for balance in ("sampler", "loss"):

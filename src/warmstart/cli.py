@@ -97,11 +97,24 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     out = parser.add_argument_group("output")
     out.add_argument("--out", default=S, help="run directory (default runs/<timestamp>-<model>)")
     out.add_argument("--quiet", action="store_true", default=S, help="log lines instead of progress bars")
+    dist = parser.add_argument_group("several processes (torchrun)")
+    dist.add_argument("--nproc", type=int, default=S, metavar="N",
+                      help="train on N processes (GPUs) of this machine through torchrun; for several machines "
+                      "run torchrun yourself: torchrun --nnodes … -m warmstart train …")
+    dist.add_argument("--sync-bn", action="store_true", default=S, help="synchronise BatchNorm across GPUs")
+    out.add_argument("--checkpoint-every", type=int, default=S, metavar="STEPS",
+                     help="also checkpoint every STEPS optimizer steps (checkpoints are written every epoch)")
+    out.add_argument("--resume", default=S, metavar="RUN",
+                     help="continue RUN exactly from its latest checkpoint (its config.yaml; flags override)")
+    out.add_argument("--resume-weights-only", action="store_true", default=S,
+                     help="with --resume: start a new run from the checkpoint's weights, with this config")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     names = {f.name for f in fields(RunConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in names}
+    if getattr(args, "resume", None) and not getattr(args, "config", None):
+        return RunConfig.from_yaml(f"{args.resume}/config.yaml", overrides)
     if getattr(args, "config", None):
         return RunConfig.from_yaml(args.config, overrides)
     return RunConfig.from_dict(overrides, source="command line")
@@ -182,10 +195,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_torchrun(nproc: int, argv: list[str]) -> int:
+    """`warmstart train --nproc N …` = `torchrun --standalone --nproc_per_node N -m warmstart train …`."""
+    import subprocess
+
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg == "--nproc":
+            skip = True
+            continue
+        if arg.startswith("--nproc="):
+            continue
+        rest.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "warmstart", *rest]
+    return subprocess.run(command).returncode
+
+
 def _cmd_train(args) -> int:
+    from .train.checkpoint import TrainingInterrupted
     from .train.run import train
 
-    train(config_from_args(args))
+    nproc = getattr(args, "nproc", 1)
+    if nproc < 1:
+        raise UserError(f"--nproc {nproc} is not valid: it must be >= 1")
+    config = config_from_args(args)
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        return _run_torchrun(nproc, args.argv)
+    try:
+        train(config, resume=getattr(args, "resume", None),
+              resume_weights_only=getattr(args, "resume_weights_only", False))
+    except TrainingInterrupted as stop:
+        run = stop.checkpoint.parent.parent if stop.checkpoint else None
+        print(f"interrupted: checkpoint saved to {stop.checkpoint}; continue with: warmstart train --resume {run}",
+              file=sys.stderr)
+        return 128 + stop.signum
     return 0
 
 
@@ -335,6 +382,7 @@ COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "qu
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         return COMMANDS[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

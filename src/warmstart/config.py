@@ -72,6 +72,10 @@ class RunConfig:
     precision: str = "fp32"
     channels_last: bool = True
     compile: bool = False
+    # torchrun: SyncBatchNorm across GPUs
+    sync_bn: bool = False
+    # checkpoints (whole-model training): every epoch, and every N optimizer steps
+    checkpoint_every: int = 0
     # output
     out: str | None = None
     quiet: bool = False
@@ -140,6 +144,7 @@ class RunConfig:
         choice("balance", BALANCES)
         choice("precision", PRECISIONS)
         positive("cache_views", self.cache_views)
+        positive("checkpoint_every", self.checkpoint_every, allow_zero=True)
         positive("epochs", self.epochs)
         positive("batch_size", self.batch_size)
         positive("lr", self.lr)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import os
 import random
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .images import open_image
 from .sources import ImageSet
@@ -35,12 +36,12 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def _transform(self, image, index: int):
-        if self.item_seed is None:
+    def _transform(self, image, index: int, item_seed: int | None):
+        if item_seed is None:
             return self.transform(image)
         state = random.getstate()
         with torch.random.fork_rng(devices=[]):
-            seed = (self.item_seed * 1_000_003 + index) % 2**63
+            seed = (item_seed * 1_000_003 + index) % 2**63
             torch.manual_seed(seed)
             random.seed(seed)
             try:
@@ -48,10 +49,12 @@ class ImageDataset(Dataset):
             finally:
                 random.setstate(state)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key):
+        # (augmentation seed, index) from EpochBatches, or a plain index
+        seed, index = key if isinstance(key, tuple) else (self.item_seed, key)
         item = self.images.items[index]
         try:
-            tensor = self._transform(open_image(item), index)
+            tensor = self._transform(open_image(item), index, seed)
         except Exception as exc:  # any decoding failure: report it, keep the run alive
             return None, str(item), f"{exc.__class__.__name__}: {exc}", index
         return tensor, self.images.labels[index], index
@@ -90,15 +93,44 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
-def make_sampler(labels, seed: int, balance: str = "none"):
-    """Shuffling with its own seeded generator, so the data order depends on the seed alone
-    (the same for images and for cached features); `sampler` balance draws classes equally."""
-    if balance == "sampler":
-        labels = np.asarray(labels)
-        counts = np.bincount(labels)
-        weights = torch.as_tensor(1.0 / counts[labels], dtype=torch.double)
-        return WeightedRandomSampler(weights, len(labels), replacement=True, generator=seeded_generator(seed))
-    return RandomSampler(range(len(labels)), generator=seeded_generator(seed))
+class EpochBatches(Sampler):
+    """The batches of each epoch, from (seed, epoch) alone: the same order for images and cached
+    features, resumable at any step (set_epoch(epoch, start_batch)), and shardable across ranks
+    (each global batch of batch_size x world is split between them). Each sample comes with an
+    augmentation seed, so its random view depends on (seed, epoch, index), not on worker state.
+    `balance="sampler"` draws classes equally (with replacement)."""
+
+    def __init__(self, labels, batch_size: int, seed: int, balance: str = "none", rank: int = 0, world: int = 1):
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.batch_size, self.seed, self.balance, self.rank, self.world = batch_size, seed, balance, rank, world
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def epoch_seed(self, epoch: int) -> int:
+        return self.seed * 1_000_003 + epoch
+
+    def order(self, epoch: int) -> list[int]:
+        generator = seeded_generator(self.epoch_seed(epoch))
+        n = len(self.labels)
+        if self.balance == "sampler" and n:
+            counts = np.bincount(self.labels)
+            weights = torch.as_tensor(1.0 / counts[self.labels], dtype=torch.double)
+            return torch.multinomial(weights, n, replacement=True, generator=generator).tolist()
+        return torch.randperm(n, generator=generator).tolist()
+
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.labels) / (self.batch_size * self.world))
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch() - self.start_batch
+
+    def __iter__(self):
+        order, size, seed = self.order(self.epoch), self.batch_size * self.world, self.epoch_seed(self.epoch)
+        for j in range(self.start_batch, self.batches_per_epoch()):
+            mine = np.array_split(np.asarray(order[j * size:(j + 1) * size]), self.world)[self.rank]
+            yield [(seed, int(i)) for i in mine]
 
 
 def class_weights(labels, num_classes: int) -> torch.Tensor:
@@ -110,16 +142,17 @@ def class_weights(labels, num_classes: int) -> torch.Tensor:
 
 def make_loader(
     images: ImageSet, transform, batch_size: int, shuffle: bool, seed: int, workers: int | None = None,
-    balance: str = "none", item_seed: int | None = None, epochs: int = 1,
+    balance: str = "none", item_seed: int | None = None, epochs: int = 1, rank: int = 0, world: int = 1,
 ) -> DataLoader:
     workers = default_workers() if workers is None else workers
     dataset = ImageDataset(images, transform, item_seed)
-    sampler = make_sampler(images.labels, seed, balance) if shuffle else None
     num_workers = min(workers, max(1, len(images) // batch_size)) if len(images) else 0
+    # training: EpochBatches (call loader.batch_sampler.set_epoch); evaluation: in order
+    batching = {"batch_sampler": EpochBatches(images.labels, batch_size, seed, balance, rank, world)} if shuffle \
+        else {"batch_size": batch_size}
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=sampler,
+        **batching,
         num_workers=num_workers,
         collate_fn=collate_skipping,
         worker_init_fn=_seed_worker,

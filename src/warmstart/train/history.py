@@ -16,13 +16,15 @@ class TrainingLog:
     """Scalars per step and per epoch (loss, top-1, learning rate, images/sec), and a grid of
     sample predictions per epoch, in `RUN/tensorboard/`; the epoch scalars also in `RUN/history.csv`."""
 
-    def __init__(self, run_dir: Path, samples=None, class_names: list[str] | None = None, transform=None):
+    def __init__(self, run_dir: Path, samples=None, class_names: list[str] | None = None, transform=None,
+                 append: bool = False):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(run_dir / "tensorboard"))
         self.csv_path = run_dir / "history.csv"
-        with self.csv_path.open("w", newline="") as handle:
-            csv.writer(handle).writerow(HISTORY_FIELDS)
+        if not (append and self.csv_path.is_file()):
+            with self.csv_path.open("w", newline="") as handle:
+                csv.writer(handle).writerow(HISTORY_FIELDS)
         self.class_names = class_names or []
         self.samples = []  # (thumbnail, model input, true label)
         for item, label in samples or []:

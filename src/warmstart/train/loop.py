@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,17 +12,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
-from torch.utils.data import BatchSampler
 from tqdm.auto import tqdm
 
 from ..data.feature_cache import CachedFeatures, FeatureCache
 from ..data.fingerprint import fingerprint_tensors
-from ..data.loaders import class_weights, make_loader, make_sampler, seeded_generator
+from ..data.loaders import EpochBatches, class_weights, make_loader, seeded_generator
 from ..data.transforms import eval_transform, train_transform
 from ..errors import UserError
 from ..models.trainable import TrainableSet, only_head_trains, set_train_mode
 from ..models.segments import split_at_freeze_boundary
 from ..models.weights import classifier_names
+from .distributed import Distributed
+from .checkpoint import StopRequest, TrainingInterrupted, rng_state, save_checkpoint, set_rng_state
 from .schedule import make_scheduler
 
 
@@ -43,14 +45,17 @@ class FitResult:
 class Reporter:
     """Progress bars, or plain log lines with --quiet."""
 
-    def __init__(self, quiet: bool = False):
-        self.quiet = quiet
+    def __init__(self, quiet: bool = False, silent: bool = False):
+        self.quiet = quiet or silent
+        self.silent = silent  # ranks other than 0 of a distributed run say nothing
 
     def info(self, message: str) -> None:
-        tqdm.write(message)
+        if not self.silent:
+            tqdm.write(message)
 
     def warn(self, message: str) -> None:
-        tqdm.write(f"warning: {message}")
+        if not self.silent:
+            tqdm.write(f"warning: {message}")
 
     def bar(self, total: int, desc: str, unit: str = "img"):
         return tqdm(total=total, desc=desc, unit=unit, disable=self.quiet, leave=False, dynamic_ncols=True)
@@ -65,8 +70,8 @@ class Runtime:
     channels_last: bool = True
 
     @classmethod
-    def for_config(cls, config) -> "Runtime":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    def for_config(cls, config, local_rank: int = 0) -> "Runtime":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
         if config.precision == "fp16" and device.type != "cuda":
             raise UserError("--precision fp16 needs a GPU: use --precision bf16 on the CPU")
         return cls(device, config.precision, config.channels_last)
@@ -167,13 +172,18 @@ def _after_epoch(log, record: dict, model, runtime: Runtime, step: int) -> None:
 
 
 def fit(model, trainable: TrainableSet, splits: dict, config, data_config: dict, runtime: Runtime,
-        reporter: Reporter, cache_dir: Path | None = None, arch: str = "", log=None) -> FitResult:
+        reporter: Reporter, cache_dir: Path | None = None, arch: str = "", log=None,
+        checkpoints: Path | None = None, resume: dict | None = None, stop=None,
+        dist: Distributed | None = None) -> FitResult:
     cache_dir = cache_dir or Path(config.cache_dir or ".")
     log = log or _NoLog()
+    dist = dist or Distributed()
     if can_train_on_features(model, trainable, config):
         cache = FeatureCache(cache_dir, model_fingerprint(model, arch, runtime))
-        return _fit_head_on_features(model, splits, config, data_config, runtime, reporter, cache, log)
-    if config.cache_boundary:
+        return _fit_head_on_features(model, splits, config, data_config, runtime, reporter, cache, log, dist)
+    if config.cache_boundary and dist.active:
+        reporter.warn("--cache-boundary runs in a single process only: training the whole model instead")
+    elif config.cache_boundary:
         split = split_at_freeze_boundary(model, data_config["input_size"]) \
             if config.augment == "none" or config.cache_views > 1 else None
         if split is not None:
@@ -184,54 +194,129 @@ def fit(model, trainable: TrainableSet, splits: dict, config, data_config: dict,
                                             reporter, FeatureCache(cache_dir, key), log)
         reporter.warn("--cache-boundary: no frozen prefix to cache here (it needs --strategy partial, "
                       "un-augmented training or --cache-views, and a known model layout); running the whole model")
-    return _fit_full(model, trainable, splits["train"], config, data_config, runtime, reporter, log)
+    return _fit_full(model, trainable, splits["train"], config, data_config, runtime, reporter, log,
+                     splits.get("val"), checkpoints, resume, stop, dist)
 
 
-def _fit_full(model, trainable, train_set, config, data_config, runtime: Runtime, reporter, log) -> FitResult:
+def _fit_full(model, trainable, train_set, config, data_config, runtime: Runtime, reporter, log,
+              val_set=None, checkpoints: Path | None = None, resume: dict | None = None,
+              stop: StopRequest | None = None, dist: Distributed | None = None) -> FitResult:
+    """The whole model per batch. Checkpoints every epoch (and every --checkpoint-every steps);
+    from a checkpoint it continues exactly: same schedule, data order, augmentation and RNG."""
     result = FitResult()
+    dist = dist or Distributed()
     loader = make_loader(train_set, train_transform(data_config, config.augment), config.batch_size,
                          shuffle=True, seed=config.seed, workers=config.workers, balance=config.balance,
-                         epochs=config.epochs)
+                         epochs=config.epochs, rank=dist.rank, world=dist.world)
+    batches = loader.batch_sampler
     optimizer = build_optimizer(model, config)
-    scheduler = make_scheduler(optimizer, config, len(loader))
+    scheduler = make_scheduler(optimizer, config, batches.batches_per_epoch())
     criterion = make_criterion(config, train_set.labels, len(train_set.class_ids), runtime.device)
     scaler = runtime.grad_scaler()
-    forward = torch.compile(model) if config.compile else model
+    forward = model
+    if dist.active:
+        if config.sync_bn:
+            if runtime.device.type != "cuda":
+                raise UserError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm does not run on the CPU)")
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+    forward = torch.compile(forward) if config.compile else forward
     seen: dict = {}
-    step = 0
-    start = time.perf_counter()
-    for epoch in range(config.epochs):
+    step, first_epoch, first_batch, totals, best = 0, 0, 0, (0.0, 0, 0), -1.0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        if scaler is not None and resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
+        set_rng_state(resume["rng"])
+        step, first_epoch, first_batch = resume["global_step"], resume["epoch"], resume["batch"]
+        totals, best = tuple(resume["totals"]), resume["best_top1"]
+        result.history = list(resume["history"])
+        reporter.info(f"resuming at epoch {first_epoch + 1}, batch {first_batch} (step {step})")
+
+    def checkpoint(epoch: int, batch: int, totals, is_best: bool = False) -> Path | None:
+        if checkpoints is None:
+            return None
+        return save_checkpoint(checkpoints, {
+            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rng_state(),
+            "epoch": epoch, "batch": batch, "global_step": step, "totals": list(totals),
+            "history": result.history, "best_top1": best, "class_ids": train_set.class_ids,
+            "config": config.to_dict()}, best=is_best)
+
+    start, val_seconds = time.perf_counter(), 0.0
+    for epoch in range(first_epoch, config.epochs):
         set_train_mode(model, trainable)
-        total_loss, correct, count = 0.0, 0, 0
+        batch_index = first_batch if epoch == first_epoch else 0
+        batches.set_epoch(epoch, batch_index)
+        total_loss, correct, count = totals if epoch == first_epoch else (0.0, 0, 0)
         epoch_start = time.perf_counter()
         with reporter.bar(len(train_set), f"epoch {epoch + 1}/{config.epochs}") as bar:
             for batch in loader:
+                batch_index += 1
                 _log_skipped(reporter, batch.skipped, seen)
                 bar.update(len(batch.labels) + len(batch.skipped))
-                if not len(batch.labels):
+                if len(batch.labels):
+                    images, labels = runtime.inputs(batch.images), batch.labels.to(runtime.device)
+                    logits, loss = _step(forward, images, labels, criterion, optimizer, scheduler, runtime, scaler)
+                    log.step(step + 1, loss, optimizer.param_groups[0]["lr"])
+                    total_loss += loss * len(labels)
+                    correct += int((logits.argmax(1) == labels).sum())
+                    count += len(labels)
+                    bar.set_postfix(loss=f"{total_loss / count:.3f}", acc=f"{correct / count:.3f}",
+                                    img_s=f"{count / (time.perf_counter() - epoch_start):.1f}")
+                else:
                     scheduler.step()
-                    continue
-                images, labels = runtime.inputs(batch.images), batch.labels.to(runtime.device)
-                logits, loss = _step(forward, images, labels, criterion, optimizer, scheduler, runtime, scaler)
                 step += 1
-                log.step(step, loss, optimizer.param_groups[0]["lr"])
-                total_loss += loss * len(labels)
-                correct += int((logits.argmax(1) == labels).sum())
-                count += len(labels)
-                rate = count / (time.perf_counter() - epoch_start)
-                bar.set_postfix(loss=f"{total_loss / count:.3f}", acc=f"{correct / count:.3f}",
-                                img_s=f"{rate:.1f}")
+                stopping = stop is not None and stop.signum is not None
+                if dist.any(stopping):  # every rank stops at the same step
+                    path = checkpoint(epoch, batch_index, (total_loss, correct, count))
+                    raise TrainingInterrupted(stop.signum or signal.SIGTERM, path)
+                if config.checkpoint_every and step % config.checkpoint_every == 0 and \
+                        batch_index < batches.batches_per_epoch():
+                    checkpoint(epoch, batch_index, (total_loss, correct, count))
+        total_loss, correct, count = dist.sum([total_loss, correct, count])  # over all ranks
+        count, correct = int(count), int(correct)
         result.images_processed += count
-        result.history.append(_epoch_record(epoch, optimizer, total_loss, correct, count, epoch_start))
-        reporter.info(_epoch_line(result.history[-1], config.epochs))
-        _after_epoch(log, result.history[-1], model, runtime, step)
-    result.seconds = time.perf_counter() - start
+        record = _epoch_record(epoch, optimizer, total_loss, correct, count, epoch_start)
+        if val_set is not None and len(val_set) and checkpoints is not None:
+            val_start = time.perf_counter()
+            record["val_top1"] = _quick_top1(model, val_set, data_config, config, runtime)
+            val_seconds += time.perf_counter() - val_start
+        result.history.append(record)
+        reporter.info(_epoch_line(record, config.epochs))
+        _after_epoch(log, record, model, runtime, step)
+        is_best = record.get("val_top1", -1.0) > best
+        best = max(best, record.get("val_top1", -1.0))
+        checkpoint(epoch + 1, 0, (0.0, 0, 0), is_best)
+    result.seconds = time.perf_counter() - start - val_seconds
     result.skipped = sorted(seen.items())
     return result
 
 
+def _quick_top1(model, val_set, data_config, config, runtime: Runtime) -> float:
+    """Validation top-1 after an epoch (for the best checkpoint); restores the training mode."""
+    from ..evaluate import evaluate_model
+
+    was_training = model.training
+
+    def forward(x):
+        with runtime.autocast():
+            return model(runtime.inputs(x))
+
+    top1 = evaluate_model(model, val_set, eval_transform(data_config), max(config.batch_size, 64), config.workers,
+                          runtime.device, forward).top1
+    model.train(was_training)
+    return top1
+
+
 def _cached(cache: FeatureCache, name: str, images, transform, forward, config, runtime, reporter,
-            view: int = 0, item_seed: int | None = None) -> CachedFeatures:
+            view: int = 0, item_seed: int | None = None, dist: Distributed | None = None) -> CachedFeatures:
+    if dist is not None and dist.active:
+        return _cached_sharded(cache, name, images, transform, forward, config, runtime, reporter, view, item_seed,
+                               dist)
     label = name if view == 0 else f"{name} view {view}"
     with reporter.bar(len(images), f"features {label}") as bar:
         out = cache.features(name, images, transform, forward, max(config.batch_size, 64), config.workers,
@@ -244,14 +329,40 @@ def _cached(cache: FeatureCache, name: str, images, transform, forward, config, 
     return out
 
 
+def _cached_sharded(cache, name, images, transform, forward, config, runtime, reporter, view, item_seed,
+                    dist: Distributed) -> CachedFeatures:
+    """Each rank extracts every world-th image into its own shard; then every rank reads all shards."""
+    def shard(rank: int):
+        return images.subset(range(rank, len(images), dist.world)), f"{name}-shard{rank}of{dist.world}"
+
+    subset, shard_name = shard(dist.rank)
+    own = _cached(cache, shard_name, subset, transform, forward, config, runtime, reporter, view, item_seed)
+    dist.barrier()
+    parts = [own if r == dist.rank else cache.features(shard(r)[1], shard(r)[0], transform, forward,
+                                                       config.batch_size, 0, runtime.device, view, item_seed)
+             for r in range(dist.world)]
+    n = len(images)
+    first = next((p.features for p in parts if p.features.numel()), torch.zeros(0, 0))
+    features = torch.zeros(n, *first.shape[1:])
+    valid = torch.zeros(n, dtype=torch.bool)
+    for r, part in enumerate(parts):
+        if part.features.numel():
+            features[r::dist.world] = part.features
+        valid[r::dist.world] = part.valid
+    seconds = max(dist.gather(own.seconds))
+    return CachedFeatures(features, valid, torch.as_tensor(images.labels, dtype=torch.long), seconds,
+                          sum(p.computed for p in parts), [s for p in parts for s in p.skipped])
+
+
 def _cached_training_views(cache, train_set, forward, config, data_config, runtime, reporter,
-                           name: str = "train") -> list[CachedFeatures]:
+                           name: str = "train", dist: Distributed | None = None) -> list[CachedFeatures]:
     """View 0 un-augmented, then K-1 augmented views (--cache-views K with --augment standard)."""
-    views = [_cached(cache, name, train_set, eval_transform(data_config), forward, config, runtime, reporter)]
+    views = [_cached(cache, name, train_set, eval_transform(data_config), forward, config, runtime, reporter,
+                     dist=dist)]
     augmented = train_transform(data_config, "standard")
     for view in range(1, config.cache_views if config.augment != "none" else 1):
         views.append(_cached(cache, name, train_set, augmented, forward, config, runtime, reporter,
-                             view=view, item_seed=config.seed * 1000 + view))
+                             view=view, item_seed=config.seed * 1000 + view, dist=dist))
     return views
 
 
@@ -259,9 +370,8 @@ def _cached_training_plan(model, config, labels: torch.Tensor, num_classes: int,
     """Optimizer, batches, view chooser, schedule and loss for training on cached inputs. The
     batches come from the same sampler and generator as the image loader: the same order."""
     optimizer = build_optimizer(model, config)
-    batches = BatchSampler(make_sampler(labels.tolist(), config.seed, config.balance), config.batch_size,
-                           drop_last=False)
-    scheduler = make_scheduler(optimizer, config, math.ceil(len(labels) / config.batch_size))
+    batches = EpochBatches(labels.tolist(), config.batch_size, config.seed, config.balance)
+    scheduler = make_scheduler(optimizer, config, batches.batches_per_epoch())
     criterion = make_criterion(config, labels.tolist(), num_classes, device)
     return optimizer, batches, seeded_generator(config.seed + 7), scheduler, criterion
 
@@ -301,8 +411,9 @@ def _fit_tail_on_activations(model, trainable, prefix, tail, splits, config, dat
         total_loss, correct, count = 0.0, 0, 0
         epoch_start = time.perf_counter()
         with reporter.bar(n, f"epoch {epoch + 1}/{config.epochs} (tail)") as bar:
-            for idx in batches:
-                idx = torch.as_tensor(idx)
+            batches.set_epoch(epoch)
+            for keys in batches:
+                idx = torch.as_tensor([i for _, i in keys])
                 view = torch.randint(len(views), (len(idx),), generator=view_choice) if len(views) > 1 else None
                 source = rows[idx]
                 x = torch.stack([views[int(v)].features[r] for v, r in zip(view, source)]) if view is not None \
@@ -333,16 +444,19 @@ def _fit_tail_on_activations(model, trainable, prefix, tail, splits, config, dat
 
 
 def _fit_head_on_features(model, splits, config, data_config, runtime: Runtime, reporter,
-                          cache: FeatureCache, log) -> FitResult:
+                          cache: FeatureCache, log, dist: Distributed | None = None) -> FitResult:
+    """Every rank trains the same head on the same (sharded, then shared) features: deterministic,
+    so rank 0's head is everyone's."""
     result = FitResult(used_feature_cache=True)
     model.eval()
     forward = pre_logits(torch.compile(model) if config.compile else model, runtime)
     start = time.perf_counter()
     train_set = splits["train"]
-    views = _cached_training_views(cache, train_set, forward, config, data_config, runtime, reporter)
+    views = _cached_training_views(cache, train_set, forward, config, data_config, runtime, reporter, dist=dist)
     result.feature_seconds = sum(v.seconds for v in views)
     result.features_from_cache = not any(v.computed for v in views)
-    val = _cached(cache, "val", splits["val"], eval_transform(data_config), forward, config, runtime, reporter)
+    val = _cached(cache, "val", splits["val"], eval_transform(data_config), forward, config, runtime, reporter,
+                  dist=dist)
     result.skipped = sorted(dict([s for v in views for s in v.skipped] + val.skipped).items())
     _log_skipped(reporter, result.skipped, {})
 
@@ -364,8 +478,9 @@ def _fit_head_on_features(model, splits, config, data_config, runtime: Runtime, 
             epoch_start = time.perf_counter()
             head.train()
             total_loss, correct = 0.0, 0
-            for idx in batches:
-                idx = torch.as_tensor(idx)
+            batches.set_epoch(epoch)
+            for keys in batches:
+                idx = torch.as_tensor([i for _, i in keys])
                 view = torch.randint(len(views), (len(idx),), generator=view_choice) if len(views) > 1 else 0
                 x, y = feats[view, idx], labels[idx]
                 if drop_rate:

@@ -21,6 +21,10 @@ from ..models.create import create_model
 from ..models.registry import resolve_architecture
 from ..models.trainable import apply_strategy
 from ..run_dir import new_run_dir, save_model
+from ..errors import UserError
+from ..run_dir import MODEL_FILE
+from .checkpoint import StopRequest, load_checkpoint
+from .distributed import Distributed, init_distributed, shutdown
 from .history import TrainingLog
 from .loop import Reporter, Runtime, fit
 
@@ -62,12 +66,67 @@ def _with_image_cache(splits: dict, data_config: dict, cache_dir: Path, config, 
     return out
 
 
-def train(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
-    """Train a classifier as `config` says; returns the run directory and its metrics."""
-    start = time.perf_counter()
+# settings that may differ when a run is resumed: they do not change what is computed
+RESUMABLE_CHANGES = {"quiet", "workers", "out", "cache_dir", "checkpoint_every"}
+
+
+def _resume_state(run_dir: Path, config: RunConfig, reporter: Reporter, weights_only: bool) -> dict:
+    """The checkpoint to continue from, refusing a changed config that would break exactness."""
+    if not (run_dir / "config.yaml").is_file():
+        raise UserError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+    if (run_dir / MODEL_FILE).exists() and not weights_only:
+        raise UserError(f"--resume {run_dir}: this run already finished; use --resume-weights-only to start a new "
+                        f"run from its weights")
+    state = load_checkpoint(run_dir / "checkpoints", warn=reporter.warn)
+    if state is None:
+        raise UserError(f"--resume {run_dir}: no readable checkpoint in {run_dir / 'checkpoints'}; "
+                        f"checkpoints are written when the whole model trains (not on cached features)")
+    saved = state["config"]
+    current = config.replace(lr=config.resolved_lr(), out=None).to_dict()
+    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and current[k] != saved.get(k))
+    if changed and not weights_only:
+        raise UserError(f"--resume {run_dir}: the config differs in {', '.join(changed)}, so the run could not "
+                        f"continue exactly; drop those flags, or pass --resume-weights-only to start a new run "
+                        f"from the checkpoint's weights")
+    return state
+
+
+def train(config: RunConfig, reporter: Reporter | None = None, resume: str | Path | None = None,
+          resume_weights_only: bool = False) -> RunResult:
+    """Train a classifier as `config` says; returns the run directory and its metrics.
+    `resume`: a run directory whose latest checkpoint to continue exactly (or, with
+    `resume_weights_only`, whose weights start a new run)."""
     config = config.validated()
-    reporter = reporter or Reporter(config.quiet)
-    runtime = Runtime.for_config(config)
+    dist = init_distributed()
+    try:
+        return _train(config, dist, reporter or Reporter(config.quiet, silent=not dist.is_main), resume,
+                      resume_weights_only)
+    finally:
+        shutdown(dist)
+
+
+def _evaluate(model, images, data_config, config, runtime, forward, dist: Distributed):
+    """Evaluation, each rank on every world-th image, gathered: the same result on every rank."""
+    if not dist.active:
+        return evaluate_model(model, images, eval_transform(data_config), max(config.batch_size, 64), config.workers,
+                              runtime.device, forward)
+    from ..evaluate import compute_outputs
+
+    shard = images.subset(range(dist.rank, len(images), dist.world))
+    out = compute_outputs(model, shard, eval_transform(data_config), max(config.batch_size, 64), config.workers,
+                          runtime.device, forward=forward)
+    parts = dist.gather((out.outputs, out.labels, out.seconds, out.skipped))
+    evaluation = metrics_from_logits(torch.cat([p[0] for p in parts if len(p[1])]) if any(len(p[1]) for p in parts)
+                                     else torch.empty(0), torch.cat([p[1] for p in parts]), images.class_names)
+    evaluation.seconds = max(p[2] for p in parts)
+    evaluation.images_per_sec = evaluation.num_images / max(evaluation.seconds, 1e-9)
+    evaluation.skipped = [s for p in parts for s in p[3]]
+    return evaluation
+
+
+def _train(config: RunConfig, dist: Distributed, reporter: Reporter, resume, resume_weights_only) -> RunResult:
+    start = time.perf_counter()
+    runtime = Runtime.for_config(config, dist.local_rank)
     resolve_architecture(config.model, config.weights)  # a bad name fails before any data scan
     splits = resolve_splits(config.data, config.val_fraction, config.seed, config.val_data,
                             crop_to_box=config.crop_to_box, drop_empty_classes=config.drop_empty_classes,
@@ -86,12 +145,30 @@ def train(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
     trainable = apply_strategy(model, config.strategy, config.trainable, config.unfreeze_last)
     data_config = data_config_for(model, config.input_size, config.crop_pct)
 
-    run_dir = new_run_dir(config.out, config.model)
+    resume_state = None
+    if resume is not None:
+        resume_state = _resume_state(Path(resume), config, reporter, resume_weights_only)
+        if [*resume_state["class_ids"]] != train_set.class_ids:
+            raise UserError(f"--resume {resume}: the data's classes differ from the checkpoint's")
+    if resume_state is not None and not resume_weights_only:
+        run_dir = Path(resume)
+    else:  # rank 0 makes the run directory; the others learn its name
+        run_dir = Path(dist.broadcast(str(new_run_dir(config.out, config.model)) if dist.is_main else None))
+    main = dist.is_main  # only rank 0 writes in the run directory
+    if resume_state is not None and resume_weights_only:
+        model.load_state_dict(resume_state["model"])
+        reporter.info(f"starting from the weights of {resume} (a new schedule)")
+        resume_state = None
     resolved = config.replace(lr=config.resolved_lr(), out=None)  # re-running makes a new run
-    resolved.save(run_dir / "config.yaml")
+    if main:
+        resolved.save(run_dir / "config.yaml")
     if report is not None:
-        report.save(run_dir / "restore_report.json")
+        if main:
+            report.save(run_dir / "restore_report.json")
         reporter.info(report.summary())
+    if dist.active:
+        reporter.info(f"distributed: {dist.world} processes, batch {config.batch_size} per process "
+                      f"({config.batch_size * dist.world} per step)")
     total = sum(p.numel() for p in model.parameters())
     trainable_count = trainable.count(model)
     reporter.info(f"model {config.model} ({arch}), strategy {config.strategy}: "
@@ -101,11 +178,15 @@ def train(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
     cache_dir = Path(config.cache_dir) if config.cache_dir else run_dir / "cache"
     if config.image_cache:
         splits = _with_image_cache(splits, data_config, cache_dir, config, reporter)
-    log = TrainingLog(run_dir, sample_items(val_set), train_set.class_names, eval_transform(data_config))
+    log = TrainingLog(run_dir, sample_items(val_set), train_set.class_names, eval_transform(data_config),
+                      append=resume_state is not None) if main else None
     try:
-        fitted = fit(model, trainable, splits, resolved, data_config, runtime, reporter, cache_dir, arch, log)
+        with StopRequest() as stop:
+            fitted = fit(model, trainable, splits, resolved, data_config, runtime, reporter, cache_dir, arch, log,
+                         run_dir / "checkpoints" if main else None, resume_state, stop, dist)
     finally:
-        log.close()
+        if log is not None:
+            log.close()
 
     def forward(images):
         with runtime.autocast():
@@ -121,30 +202,32 @@ def train(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
         "strategy": config.strategy,
         "weights": config.weights,
     }
-    save_model(run_dir, model, meta)  # before evaluation: a failure there loses nothing trained
+    if main:
+        save_model(run_dir, model, meta)  # before evaluation: a failure there loses nothing trained
 
     if fitted.val_logits is not None:
         evaluation = metrics_from_logits(fitted.val_logits, fitted.val_labels, train_set.class_names)
         evaluation.seconds = fitted.val_seconds
         evaluation.images_per_sec = evaluation.num_images / max(fitted.val_seconds, 1e-9)
     else:
-        evaluation = evaluate_model(model, val_set, eval_transform(data_config), max(config.batch_size, 64),
-                                    config.workers, runtime.device, forward)
+        evaluation = _evaluate(model, val_set, data_config, config, runtime, forward, dist)
         fitted.skipped.extend(evaluation.skipped)
-    evaluation.write(run_dir)
+    if main:
+        evaluation.write(run_dir)
     test_metrics = {}
     if "test" in splits:  # e.g. Stanford Dogs' official test split, where the demo reported
-        tested = evaluate_model(model, splits["test"], eval_transform(data_config), max(config.batch_size, 64),
-                                config.workers, runtime.device, forward)
+        tested = _evaluate(model, splits["test"], data_config, config, runtime, forward, dist)
         tested.split = "test"
-        tested.write(run_dir, "test")
+        if main:
+            tested.write(run_dir, "test")
         fitted.skipped.extend(tested.skipped)
         test_metrics = {"test_top1": tested.top1, "test_top5": tested.top5, "test_images": tested.num_images}
         reporter.info(f"test top-1 {tested.top1:.4f}, top-5 {tested.top5:.4f} on {tested.num_images} images")
-    with (run_dir / "history.json").open("w") as handle:
-        json.dump(fitted.history, handle, indent=2)
     skipped = sorted(dict(ignored + fitted.skipped).items())
-    if skipped:
+    if main:
+        with (run_dir / "history.json").open("w") as handle:
+            json.dump(fitted.history, handle, indent=2)
+    if skipped and main:
         (run_dir / "skipped.txt").write_text("".join(f"{item}\t{reason}\n" for item, reason in skipped))
 
     metrics = {
@@ -171,9 +254,11 @@ def train(config: RunConfig, reporter: Reporter | None = None) -> RunResult:
         "eval_images_per_sec": evaluation.images_per_sec,
         **test_metrics,
         "skipped_images": len(skipped),
+        "processes": dist.world,
         "wall_seconds": time.perf_counter() - start,
     }
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if main:
+        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     reporter.info(f"val top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f} on {evaluation.num_images} "
                   f"images; train {metrics['train_images_per_sec']:.1f} img/s, eval "
                   f"{metrics['eval_images_per_sec']:.1f} img/s; {metrics['wall_seconds']:.1f}s; saved {run_dir}")

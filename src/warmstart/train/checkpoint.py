@@ -1,0 +1,119 @@
+"""Checkpoints that survive crashes, and the state needed to continue a run exactly.
+
+Everything is stored as tensors and plain containers, so checkpoints load with
+torch.load(weights_only=True). Writes go to a temporary file that is flushed, fsynced and
+renamed over `last.pt`; the checkpoint it replaces stays as `previous.pt`, which is used (with a
+warning) when `last.pt` cannot be read.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+from pathlib import Path
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+LAST, PREVIOUS, BEST = "last.pt", "previous.pt", "best.pt"
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C or SIGTERM during training: a checkpoint was saved first."""
+
+    def __init__(self, signum: int, checkpoint: Path):
+        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint {checkpoint}")
+        self.signum = signum
+        self.checkpoint = checkpoint
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (main thread only)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = {}
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch generator states, as tensors and numbers (weights_only-safe)."""
+    version, state, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, torch.tensor(state, dtype=torch.int64), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    version, values, gauss = state["python"]
+    random.setstate((version, tuple(int(v) for v in values.tolist()), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as handle:
+        torch.save(obj, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def save_checkpoint(folder: Path, state: dict, best: bool = False) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    last = folder / LAST
+    if last.exists():
+        os.replace(last, folder / PREVIOUS)
+    _atomic_save({"format": FORMAT_VERSION, **state}, last)
+    if best:
+        _atomic_save({"format": FORMAT_VERSION, **state}, folder / BEST)
+    return last
+
+
+def load_checkpoint(folder: Path, warn=print) -> dict | None:
+    """The newest readable checkpoint in `folder`: last.pt, else previous.pt with a warning."""
+    for name in (LAST, PREVIOUS):
+        path = folder / name
+        if not path.exists():
+            continue
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if state.get("format") != FORMAT_VERSION:
+                raise ValueError(f"format {state.get('format')}")
+            if name == PREVIOUS:
+                warn(f"{folder / LAST} is missing or unreadable: resuming from {path} instead")
+            return state
+        except Exception as exc:
+            warn(f"checkpoint {path} is unreadable ({exc.__class__.__name__}): trying an older one")
+    return None
