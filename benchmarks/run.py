@@ -43,7 +43,7 @@ def _feature_extractor(r: dict) -> list[str]:
         f"| **end-to-end speed-up** | 1× | **{r['end_to_end_ratio']:.1f}×** | **{r['bf16_end_to_end_ratio']:.1f}×** |",
         f"| top-1 difference (points) | | {r['top1_difference_points']:+.2f} | {r['bf16_top1_difference_points']:+.2f} |",
         "",
-        f"### 4. Feature extraction throughput",
+        "### 4. Feature extraction throughput",
         "",
         f"warmstart extracts {w['extraction_images_per_sec']:.1f} img/s (fp32, channels_last, inference mode) and "
         f"{b['extraction_images_per_sec']:.1f} img/s (bf16); the plain loop's frozen forward runs "

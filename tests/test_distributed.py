@@ -53,6 +53,7 @@ def test_feature_extraction_is_sharded_across_ranks(data, tmp_path):
     shards = sorted(p.name.split("-")[1] for p in (tmp_path / "two" / "cache").glob("train-shard*"))
     assert shards == ["shard0of2", "shard1of2"]
     one = _train(data, tmp_path / "one", tmp_path, "--augment", "none")
+    assert one.returncode == 0, one.stderr[-3000:]
     a, b = load_file(str(tmp_path / "two" / "model.safetensors")), load_file(str(tmp_path / "one" / "model.safetensors"))
     assert torch.allclose(a["classifier.weight"], b["classifier.weight"], atol=1e-5)
 

@@ -9,9 +9,7 @@ import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 

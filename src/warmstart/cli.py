@@ -121,7 +121,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="warmstart", description=__doc__)
+    parser = OneLineParser(prog="warmstart", description="Transfer learning for image classifiers from "
+                           "ImageNet-pretrained networks: train, evaluate, predict, export, serve.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     train = sub.add_parser("train", help="train a classifier from pretrained weights")

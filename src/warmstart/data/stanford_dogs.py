@@ -91,9 +91,9 @@ def load_stanford_dogs(root: Path, crop_to_box: bool = False, class_ids: list[st
     class_ids = class_ids or folders
     index = {c: i for i, c in enumerate(class_ids)}
     splits = {}
-    for name, (files, annotations, labels) in lists.items():
+    for name, (files, annotation_paths, labels) in lists.items():
         items, targets, missing, boxes_missing = [], [], [], 0
-        for file, annotation, label in zip(files, annotations, labels):
+        for file, annotation, label in zip(files, annotation_paths, labels):
             folder = file.split("/")[0]
             if folder not in index:
                 raise UserError(f"{root}: {file} belongs to no known breed folder")
