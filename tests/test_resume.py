@@ -36,10 +36,10 @@ def _wait_for_step(run, process, step: int, timeout: float = 300) -> None:
         if last.exists():
             try:
                 state = torch.load(last, weights_only=True)
-                if state["global_step"] >= step:
-                    return
-            except Exception:
-                pass
+            except Exception:  # being replaced at this moment: look again
+                state = {"global_step": -1}
+            if state["global_step"] >= step:
+                return
         if process.poll() is not None:
             pytest.fail(f"training ended before step {step}: {process.stderr.read()[-2000:]}")
         time.sleep(0.05)

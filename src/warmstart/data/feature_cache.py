@@ -24,7 +24,7 @@ from .loaders import make_loader
 from .sources import ImageSet
 
 FORMAT_VERSION = 1
-TODO, DONE, UNREADABLE = 0, 1, 2
+PENDING, DONE, UNREADABLE = 0, 1, 2
 FLUSH_EVERY = 8  # batches
 
 
@@ -80,7 +80,7 @@ class FeatureCache:
                   else open_memmap(folder / "status.npy", mode="w+", dtype=np.int8, shape=(n,)))
         skipped = json.loads((folder / "skipped.json").read_text()) if (folder / "skipped.json").is_file() else {}
         features = open_memmap(folder / "features.npy", mode="r+") if meta["dim"] is not None else None
-        todo = np.flatnonzero(status == TODO)
+        todo = np.flatnonzero(status == PENDING)
         start = time.perf_counter()
         if len(todo):
             if progress is not None:
@@ -112,7 +112,7 @@ class FeatureCache:
                         pending_rows = []
             self._commit(features, status, pending_rows, skipped, folder)
         seconds = time.perf_counter() - start
-        if not (status == TODO).any() and not meta["complete"]:
+        if not (status == PENDING).any() and not meta["complete"]:
             meta["complete"] = True
             _write_json_atomically(meta_path, meta)
         valid = torch.from_numpy(np.asarray(status) == DONE)
