@@ -24,6 +24,16 @@ def images_per_sec(images, transform) -> float:
     return len(dataset) / timer.seconds
 
 
+def decoded_per_sec(images) -> float:
+    """Decoding alone: original JPEG -> RGB image, or the store's pixels -> RGB image."""
+    from warmstart.data.images import open_image
+
+    with Timer() as timer:
+        for item in images.items:
+            open_image(item).load()
+    return len(images) / timer.seconds
+
+
 def run(quick: bool = False) -> dict:
     splits, _ = imagewoof(quick, train_per_class=30 if quick else None, val_per_class=1)
     images = splits["train"]
@@ -38,6 +48,8 @@ def run(quick: bool = False) -> dict:
             "quick": quick, "images": len(images),
             "cache_build_seconds": build.seconds,
             "cache_bytes": (next(work.glob("images-*")) / "pixels.u8").stat().st_size,
+            "jpeg_decode_images_per_sec": decoded_per_sec(images),
+            "cache_decode_images_per_sec": decoded_per_sec(cached),
             "jpeg_eval_images_per_sec": images_per_sec(images, evaluation),
             "cache_eval_images_per_sec": images_per_sec(cached, evaluation),
             "jpeg_train_images_per_sec": images_per_sec(images, training),
@@ -45,6 +57,7 @@ def run(quick: bool = False) -> dict:
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    result["decode_ratio"] = result["cache_decode_images_per_sec"] / result["jpeg_decode_images_per_sec"]
     result["eval_ratio"] = result["cache_eval_images_per_sec"] / result["jpeg_eval_images_per_sec"]
     result["train_ratio"] = result["cache_train_images_per_sec"] / result["jpeg_train_images_per_sec"]
     save("image_path" + ("_quick" if quick else ""), result)

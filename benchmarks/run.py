@@ -69,6 +69,8 @@ def _image_path(r: dict) -> list[str]:
         f"### 3. Image path ({'quick: ' if r['quick'] else ''}{r['images']} imagewoof photos, one process)", "",
         f"Machine: {_machine_line(r['machine'])}", "",
         "| view | original JPEG (img/s) | pre-resized cache (img/s) | ratio |", "| --- | ---: | ---: | ---: |",
+        f"| decoding alone (to an RGB image) | {r['jpeg_decode_images_per_sec']:.0f} | "
+        f"{r['cache_decode_images_per_sec']:.0f} | **{r['decode_ratio']:.1f}×** |",
         f"| evaluation (resize + center crop) | {r['jpeg_eval_images_per_sec']:.0f} | "
         f"{r['cache_eval_images_per_sec']:.0f} | **{r['eval_ratio']:.1f}×** |",
         f"| training (random-resized-crop + flip) | {r['jpeg_train_images_per_sec']:.0f} | "
