@@ -1,4 +1,4 @@
-"""Predicting with an exported ONNX file: onnxruntime, numpy and PIL, no torch."""
+"""Predicting image files with any backend (a run directory or an ONNX file); torch-free itself."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ from ..data.images import open_image
 from .backends import OnnxBackend, top_k
 
 
-def predict_onnx(model: str | Path, images: list[str], k: int = 5, batch_size: int = 32) -> list:
-    """(image, [(class, probability)], error) per image, in order."""
-    backend = OnnxBackend(model)
+def predict_images(backend, images: list, k: int = 5, batch_size: int = 32) -> list:
+    """(image, [(class, probability)], error) per image, in order; unreadable files get an error."""
     results: list = [None] * len(images)
     decoded, positions = [], []
     for i, path in enumerate(images):
@@ -27,3 +26,8 @@ def predict_onnx(model: str | Path, images: list[str], k: int = 5, batch_size: i
         for i, ranked in zip(positions[start:start + batch_size], top_k(probs, backend.class_names, k)):
             results[i] = (str(images[i]), ranked, None)
     return results
+
+
+def predict_onnx(model: str | Path, images: list[str], k: int = 5, batch_size: int = 32) -> list:
+    """Predictions from an exported ONNX file: onnxruntime, numpy and PIL, no torch."""
+    return predict_images(OnnxBackend(model), images, k, batch_size)
