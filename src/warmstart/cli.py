@@ -10,6 +10,7 @@ from dataclasses import fields
 
 from .config import AUGMENTS, BALANCES, OPTIMIZERS, PRECISIONS, SCHEDULES, STRATEGIES, RunConfig
 from .errors import UserError
+from .recipes import RECIPES
 
 EXIT_USAGE = 2
 
@@ -29,6 +30,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     S = argparse.SUPPRESS  # only options given on the command line override --config
     add = parser.add_argument
     add("--config", default=S, help="YAML run config (e.g. RUN/config.yaml); other flags override it")
+    add("--recipe", choices=tuple(RECIPES), default=S,
+        help="a preset of settings (see 'warmstart recipes'); flags and the config file override it")
     data = parser.add_argument_group("data")
     data.add_argument("--data", default=S, help="ROOT with train/ and val/ or test/ class folders, ROOT/<class>/*, "
                       "or a CSV manifest (image_path,label)")
@@ -44,6 +47,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--balance", choices=BALANCES, default=S,
                       help="class imbalance: none (default), sampler (class-balanced sampling), loss (weights)")
     data.add_argument("--input-size", type=int, default=S, help="input size in px (default: the model's)")
+    data.add_argument("--input-scale", type=float, default=S, metavar="FACTOR",
+                      help="input size as FACTOR x the model's pretrained size (rounded to 32 px)")
     data.add_argument("--crop-pct", type=float, default=S, help="center-crop fraction at evaluation")
     data.add_argument("--workers", type=int, default=S, help="data loader processes (default: CPU count, max 8)")
     model = parser.add_argument_group("model and weights")
@@ -60,6 +65,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                        help="with --strategy partial: parameter-name pattern that trains (repeatable)")
     model.add_argument("--unfreeze-last", type=int, default=S, metavar="N",
                        help="with --strategy partial: the last N stages train")
+    model.add_argument("--unfreeze-schedule", nargs="+", default=S, metavar="EPOCH:N",
+                       help="gradual unfreezing: after EPOCH epochs the last N stages (or 'all') train too, "
+                       "e.g. 1:2 3:all")
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--optimizer", choices=OPTIMIZERS, default=S, help="sgd (momentum, default) or adamw")
     optim.add_argument("--lr", type=float, default=S,
@@ -72,7 +80,16 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                        help="epochs where the learning rate changes")
     optim.add_argument("--piecewise-lr-decay", type=float, nargs="+", default=S, metavar="FACTOR",
                        help="lr multiplier of each piece (one more than the boundaries)")
+    optim.add_argument("--head-lr", type=float, default=S, help="the new head's learning rate (default: --lr)")
+    optim.add_argument("--layer-decay", type=float, default=S, metavar="FACTOR",
+                       help="layer-wise lr decay: each layer below the top trains at FACTOR x the one above")
     optim.add_argument("--label-smoothing", type=float, default=S)
+    optim.add_argument("--mixup", type=float, default=S, metavar="ALPHA", help="mixup alpha (0: off)")
+    optim.add_argument("--cutmix", type=float, default=S, metavar="ALPHA", help="cutmix alpha (0: off)")
+    optim.add_argument("--ema-decay", type=float, default=S, metavar="DECAY",
+                       help="keep an exponential moving average of the weights (e.g. 0.999) and use it")
+    optim.add_argument("--tta", action="store_true", default=S,
+                       help="evaluate (and predict, serve, export) on the image and its mirror image")
     optim.add_argument("--epochs", type=int, default=S)
     optim.add_argument("--batch-size", type=int, default=S, help="batch size (per GPU/process)")
     optim.add_argument("--seed", type=int, default=S)
@@ -127,6 +144,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a classifier from pretrained weights")
     _add_train_options(train)
+
+    lf = sub.add_parser("lr-find", help="sweep the learning rate exponentially and suggest one (train's options)")
+    _add_train_options(lf)
+    sweep = lf.add_argument_group("sweep")
+    sweep.add_argument("--start-lr", type=float, default=1e-7)
+    sweep.add_argument("--end-lr", type=float, default=10.0)
+    sweep.add_argument("--steps", type=int, default=100, help="optimizer steps in the sweep")
+
+    sub.add_parser("recipes", help="list the --recipe presets: what each does and costs")
+
+    tn = sub.add_parser("tune", help="hyper-parameter search (Optuna): each trial a training run, scored by val top-1")
+    tn.add_argument("--config", required=True, help="base run config (YAML); the space's settings are drawn over it")
+    tn.add_argument("--space", required=True, help="search space (YAML), e.g. examples/tune-space.yaml")
+    tn.add_argument("--trials", type=int, required=True,
+                    help="finished trials the study should hold (a resumed study runs only what is missing)")
+    tn.add_argument("--storage", default=None, help="Optuna database URL shared by workers (default: a SQLite "
+                    "file in the study folder)")
+    tn.add_argument("--study", default=None, help="study name (default: the base config's file name)")
+    tn.add_argument("--study-dir", default=None, help="study folder: trials, table, best config, plots "
+                    "(default studies/<study>)")
+    tn.add_argument("--timeout", type=float, default=None, help="stop starting trials after S seconds")
+    tn.add_argument("--processes", type=int, default=1, help="worker processes on this machine")
+    tn.add_argument("--seed", type=int, default=0, help="sampler seed")
+    tn.add_argument("--quiet", action="store_true", help="no table at the end")
 
     ev = sub.add_parser("eval", help="evaluate a trained run (top-1, top-5, per class, confusion matrix)")
     ev.add_argument("run", help="run directory")
@@ -234,6 +275,38 @@ def _cmd_train(args) -> int:
         print(f"interrupted: checkpoint saved to {stop.checkpoint}; continue with: warmstart train --resume {run}",
               file=sys.stderr)
         return 128 + stop.signum
+    return 0
+
+
+def _cmd_lr_find(args) -> int:
+    from .train.lr_find import lr_find
+
+    result = lr_find(config_from_args(args), args.start_lr, args.end_lr, args.steps)
+    if result.suggestion is None:
+        return 1
+    print(result.flag)
+    return 0
+
+
+def _cmd_tune(args) -> int:
+    from .train.checkpoint import TrainingInterrupted
+    from .tune import tune
+
+    try:
+        tune(args.config, args.space, args.trials, args.storage, args.study, args.timeout, args.study_dir,
+             args.seed, args.processes, args.quiet)
+    except TrainingInterrupted:
+        print("interrupted: the finished trials are stored; run the same command again to resume the study",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+def _cmd_recipes(args) -> int:
+    for recipe in RECIPES.values():
+        settings = " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+                            for k, v in recipe.settings.items())
+        print(f"{recipe.name}\n  {recipe.summary}\n  cost: {recipe.cost}\n  settings: {settings}\n")
     return 0
 
 
@@ -377,7 +450,8 @@ def _cmd_serve(args) -> int:
 
 COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "predict": _cmd_predict, "quickstart": _cmd_quickstart,
             "models": _cmd_models, "data": _cmd_data, "report": _cmd_report, "runs": _cmd_runs,
-            "compare": _cmd_compare, "export": _cmd_export, "serve": _cmd_serve}
+            "compare": _cmd_compare, "export": _cmd_export, "serve": _cmd_serve,
+            "lr-find": _cmd_lr_find, "recipes": _cmd_recipes, "tune": _cmd_tune}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 @dataclass
 class RunConfig:
+    # a named preset (see warmstart.recipes); settings given explicitly override it
+    recipe: str | None = None
     # what to train on
     data: str = ""
     val_data: str | None = None
@@ -43,8 +45,11 @@ class RunConfig:
     strategy: str = "feature-extractor"
     trainable: list[str] = field(default_factory=list)
     unfreeze_last: int | None = None
+    # gradual unfreezing: "EPOCH:N" trains the last N stages (or "EPOCH:all" everything) from that epoch on
+    unfreeze_schedule: list[str] = field(default_factory=list)
     # preprocessing (None: from the model's pretrained config)
     input_size: int | None = None
+    input_scale: float | None = None  # or the pretrained size x this (train and evaluate larger)
     crop_pct: float | None = None
     augment: str = "standard"
     # optimisation
@@ -57,6 +62,15 @@ class RunConfig:
     piecewise_boundaries: list[float] = field(default_factory=list)
     piecewise_lr_decay: list[float] = field(default_factory=list)
     label_smoothing: float = 0.0
+    # discriminative learning rates: lr x layer_decay^depth-from-the-top, and the new head's own rate
+    layer_decay: float | None = None
+    head_lr: float | None = None
+    # regularisation (mixup/cutmix alphas, 0 = off) and an exponential moving average of the weights
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    ema_decay: float = 0.0
+    # evaluate on the image and its mirror image (average of the probabilities)
+    tta: bool = False
     epochs: int = 10
     batch_size: int = 32
     seed: int = 0
@@ -91,6 +105,10 @@ class RunConfig:
                 f"{source}: unknown setting(s) {', '.join(unknown)}; "
                 f"valid settings are the long option names of 'warmstart train --help'"
             )
+        if normalized.get("recipe") is not None:
+            from .recipes import recipe_settings
+
+            normalized = {**recipe_settings(normalized["recipe"]), **normalized}
         return cls(**normalized).validated()
 
     @classmethod
@@ -131,7 +149,7 @@ class RunConfig:
                 raise UserError(f"--{name.replace('_', '-')} {value} is not valid: it must be {bound}")
 
         # lists may come from YAML as scalars
-        for name in ("skip", "trainable", "piecewise_boundaries", "piecewise_lr_decay"):
+        for name in ("skip", "trainable", "piecewise_boundaries", "piecewise_lr_decay", "unfreeze_schedule"):
             value = getattr(self, name)
             if value is None:
                 setattr(self, name, [])
@@ -152,9 +170,27 @@ class RunConfig:
         positive("momentum", self.momentum, allow_zero=True)
         positive("warmup_epochs", self.warmup_epochs, allow_zero=True)
         positive("input_size", self.input_size)
+        positive("input_scale", self.input_scale)
         positive("workers", self.workers, allow_zero=True)
         if not 0 < self.val_fraction < 1:
             raise UserError(f"--val-fraction {self.val_fraction} is not valid: it must be between 0 and 1")
+        positive("head_lr", self.head_lr)
+        positive("mixup", self.mixup, allow_zero=True)
+        positive("cutmix", self.cutmix, allow_zero=True)
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise UserError(f"--layer-decay {self.layer_decay} is not valid: it must be in (0, 1], e.g. 0.7")
+        if not 0 <= self.ema_decay < 1:
+            raise UserError(f"--ema-decay {self.ema_decay} is not valid: it must be in [0, 1), e.g. 0.999 (0 = off)")
+        if (self.mixup or self.cutmix) and self.balance == "loss":
+            raise UserError("--mixup/--cutmix do not combine with --balance loss: use --balance sampler")
+        self.unfreeze_schedule = [str(step) for step in self.unfreeze_schedule]
+        if self.unfreeze_schedule:
+            from .models.unfreeze import parse_unfreeze_schedule
+
+            parse_unfreeze_schedule(self.unfreeze_schedule)
+            if self.strategy == "fine-tune":
+                raise UserError("--unfreeze-schedule starts from a frozen backbone: use --strategy feature-extractor "
+                                "or partial with it, not fine-tune")
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"--label-smoothing {self.label_smoothing} is not valid: it must be in [0, 1)")
         if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
@@ -183,7 +219,12 @@ class RunConfig:
     # -- derived values -------------------------------------------------------------
     @property
     def head_only(self) -> bool:
-        return self.strategy == "feature-extractor"
+        return self.strategy == "feature-extractor" and not self.unfreeze_schedule
+
+    @property
+    def needs_image_batches(self) -> bool:
+        """Settings that act on every image batch: no training on cached features or activations."""
+        return bool(self.unfreeze_schedule or self.mixup or self.cutmix or self.ema_decay)
 
     def resolved_lr(self) -> float:
         """Default learning rates (the demo's 0.1 diverges on unnormalised pooled features)."""

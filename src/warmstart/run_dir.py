@@ -66,4 +66,8 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     meta = json.loads((run_dir / META_FILE).read_text())
     model = build_model(meta["architecture"], len(meta["class_names"]))
     model.load_state_dict(load_file(str(weights)))
+    if meta.get("tta"):
+        from .models.tta import FlipTTA
+
+        model = FlipTTA(model)
     return LoadedRun(model.eval(), meta)

@@ -61,14 +61,17 @@ def apply_strategy(
         raise UserError(f"unknown strategy {strategy!r}: use feature-extractor, partial or fine-tune")
     for name, param in model.named_parameters():
         param.requires_grad_(name in chosen)
-    frozen_norms = []
-    if strategy != "fine-tune":
-        frozen_norms = [
-            m for m in model.modules()
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters())
-        ]
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    return TrainableSet(strategy, trainable, frozen_norms)
+    return with_frozen_norms(model, TrainableSet(strategy, trainable))
+
+
+def with_frozen_norms(model: nn.Module, trainable: TrainableSet) -> TrainableSet:
+    """The BatchNorm layers whose parameters are all frozen (kept in eval mode while training)."""
+    norms = [] if trainable.strategy == "fine-tune" else [
+        m for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters())
+    ]
+    return TrainableSet(trainable.strategy, trainable.trainable, norms)
 
 
 def set_train_mode(model: nn.Module, trainable: TrainableSet) -> None:

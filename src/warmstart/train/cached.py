@@ -11,14 +11,15 @@ import torch.nn.functional as F
 from ..data.feature_cache import CachedFeatures, FeatureCache
 from ..data.fingerprint import fingerprint_tensors
 from ..data.loaders import EpochBatches, seeded_generator
-from ..data.transforms import eval_transform, train_transform
+from ..data.transforms import eval_transform, mirrored_eval_transform, train_transform
+from ..models.tta import average_views
 from ..models.trainable import TrainableSet, only_head_trains, set_train_mode
 from ..models.weights import classifier_names
 from .distributed import Distributed
 from .runtime import Runtime
 from .schedule import make_scheduler
 from .steps import (FitResult, _after_epoch, _epoch_line, _epoch_record, _log_skipped, _step, build_optimizer,
-                    make_criterion)
+                    current_lr, make_criterion)
 
 
 def pre_logits(model: torch.nn.Module, runtime: Runtime | None = None):
@@ -36,7 +37,7 @@ def can_train_on_features(model, trainable: TrainableSet, config) -> bool:
     """Exact when nothing before the head trains and the training views are fixed: un-augmented,
     or K stored augmented views (--cache-views K)."""
     return (config.feature_cache and hasattr(model, "forward_head") and only_head_trains(model, trainable)
-            and (config.augment == "none" or config.cache_views > 1))
+            and (config.augment == "none" or config.cache_views > 1) and not config.needs_image_batches)
 
 
 def model_fingerprint(model: torch.nn.Module, arch: str, runtime: Runtime) -> str:
@@ -100,6 +101,17 @@ def _cached_training_views(cache, train_set, forward, config, data_config, runti
     return views
 
 
+def _cached_val_views(cache, val_set, forward, config, data_config, runtime, reporter, name: str = "val",
+                      dist: Distributed | None = None) -> tuple[list[CachedFeatures], torch.Tensor]:
+    """The validation split's view (and its mirror image, with --tta), and the rows readable in all."""
+    views = [_cached(cache, name, val_set, eval_transform(data_config), forward, config, runtime, reporter,
+                     dist=dist)]
+    if config.tta:
+        views.append(_cached(cache, f"{name}-mirror", val_set, mirrored_eval_transform(data_config), forward, config,
+                             runtime, reporter, dist=dist))
+    return views, torch.nonzero(torch.stack([v.valid for v in views]).all(0)).flatten()
+
+
 def _cached_training_plan(model, config, labels: torch.Tensor, num_classes: int, device):
     """Optimizer, batches, view chooser, schedule and loss for training on cached inputs. The
     batches come from the same sampler and generator as the image loader: the same order."""
@@ -126,9 +138,10 @@ def _fit_tail_on_activations(model, trainable, prefix, tail, splits, config, dat
                                    "train-boundary")
     result.feature_seconds = sum(v.seconds for v in views)
     result.features_from_cache = not any(v.computed for v in views)
-    val = _cached(cache, "val-boundary", splits["val"], eval_transform(data_config), run_prefix, config, runtime,
-                  reporter)
-    result.skipped = sorted(dict([s for v in views for s in v.skipped] + val.skipped).items())
+    vals, val_rows = _cached_val_views(cache, splits["val"], run_prefix, config, data_config, runtime, reporter,
+                                       "val-boundary")
+    val_labels = vals[0].labels[val_rows]
+    result.skipped = sorted(dict([s for v in views + vals for s in v.skipped]).items())
     _log_skipped(reporter, result.skipped, {})
     rows = torch.nonzero(torch.stack([v.valid for v in views]).all(0)).flatten()
     labels = views[0].labels[rows]
@@ -136,6 +149,17 @@ def _fit_tail_on_activations(model, trainable, prefix, tail, splits, config, dat
 
     def run_tail(x):
         return model.forward_head(tail(x))
+
+    val_seconds = 0.0
+
+    def tail_logits():
+        model.eval()
+        with torch.inference_mode(), runtime.autocast():
+            per_view = [torch.cat([run_tail(runtime.inputs(v.features[val_rows[i:i + 64]])).float().cpu()
+                                   for i in range(0, len(val_rows), 64)]) for v in vals] if len(val_rows) else []
+        if not per_view:
+            return torch.empty(0)
+        return average_views(*per_view) if len(per_view) > 1 else per_view[0]
 
     optimizer, batches, view_choice, scheduler, criterion = _cached_training_plan(
         model, config, labels, len(train_set.class_ids), runtime.device)
@@ -156,24 +180,25 @@ def _fit_tail_on_activations(model, trainable, prefix, tail, splits, config, dat
                 logits, loss = _step(run_tail, runtime.inputs(x), y, criterion, optimizer, scheduler, runtime,
                                      scaler)
                 step += 1
-                log.step(step, loss, optimizer.param_groups[0]["lr"])
+                log.step(step, loss, current_lr(optimizer))
                 total_loss += loss * len(y)
                 correct += int((logits.argmax(1) == y).sum())
                 count += len(y)
                 bar.update(len(y))
-        result.history.append(_epoch_record(epoch, optimizer, total_loss, correct, count, epoch_start))
-        reporter.info(_epoch_line(result.history[-1], config.epochs))
-        _after_epoch(log, result.history[-1], model, runtime, step)
+        record = _epoch_record(epoch, optimizer, total_loss, correct, count, epoch_start)
+        eval_start = time.perf_counter()
+        val_logits = tail_logits()
+        val_seconds += time.perf_counter() - eval_start
+        if len(val_rows):
+            record["val_top1"] = float((val_logits.argmax(1) == val_labels).float().mean())
+        result.history.append(record)
+        reporter.info(_epoch_line(record, config.epochs))
+        _after_epoch(log, record, model, runtime, step)
     result.images_processed = n * config.epochs
-    result.seconds = time.perf_counter() - start - val.seconds
-    model.eval()
-    eval_start = time.perf_counter()
-    val_rows = torch.nonzero(val.valid).flatten()
-    with torch.inference_mode():
-        val_logits = torch.cat([run_tail(runtime.inputs(val.features[val_rows[i:i + 64]])).float().cpu()
-                                for i in range(0, len(val_rows), 64)]) if len(val_rows) else torch.empty(0)
-    result.val_logits, result.val_labels = val_logits, val.labels[val_rows]
-    result.val_seconds = val.seconds + time.perf_counter() - eval_start
+    val_extraction = sum(v.seconds for v in vals)
+    result.seconds = time.perf_counter() - start - val_extraction - val_seconds
+    result.val_logits, result.val_labels = val_logits, val_labels
+    result.val_seconds = val_extraction + val_seconds / max(config.epochs, 1)
     return result
 
 
@@ -189,17 +214,17 @@ def _fit_head_on_features(model, splits, config, data_config, runtime: Runtime, 
     views = _cached_training_views(cache, train_set, forward, config, data_config, runtime, reporter, dist=dist)
     result.feature_seconds = sum(v.seconds for v in views)
     result.features_from_cache = not any(v.computed for v in views)
-    val = _cached(cache, "val", splits["val"], eval_transform(data_config), forward, config, runtime, reporter,
-                  dist=dist)
-    result.skipped = sorted(dict([s for v in views for s in v.skipped] + val.skipped).items())
+    vals, val_rows = _cached_val_views(cache, splits["val"], forward, config, data_config, runtime, reporter,
+                                       dist=dist)
+    result.skipped = sorted(dict([s for v in views + vals for s in v.skipped]).items())
     _log_skipped(reporter, result.skipped, {})
 
     valid = torch.stack([v.valid for v in views]).all(0)
     rows = torch.nonzero(valid).flatten()
     feats = torch.stack([v.features[rows] for v in views]).to(runtime.device)  # [views, n, dim]
     labels = views[0].labels[rows].to(runtime.device)
-    val_rows = torch.nonzero(val.valid).flatten()
-    val_feats, val_labels = val.features[val_rows].to(runtime.device), val.labels[val_rows].to(runtime.device)
+    val_feats = [v.features[val_rows].to(runtime.device) for v in vals]
+    val_labels = vals[0].labels[val_rows].to(runtime.device)
 
     head = model.get_classifier()
     drop_rate = float(getattr(model, "drop_rate", 0.0) or 0.0)
@@ -221,12 +246,13 @@ def _fit_head_on_features(model, splits, config, data_config, runtime: Runtime, 
                     x = F.dropout(x, drop_rate, training=True)
                 logits, loss = _step(head, x, y, criterion, optimizer, scheduler)
                 step += 1
-                log.step(step, loss, optimizer.param_groups[0]["lr"])
+                log.step(step, loss, current_lr(optimizer))
                 total_loss += loss * len(y)
                 correct += int((logits.argmax(1) == y).sum())
             head.eval()
             with torch.inference_mode():
-                val_logits = head(val_feats)
+                val_logits = average_views(*[head(f) for f in val_feats]) if len(val_feats) > 1 \
+                    else head(val_feats[0])
             record = _epoch_record(epoch, optimizer, total_loss, correct, n, epoch_start)
             if len(val_labels):
                 record["val_top1"] = float((val_logits.argmax(1) == val_labels).float().mean())
@@ -237,8 +263,9 @@ def _fit_head_on_features(model, splits, config, data_config, runtime: Runtime, 
             if reporter.quiet:
                 reporter.info(_epoch_line(record, config.epochs))
     result.images_processed = n * config.epochs
-    result.seconds = time.perf_counter() - start - val.seconds  # validation features belong to evaluation
+    val_extraction = sum(v.seconds for v in vals)
+    result.seconds = time.perf_counter() - start - val_extraction  # validation features belong to evaluation
     reporter.info(f"trained the head for {config.epochs} epochs in {time.perf_counter() - train_start:.1f}s "
                   f"on cached features ({len(views)} view{'s' if len(views) > 1 else ''})")
-    result.val_logits, result.val_labels, result.val_seconds = val_logits.cpu(), val_labels.cpu(), val.seconds
+    result.val_logits, result.val_labels, result.val_seconds = val_logits.cpu(), val_labels.cpu(), val_extraction
     return result

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import torch
+from timm.utils import ModelEmaV3
 
 from ..data.feature_cache import FeatureCache
 from ..data.fingerprint import fingerprint_tensors
@@ -15,15 +16,18 @@ from ..data.loaders import make_loader
 from ..data.transforms import eval_transform, train_transform
 from ..errors import UserError
 from ..models.segments import split_at_freeze_boundary
-from ..models.trainable import TrainableSet, set_train_mode
+from ..models.trainable import TrainableSet, set_train_mode, with_frozen_norms
+from ..models.tta import FlipTTA
+from ..models.unfreeze import GradualUnfreezing
 from .cached import (_fit_head_on_features, _fit_tail_on_activations, can_train_on_features, model_fingerprint,
                      pre_logits)
 from .checkpoint import StopRequest, TrainingInterrupted, rng_state, save_checkpoint, set_rng_state
 from .distributed import Distributed
+from .mixing import BatchMixer
 from .runtime import Reporter, Runtime
 from .schedule import make_scheduler
 from .steps import (FitResult, _after_epoch, _epoch_line, _epoch_record, _log_skipped, _NoLog, _step,
-                    build_optimizer, make_criterion)
+                    build_optimizer, current_lr, make_criterion)
 
 __all__ = ["FitResult", "Reporter", "Runtime", "fit", "pre_logits", "build_optimizer"]
 
@@ -38,7 +42,10 @@ def fit(model, trainable: TrainableSet, splits: dict, config, data_config: dict,
     if can_train_on_features(model, trainable, config):
         cache = FeatureCache(cache_dir, model_fingerprint(model, arch, runtime))
         return _fit_head_on_features(model, splits, config, data_config, runtime, reporter, cache, log, dist)
-    if config.cache_boundary and dist.active:
+    if config.cache_boundary and config.needs_image_batches:
+        reporter.warn("--cache-boundary does not combine with --unfreeze-schedule, --mixup, --cutmix or "
+                      "--ema-decay (they act on every image batch): training the whole model instead")
+    elif config.cache_boundary and dist.active:
         reporter.warn("--cache-boundary runs in a single process only: training the whole model instead")
     elif config.cache_boundary:
         split = split_at_freeze_boundary(model, data_config["input_size"]) \
@@ -66,19 +73,28 @@ def _fit_full(model, trainable, train_set, config, data_config, runtime: Runtime
                          shuffle=True, seed=config.seed, workers=config.workers, balance=config.balance,
                          epochs=config.epochs, rank=dist.rank, world=dist.world)
     batches = loader.batch_sampler
-    optimizer = build_optimizer(model, config)
+    unfreezing = GradualUnfreezing(config) if config.unfreeze_schedule else None
+    optimizer = build_optimizer(model, config, unfreezing.final_names(model) if unfreezing else None)
     scheduler = make_scheduler(optimizer, config, batches.batches_per_epoch())
     criterion = make_criterion(config, train_set.labels, len(train_set.class_ids), runtime.device)
+    mix = BatchMixer(config, len(train_set.class_ids))
+    ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema_decay else None
     scaler = runtime.grad_scaler()
-    forward = model
-    if dist.active:
-        if config.sync_bn:
-            if runtime.device.type != "cuda":
-                raise UserError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm does not run on the CPU)")
-            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        forward = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-    forward = torch.compile(forward) if config.compile else forward
+    if dist.active and config.sync_bn:
+        if runtime.device.type != "cuda":
+            raise UserError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm does not run on the CPU)")
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        trainable = with_frozen_norms(model, trainable)  # the converted layers are new modules
+
+    def wrap(model):
+        """DDP (rebuilt when the trainable set changes: it syncs what trained when it was made) and compile."""
+        forward = model
+        if dist.active:
+            forward = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+        return torch.compile(forward) if config.compile else forward
+
+    forward = wrap(model)
     seen: dict = {}
     step, first_epoch, first_batch, totals, best = 0, 0, 0, (0.0, 0, 0), -1.0
     if resume is not None:
@@ -87,6 +103,8 @@ def _fit_full(model, trainable, train_set, config, data_config, runtime: Runtime
         scheduler.load_state_dict(resume["scheduler"])
         if scaler is not None and resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
+        if ema is not None:
+            ema.module.load_state_dict(resume["ema"])
         set_rng_state(resume["rng"])
         step, first_epoch, first_batch = resume["global_step"], resume["epoch"], resume["batch"]
         totals, best = tuple(resume["totals"]), resume["best_top1"]
@@ -101,10 +119,17 @@ def _fit_full(model, trainable, train_set, config, data_config, runtime: Runtime
             "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rng_state(),
             "epoch": epoch, "batch": batch, "global_step": step, "totals": list(totals),
             "history": result.history, "best_top1": best, "class_ids": train_set.class_ids,
+            "ema": ema.module.state_dict() if ema is not None else {},
             "config": config.to_dict()}, best=is_best)
 
     start, val_seconds = time.perf_counter(), 0.0
     for epoch in range(first_epoch, config.epochs):
+        if unfreezing is not None:
+            now = unfreezing.apply(model, epoch)
+            if now.trainable != trainable.trainable:
+                what = unfreezing.describe(unfreezing.step_at(epoch))
+                reporter.info(f"epoch {epoch + 1}: now training {what} ({now.count(model):,} parameters)")
+                trainable, forward = now, wrap(model)
         set_train_mode(model, trainable)
         batch_index = first_batch if epoch == first_epoch else 0
         batches.set_epoch(epoch, batch_index)
@@ -117,8 +142,11 @@ def _fit_full(model, trainable, train_set, config, data_config, runtime: Runtime
                 bar.update(len(batch.labels) + len(batch.skipped))
                 if len(batch.labels):
                     images, labels = runtime.inputs(batch.images), batch.labels.to(runtime.device)
-                    logits, loss = _step(forward, images, labels, criterion, optimizer, scheduler, runtime, scaler)
-                    log.step(step + 1, loss, optimizer.param_groups[0]["lr"])
+                    inputs, targets = mix(images, labels)
+                    logits, loss = _step(forward, inputs, targets, criterion, optimizer, scheduler, runtime, scaler)
+                    if ema is not None:
+                        ema.update(model, step=step)
+                    log.step(step + 1, loss, current_lr(optimizer))
                     total_loss += loss * len(labels)
                     correct += int((logits.argmax(1) == labels).sum())
                     count += len(labels)
@@ -140,7 +168,8 @@ def _fit_full(model, trainable, train_set, config, data_config, runtime: Runtime
         record = _epoch_record(epoch, optimizer, total_loss, correct, count, epoch_start)
         if val_set is not None and len(val_set) and checkpoints is not None:
             val_start = time.perf_counter()
-            record["val_top1"] = _quick_top1(model, val_set, data_config, config, runtime)
+            record["val_top1"] = _quick_top1(ema.module if ema is not None else model, val_set, data_config, config,
+                                             runtime)
             val_seconds += time.perf_counter() - val_start
         result.history.append(record)
         reporter.info(_epoch_line(record, config.epochs))
@@ -150,6 +179,8 @@ def _fit_full(model, trainable, train_set, config, data_config, runtime: Runtime
         checkpoint(epoch + 1, 0, (0.0, 0, 0), is_best)
     result.seconds = time.perf_counter() - start - val_seconds
     result.skipped = sorted(seen.items())
+    if ema is not None:  # the averaged weights are the run's model
+        model.load_state_dict(ema.module.state_dict())
     return result
 
 
@@ -159,9 +190,11 @@ def _quick_top1(model, val_set, data_config, config, runtime: Runtime) -> float:
 
     was_training = model.training
 
+    evaluated = FlipTTA(model) if config.tta else model
+
     def forward(x):
         with runtime.autocast():
-            return model(runtime.inputs(x))
+            return evaluated(runtime.inputs(x))
 
     top1 = evaluate_model(model, val_set, eval_transform(data_config), max(config.batch_size, 64), config.workers,
                           runtime.device, forward).top1

@@ -7,6 +7,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from ..evaluate import EvalResult, evaluate_model, metrics_from_logits
 from ..models.create import create_model
 from ..models.registry import resolve_architecture
 from ..models.trainable import apply_strategy
+from ..models.tta import FlipTTA
 from ..run_dir import new_run_dir, save_model
 from ..errors import UserError
 from ..run_dir import MODEL_FILE
@@ -92,15 +94,16 @@ def _resume_state(run_dir: Path, config: RunConfig, reporter: Reporter, weights_
 
 
 def train(config: RunConfig, reporter: Reporter | None = None, resume: str | Path | None = None,
-          resume_weights_only: bool = False) -> RunResult:
+          resume_weights_only: bool = False, on_epoch: Callable[[dict], None] | None = None) -> RunResult:
     """Train a classifier as `config` says; returns the run directory and its metrics.
     `resume`: a run directory whose latest checkpoint to continue exactly (or, with
-    `resume_weights_only`, whose weights start a new run)."""
+    `resume_weights_only`, whose weights start a new run). `on_epoch(record)` sees each epoch's
+    record (with `val_top1` where validated) and may raise to stop the run (e.g. a pruned trial)."""
     config = config.validated()
     dist = init_distributed()
     try:
         return _train(config, dist, reporter or Reporter(config.quiet, silent=not dist.is_main), resume,
-                      resume_weights_only)
+                      resume_weights_only, on_epoch)
     finally:
         shutdown(dist)
 
@@ -124,26 +127,67 @@ def _evaluate(model, images, data_config, config, runtime, forward, dist: Distri
     return evaluation
 
 
-def _train(config: RunConfig, dist: Distributed, reporter: Reporter, resume, resume_weights_only) -> RunResult:
-    start = time.perf_counter()
-    runtime = Runtime.for_config(config, dist.local_rank)
+class _EpochHook:
+    """The training log, plus the caller's per-epoch callback."""
+
+    def __init__(self, log, on_epoch):
+        self.log, self.on_epoch = log, on_epoch
+
+    def step(self, *args):
+        if self.log is not None:
+            self.log.step(*args)
+
+    def epoch(self, record: dict):
+        if self.log is not None:
+            self.log.epoch(record)
+        self.on_epoch(record)
+
+    def predictions(self, *args):
+        if self.log is not None:
+            self.log.predictions(*args)
+
+
+@dataclass
+class Built:
+    """What a run starts from: its data splits, and the model with its weights and trainable set."""
+    splits: dict
+    ignored: list
+    model: torch.nn.Module
+    report: object
+    arch: str
+    trainable: object
+    data_config: dict
+
+
+def build(config: RunConfig, reporter: Reporter) -> Built:
+    """Scan the data, create the model, restore its weights and choose what trains (train, lr-find)."""
     resolve_architecture(config.model, config.weights)  # a bad name fails before any data scan
     splits = resolve_splits(config.data, config.val_fraction, config.seed, config.val_data,
                             crop_to_box=config.crop_to_box, drop_empty_classes=config.drop_empty_classes,
                             quiet=config.quiet)
     train_set, val_set = splits["train"], splits["val"]
-    num_classes = len(train_set.class_ids)
-    reporter.info(f"data: {len(train_set)} train / {len(val_set)} val images, {num_classes} classes")
+    reporter.info(f"data: {len(train_set)} train / {len(val_set)} val images, {len(train_set.class_ids)} classes")
     for name in train_set.extra.get("dropped_classes", []):
         reporter.warn(f"dropped class {name}: its folder has no images (--drop-empty-classes)")
     ignored = [entry for split in splits.values() for entry in split.ignored]
     for item, reason in ignored:
         reporter.warn(f"skipped {item}: {reason}")
-
     seed_everything(config.seed)
-    model, report, arch = create_model(config.model, num_classes, config.weights, config.skip)
+    model, report, arch = create_model(config.model, len(train_set.class_ids), config.weights, config.skip)
     trainable = apply_strategy(model, config.strategy, config.trainable, config.unfreeze_last)
-    data_config = data_config_for(model, config.input_size, config.crop_pct)
+    data_config = data_config_for(model, config.input_size, config.crop_pct, config.input_scale)
+    return Built(splits, ignored, model, report, arch, trainable, data_config)
+
+
+def _train(config: RunConfig, dist: Distributed, reporter: Reporter, resume, resume_weights_only,
+           on_epoch=None) -> RunResult:
+    start = time.perf_counter()
+    runtime = Runtime.for_config(config, dist.local_rank)
+    built = build(config, reporter)
+    splits, model, report, arch, trainable, data_config = (built.splits, built.model, built.report, built.arch,
+                                                           built.trainable, built.data_config)
+    train_set, val_set, ignored = splits["train"], splits["val"], built.ignored
+    num_classes = len(train_set.class_ids)
 
     resume_state = None
     if resume is not None:
@@ -182,15 +226,18 @@ def _train(config: RunConfig, dist: Distributed, reporter: Reporter, resume, res
                       append=resume_state is not None) if main else None
     try:
         with StopRequest() as stop:
-            fitted = fit(model, trainable, splits, resolved, data_config, runtime, reporter, cache_dir, arch, log,
+            fitted = fit(model, trainable, splits, resolved, data_config, runtime, reporter, cache_dir, arch,
+                         _EpochHook(log, on_epoch) if on_epoch is not None else log,
                          run_dir / "checkpoints" if main else None, resume_state, stop, dist)
     finally:
         if log is not None:
             log.close()
 
+    evaluated = FlipTTA(model) if config.tta else model
+
     def forward(images):
         with runtime.autocast():
-            return model(runtime.inputs(images))
+            return evaluated(runtime.inputs(images))
 
     meta = {
         "warmstart_version": __version__,
@@ -201,6 +248,8 @@ def _train(config: RunConfig, dist: Distributed, reporter: Reporter, resume, res
         "data_config": data_config,
         "strategy": config.strategy,
         "weights": config.weights,
+        "recipe": config.recipe,
+        "tta": config.tta,  # prediction, serving and export average the image and its mirror image
     }
     if main:
         save_model(run_dir, model, meta)  # before evaluation: a failure there loses nothing trained
@@ -237,6 +286,8 @@ def _train(config: RunConfig, dist: Distributed, reporter: Reporter, resume, res
         "model": config.model,
         "architecture": arch,
         "strategy": config.strategy,
+        "recipe": config.recipe,
+        "tta": config.tta,
         "epochs": config.epochs,
         "train_images": len(train_set),
         "val_images": evaluation.num_images,

@@ -7,9 +7,12 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from timm.models import group_parameters
 from timm.optim import create_optimizer_v2
 
 from ..data.loaders import class_weights
+from ..errors import UserError
+from ..models.weights import classifier_names
 from .runtime import Reporter, Runtime
 
 
@@ -28,16 +31,47 @@ class FitResult:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
-def build_optimizer(model: torch.nn.Module, config) -> torch.optim.Optimizer:
-    """SGD with (plain) momentum or AdamW over the trainable parameters; no decay on biases and norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def layer_scales(model: torch.nn.Module, layer_decay: float) -> dict[str, float]:
+    """Layer-wise learning-rate decay (BEiT, timm): the top layer x1, each layer below x layer_decay
+    more, with layers as the model's fine-grained timm groups (stem, then each block, then the head)."""
+    if not hasattr(model, "group_matcher"):
+        raise UserError(f"--layer-decay: {type(model).__name__} has no layer structure in timm; drop --layer-decay")
+    layers = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    top = max(layers.values())
+    return {name: layer_decay ** (top - layers.get(name, top)) for name, _ in model.named_parameters()}
+
+
+def parameter_groups(model: torch.nn.Module, config, names: list[str] | None = None) -> list[dict]:
+    """Optimizer groups over `names` (default: what trains now): each its own learning rate
+    (layer decay, the head's rate) and weight decay (none on biases and norms)."""
+    names = set(names) if names is not None else {n for n, p in model.named_parameters() if p.requires_grad}
+    lr = config.resolved_lr()
+    head = set(classifier_names(model))
+    scales = layer_scales(model, config.layer_decay) if config.layer_decay else {}
+    groups: dict[tuple, dict] = {}
+    for name, param in model.named_parameters():
+        if name not in names:
+            continue
+        decay = config.weight_decay if param.ndim > 1 else 0.0
+        rate = (config.head_lr or lr) if name in head else lr * scales.get(name, 1.0)
+        key = (name in head, rate, decay)
+        group = groups.setdefault(key, {"params": [], "param_names": [], "lr": rate, "weight_decay": decay})
+        group["params"].append(param)
+        group["param_names"].append(name)
+    return list(groups.values())
+
+
+def build_optimizer(model: torch.nn.Module, config, names: list[str] | None = None) -> torch.optim.Optimizer:
+    """SGD with (plain) momentum or AdamW over the trainable parameters (or `names`, for gradual
+    unfreezing: parameters still frozen get no gradient, so the optimizer leaves them alone)."""
     opt = "momentum" if config.optimizer == "sgd" else "adamw"
     kwargs = {"momentum": config.momentum} if config.optimizer == "sgd" else {}
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    return create_optimizer_v2([g for g in groups if g["params"]], opt=opt, lr=config.resolved_lr(), **kwargs)
+    return create_optimizer_v2(parameter_groups(model, config, names), opt=opt, lr=config.resolved_lr(), **kwargs)
+
+
+def current_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The highest group's rate (with layer decay the groups differ; the head's or top layer's)."""
+    return max(group["lr"] for group in optimizer.param_groups)
 
 
 def make_criterion(config, labels, num_classes: int, device) -> torch.nn.Module:
@@ -101,7 +135,7 @@ def _epoch_record(epoch, optimizer, total_loss, correct, count, epoch_start) -> 
         "epoch": epoch + 1,
         "train_loss": total_loss / max(count, 1),
         "train_top1": correct / max(count, 1),
-        "lr": optimizer.param_groups[0]["lr"],
+        "lr": current_lr(optimizer),
         "images_per_sec": count / max(seconds, 1e-9),
         "seconds": seconds,
     }

@@ -1,0 +1,23 @@
+"""Test-time augmentation: the image and its mirror image, probabilities averaged."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def average_views(*logits: torch.Tensor) -> torch.Tensor:
+    """Log of the mean probability over views: argmax and softmax give the averaged prediction."""
+    return torch.stack([view.float().softmax(1) for view in logits]).mean(0).log()
+
+
+class FlipTTA(nn.Module):
+    """Wraps a classifier so that every forward pass averages the image and its horizontal flip
+    (what `--tta` runs use at evaluation, prediction, serving and export)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return average_views(self.model(images), self.model(images.flip(3)))

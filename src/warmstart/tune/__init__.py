@@ -1,0 +1,6 @@
+"""Hyper-parameter search over run settings (Optuna)."""
+
+from .space import Parameter, load_space, trial_values
+from .study import TuneResult, tune
+
+__all__ = ["Parameter", "TuneResult", "load_space", "trial_values", "tune"]
