@@ -11,8 +11,10 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import random
 import subprocess
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,13 +43,31 @@ class TuneResult:
     finished: int
 
 
-def _storage(url: str, optuna):
-    if url.startswith(("sqlite:", "postgresql", "mysql")):
-        kwargs = {"connect_args": {"timeout": 120}} if url.startswith("sqlite:") else {}
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=kwargs, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
-            failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
-    return url  # e.g. a journal file storage URL Optuna understands
+def _open_study(url: str, study_name: str, seed: int, optuna):
+    """Create or load the study. Workers starting together race to create the database's tables;
+    the losers see an error from the database and simply try again."""
+    for attempt in range(6):
+        try:
+            storage = url
+            if url.startswith(("sqlite:", "postgresql", "mysql")):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # heartbeats are marked experimental
+                    storage = optuna.storages.RDBStorage(
+                        url, engine_kwargs={"connect_args": {"timeout": 120}} if url.startswith("sqlite:") else {},
+                        heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S,
+                        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
+            return optuna.create_study(
+                study_name=study_name, storage=storage, direction="maximize", load_if_exists=True,
+                # a different stream per joining worker, reproducible for a study run by one process
+                sampler=optuna.samplers.TPESampler(seed=seed + int(os.environ.get("WARMSTART_TUNE_WORKER", 0))),
+                pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1))
+        except UserError:
+            raise
+        except Exception as exc:
+            if "sqlalchemy" not in type(exc).__module__ or attempt == 5:
+                raise UserError(f"--storage {url}: cannot open the study ({exc.__class__.__name__}: "
+                                f"{str(exc).splitlines()[0][:160]})") from None
+            time.sleep(0.5 + random.random() * (attempt + 1))
 
 
 def tune(base_config: str | Path, space_file: str | Path, trials: int, storage: str | None = None,
@@ -78,12 +98,7 @@ def tune(base_config: str | Path, space_file: str | Path, trials: int, storage: 
         argv += ["--timeout", str(timeout)]
     helpers = [_spawn_worker(i, argv) for i in range(1, processes)]
     try:
-        study = optuna.create_study(
-            study_name=study_name, storage=_storage(storage_url, optuna), direction="maximize",
-            load_if_exists=True,
-            # a different stream per joining worker, reproducible for a study run by one process
-            sampler=optuna.samplers.TPESampler(seed=seed + int(os.environ.get("WARMSTART_TUNE_WORKER", 0))),
-            pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1))
+        study = _open_study(storage_url, study_name, seed, optuna)
         remaining = trials - _count_finished(study)
         if remaining > 0:
             study.optimize(
