@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import feature_extractor, fine_tune, image_path, serve_load
+from . import feature_extractor, fine_tune, image_path, recipes, serve_load
 from .common import RESULTS, ROOT
 
 SUITES = {"feature_extractor": feature_extractor, "fine_tune": fine_tune, "image_path": image_path,
-          "serve_load": serve_load}
+          "serve_load": serve_load, "recipes": recipes}
 
 
 def _machine_line(m: dict) -> str:
@@ -93,8 +93,36 @@ def _serve_load(r: dict) -> list[str]:
     return lines + [""]
 
 
+def _recipes(r: dict) -> list[str]:
+    target = r["target"]
+    lines = [f"### 6. Recipes against a logistic-regression probe ({'quick subsets' if r['quick'] else 'whole sets'})",
+             "", f"Machine: {_machine_line(r['machine'])}", "",
+             f"Target: the `best` recipe at least {target['points']:.0f} points of top-1 above the probe on "
+             f"imagewoof-mini, in at most {target['time_ratio']:.0f}x the probe's time.", ""]
+    for dataset, d in r["datasets"].items():
+        probe = d["probe"]
+        lines += [f"**{dataset}** ({d['train_images']} train / {d['val_images']} val images)", "",
+                  "| | val top-1 | vs probe (points) | wall time (s) | time vs probe |",
+                  "| --- | ---: | ---: | ---: | ---: |",
+                  f"| logistic-regression probe (scikit-learn, fp32 features at 224 px) | "
+                  f"{100 * probe['top1']:.2f}% | | {probe['seconds']:.1f} | 1.0x |"]
+        for name, m in d["recipes"].items():
+            changed = m.get("changed_for_cpu") or {}
+            note = f" ({m['epochs']} epochs on this CPU)" if changed else ""
+            bold = "**" if name == "best" else ""
+            lines.append(f"| {bold}`--recipe {name}`{bold}{note} | {bold}{100 * m['top1']:.2f}%{bold} | "
+                         f"{m['top1_minus_probe_points']:+.2f} | {m['seconds']:.1f} | {m['time_vs_probe']:.1f}x |")
+        if dataset == "imagewoof-mini":
+            verdict = "met" if d["target_met"] else "not met"
+            lines += ["", f"Target: **{verdict}** ({d['recipes']['best']['top1_minus_probe_points']:+.2f} points in "
+                          f"{d['recipes']['best']['time_vs_probe']:.1f}x the probe's time).", ""]
+        else:
+            lines += [""]
+    return lines
+
+
 RENDER = {"feature_extractor": _feature_extractor, "fine_tune": _fine_tune, "image_path": _image_path,
-          "serve_load": _serve_load}
+          "serve_load": _serve_load, "recipes": _recipes}
 
 
 def write_markdown() -> None:
@@ -103,7 +131,7 @@ def write_markdown() -> None:
              "comparison runs warmstart and its baseline in the same process, on the same images and machine. "
              "Raw results: `benchmarks/results/`.", ""]
     notes = ROOT / "benchmarks" / "NOTES.md"
-    for name in ("feature_extractor", "fine_tune", "image_path", "serve_load"):
+    for name in ("feature_extractor", "fine_tune", "image_path", "serve_load", "recipes"):
         for variant in (name, f"{name}_quick"):
             path = RESULTS / f"{variant}.json"
             if path.is_file():

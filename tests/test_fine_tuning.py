@@ -152,6 +152,14 @@ def test_tta_on_cached_features_uses_the_mirrored_view(color_tree, tmp_path):
     assert sorted(p.name.split("-")[0] + "-" + p.name.split("-")[1] for p in (result.run_dir / "cache").iterdir()
                   if p.name.startswith("val"))[-1] == "val-mirror"
     assert result.metrics["top1"] == 1.0  # colours are easy; mirrored colour images are the same colour
+    # the exported model averages the two views too (export checks parity against the TTA model)
+    from warmstart.export import export_run
+
+    exported = export_run(result.run_dir, "onnx")
+    assert exported.same_top1 and exported.max_abs_logit_difference < 1e-3
+    import onnx
+
+    assert any(node.op_type in ("Slice", "Flip", "ReverseSequence") for node in onnx.load(exported.path).graph.node)
 
 
 def test_recipes_fill_what_is_not_given_and_all_validate(tmp_path):
@@ -159,7 +167,7 @@ def test_recipes_fill_what_is_not_given_and_all_validate(tmp_path):
         config = RunConfig.from_dict({"recipe": name, "data": "x"})
         assert config.recipe == name
     best = RunConfig.from_dict({"recipe": "best", "data": "x", "epochs": 2, "input_size": 64})
-    assert best.epochs == 2 and best.input_size == 64 and best.tta and best.strategy == "partial"
+    assert best.epochs == 2 and best.input_size == 64 and best.tta and best.crop_pct == 1.0
     probe = RunConfig.from_dict({"recipe": "linear-probe", "data": "x"})
     assert probe.augment == "none" and probe.strategy == "feature-extractor"
     with pytest.raises(UserError, match="not a recipe"):
@@ -178,3 +186,29 @@ def test_input_scale_trains_and_evaluates_larger():
     assert data_config_for(model)["input_size"] == (3, 224, 224)
     assert data_config_for(model, input_scale=1.3)["input_size"] == (3, 288, 288)
     assert data_config_for(model, 96, input_scale=1.3)["input_size"] == (3, 96, 96)  # pixels win
+
+
+def test_lbfgs_head_is_the_l2_logistic_regression_scikit_learn_fits():
+    from sklearn.linear_model import LogisticRegression
+
+    from warmstart.train.cached import _FullBatchLogistic
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 16, generator=generator)
+    y = (x[:, :3] + 0.5 * torch.randn(300, 3, generator=generator)).argmax(1)
+    config = RunConfig(data="x", optimizer="lbfgs", augment="none", weight_decay=1e-2).validated()
+    head = torch.nn.Linear(16, 3)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    fit = _FullBatchLogistic(head, x[None], y, torch.nn.CrossEntropyLoss(), config)
+    for _ in range(10):
+        fit.step()
+    # the same objective: mean loss + wd/2 |W|^2  ==  C x summed loss + 1/2 |W|^2 with C = 1 / (wd n)
+    reference = LogisticRegression(C=1 / (1e-2 * 300), tol=1e-10, max_iter=10_000).fit(x.numpy(), y.numpy())
+    ours = head.weight.detach() - head.weight.detach().mean(0)  # softmax weights are defined up to a shift
+    theirs = torch.as_tensor(reference.coef_, dtype=torch.float32)
+    assert torch.allclose(ours, theirs - theirs.mean(0), atol=2e-3)
+    with pytest.raises(UserError, match="lbfgs fits the head"):
+        RunConfig(data="x", optimizer="lbfgs", strategy="fine-tune").validated()
+    with pytest.raises(UserError, match="lbfgs fits the head"):
+        RunConfig(data="x", optimizer="lbfgs", augment="standard").validated()

@@ -126,10 +126,28 @@ def test_space_accepts_the_example_file_and_maps_unfrozen_stages(tmp_path, capsy
     assert trial_values({"data": "x"}, {"unfreeze_last": 2}) == {"data": "x", "strategy": "partial",
                                                                "unfreeze_last": 2}
     drawn = trial_values({"data": "x", "strategy": "fine-tune", "epochs": 3}, {"recipe": "linear-probe"})
-    assert drawn["strategy"] == "feature-extractor" and drawn["epochs"] == 30  # a drawn recipe brings its own
+    assert drawn["strategy"] == "feature-extractor" and drawn["optimizer"] == "lbfgs"  # a drawn recipe brings its own
     (tmp_path / "bad.yaml").write_text("lr: {low: 1, high: 0.1}\n")
     (tmp_path / "base.yaml").write_text("data: x\n")
     code = main(["tune", "--config", str(tmp_path / "base.yaml"), "--space", str(tmp_path / "bad.yaml"),
                  "--trials", "2", "--study-dir", str(tmp_path / "s")])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "bad range" in err and "bad.yaml" in err
+
+
+def test_a_trial_is_pruned_from_its_per_epoch_validation_accuracy(color_tree, tmp_path):
+    from warmstart.tune.space import Parameter
+    from warmstart.tune.study import _objective
+
+    class PruneAfterFirstReport(optuna.pruners.BasePruner):
+        def prune(self, study, trial):
+            return bool(trial.intermediate_values)
+
+    study = optuna.create_study(direction="maximize", pruner=PruneAfterFirstReport())
+    base = {"data": str(color_tree), **BASE, "epochs": 3}
+    study.optimize(lambda trial: _objective(trial, base, [Parameter("lr", 1e-3, 1e-2, log=True)], tmp_path, True),
+                   n_trials=1)
+    trial = study.trials[0]
+    assert trial.state.name == "PRUNED"
+    assert list(trial.intermediate_values) == [0] and 0 <= trial.intermediate_values[0] <= 1
+    assert not (Path(trial.user_attrs["run_dir"]) / "model.safetensors").exists()  # stopped after epoch 1

@@ -22,5 +22,8 @@ else:
     from .evaluate import evaluate_run as evaluate  # noqa: E402
     from .predict import predict  # noqa: E402
     from .quickstart import quickstart  # noqa: E402
+    from .train.lr_find import lr_find  # noqa: E402
+    from .tune import tune  # noqa: E402
 
-__all__ = ["RunConfig", "RunResult", "UserError", "train", "evaluate", "predict", "quickstart", "__version__"]
+__all__ = ["RunConfig", "RunResult", "UserError", "train", "evaluate", "predict", "quickstart", "lr_find", "tune",
+           "__version__"]

@@ -69,7 +69,9 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                        help="gradual unfreezing: after EPOCH epochs the last N stages (or 'all') train too, "
                        "e.g. 1:2 3:all")
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--optimizer", choices=OPTIMIZERS, default=S, help="sgd (momentum, default) or adamw")
+    optim.add_argument("--optimizer", choices=OPTIMIZERS, default=S,
+                       help="sgd (momentum, default), adamw, or lbfgs (the head as a full-batch logistic "
+                       "regression on cached features)")
     optim.add_argument("--lr", type=float, default=S,
                        help="learning rate (default: sgd 0.01; adamw 1e-3 head-only, 1e-4 otherwise)")
     optim.add_argument("--momentum", type=float, default=S)

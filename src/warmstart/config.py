@@ -17,7 +17,7 @@ import yaml
 from .errors import UserError
 
 STRATEGIES = ("feature-extractor", "partial", "fine-tune")
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("sgd", "adamw", "lbfgs")
 SCHEDULES = ("cosine", "piecewise", "constant")
 AUGMENTS = ("standard", "none")
 BALANCES = ("none", "sampler", "loss")
@@ -191,6 +191,12 @@ class RunConfig:
             if self.strategy == "fine-tune":
                 raise UserError("--unfreeze-schedule starts from a frozen backbone: use --strategy feature-extractor "
                                 "or partial with it, not fine-tune")
+        if self.optimizer == "lbfgs" and not (self.head_only and self.feature_cache and self.balance != "sampler"
+                                              and not self.needs_image_batches
+                                              and (self.augment == "none" or self.cache_views > 1)):
+            raise UserError("--optimizer lbfgs fits the head on all cached features at once: use it with --strategy "
+                            "feature-extractor, the feature cache, --augment none (or --cache-views K) and no "
+                            "--balance sampler, --mixup, --cutmix or --ema-decay")
         if not 0 <= self.label_smoothing < 1:
             raise UserError(f"--label-smoothing {self.label_smoothing} is not valid: it must be in [0, 1)")
         if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
@@ -230,6 +236,8 @@ class RunConfig:
         """Default learning rates (the demo's 0.1 diverges on unnormalised pooled features)."""
         if self.lr is not None:
             return self.lr
+        if self.optimizer == "lbfgs":
+            return 1.0  # the line search scales each step
         if self.optimizer == "sgd":
             return 0.01
         return 1e-3 if self.head_only else 1e-4

@@ -81,4 +81,6 @@ class GradualUnfreezing:
     def describe(self, step: UnfreezeStep | None) -> str:
         if step is None:
             return f"the {self.config.strategy} set"
-        return "the whole network" if step.stages == ALL else f"the last {step.stages} stage{'s' if step.stages > 1 else ''} and the head"
+        if step.stages == ALL:
+            return "the whole network"
+        return f"the last {step.stages} stage{'s' if step.stages > 1 else ''} and the head"

@@ -202,6 +202,40 @@ def _fit_tail_on_activations(model, trainable, prefix, tail, splits, config, dat
     return result
 
 
+class _FullBatchLogistic:
+    """--optimizer lbfgs: the head as an L2-regularised logistic regression fitted on all cached
+    features at once (as scikit-learn's LogisticRegression and CLIP's linear probes do), with
+    L-BFGS and a strong-Wolfe line search. One "epoch" is one L-BFGS step of up to 20 iterations.
+    The penalty is weight_decay/2 x |W|^2 on the mean loss (biases are not penalised)."""
+
+    def __init__(self, head, feats, labels, criterion, config):
+        self.head, self.criterion, self.penalty = head, criterion, config.weight_decay
+        self.x = feats.reshape(-1, feats.shape[-1])  # every stored view is a sample
+        self.y = labels.repeat(feats.shape[0])
+        self.views = feats.shape[0]
+        self.optimizer = torch.optim.LBFGS(head.parameters(), lr=config.resolved_lr(), max_iter=20,
+                                           history_size=20, line_search_fn="strong_wolfe")
+
+    def _loss(self):
+        loss = self.criterion(self.head(self.x), self.y)
+        return loss + 0.5 * self.penalty * self.head.weight.pow(2).sum()
+
+    def step(self) -> tuple[float, int]:
+        def closure():
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = self._loss()
+            loss.backward()
+            return loss
+
+        self.optimizer.step(closure)
+        with torch.no_grad():
+            logits = self.head(self.x)
+            loss = float(self.criterion(logits, self.y))
+        n = len(self.y) // self.views
+        correct = int((logits.argmax(1) == self.y).sum()) // self.views
+        return loss * n, correct
+
+
 def _fit_head_on_features(model, splits, config, data_config, runtime: Runtime, reporter,
                           cache: FeatureCache, log, dist: Distributed | None = None) -> FitResult:
     """Every rank trains the same head on the same (sharded, then shared) features: deterministic,
@@ -231,6 +265,9 @@ def _fit_head_on_features(model, splits, config, data_config, runtime: Runtime, 
     n = len(labels)
     optimizer, batches, view_choice, scheduler, criterion = _cached_training_plan(
         model, config, labels, len(train_set.class_ids), runtime.device)
+    full_batch = _FullBatchLogistic(head, feats, labels, criterion, config) if config.optimizer == "lbfgs" else None
+    if full_batch is not None:
+        optimizer = full_batch.optimizer
     train_start, step = time.perf_counter(), 0
     with reporter.bar(config.epochs, "training head", unit="epoch") as bar:
         for epoch in range(config.epochs):
@@ -238,7 +275,11 @@ def _fit_head_on_features(model, splits, config, data_config, runtime: Runtime, 
             head.train()
             total_loss, correct = 0.0, 0
             batches.set_epoch(epoch)
-            for keys in batches:
+            if full_batch is not None:
+                total_loss, correct = full_batch.step()
+                step += 1
+                log.step(step, total_loss / n, current_lr(optimizer))
+            for keys in batches if full_batch is None else []:
                 idx = torch.as_tensor([i for _, i in keys])
                 view = torch.randint(len(views), (len(idx),), generator=view_choice) if len(views) > 1 else 0
                 x, y = feats[view, idx], labels[idx]

@@ -17,7 +17,7 @@ class TrainingLog:
     sample predictions per epoch, in `RUN/tensorboard/`; the epoch scalars also in `RUN/history.csv`."""
 
     def __init__(self, run_dir: Path, samples=None, class_names: list[str] | None = None, transform=None,
-                 append: bool = False):
+                 append: bool = False, epochs: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(run_dir / "tensorboard"))
@@ -26,6 +26,10 @@ class TrainingLog:
             with self.csv_path.open("w", newline="") as handle:
                 csv.writer(handle).writerow(HISTORY_FIELDS)
         self.class_names = class_names or []
+        # a grid costs about a second, more than an epoch of a head on cached features: at most ~5
+        # of them (and the last epoch's) per run
+        self.grid_every = max(1, epochs // 5)
+        self.epochs = epochs
         self.samples = []  # (thumbnail, model input, true label)
         for item, label in samples or []:
             try:
@@ -53,7 +57,7 @@ class TrainingLog:
     @torch.inference_mode()
     def predictions(self, epoch: int, forward) -> None:
         """A grid of sample validation images with their true and predicted classes."""
-        if not self.samples:
+        if not self.samples or (epoch % self.grid_every and epoch != self.epochs):
             return
         import matplotlib
 

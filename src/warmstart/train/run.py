@@ -223,7 +223,7 @@ def _train(config: RunConfig, dist: Distributed, reporter: Reporter, resume, res
     if config.image_cache:
         splits = _with_image_cache(splits, data_config, cache_dir, config, reporter)
     log = TrainingLog(run_dir, sample_items(val_set), train_set.class_names, eval_transform(data_config),
-                      append=resume_state is not None) if main else None
+                      append=resume_state is not None, epochs=config.epochs) if main else None
     try:
         with StopRequest() as stop:
             fitted = fit(model, trainable, splits, resolved, data_config, runtime, reporter, cache_dir, arch,
