@@ -58,6 +58,20 @@ def test_feature_extraction_is_sharded_across_ranks(data, tmp_path):
     assert torch.allclose(a["classifier.weight"], b["classifier.weight"], atol=1e-5)
 
 
+def test_gradual_unfreezing_rebuilds_the_data_parallel_wrapper(data, tmp_path):
+    """DDP syncs the gradients of what trained when it was built: the newly unfrozen stage must train too."""
+    from warmstart.models import create_model
+
+    two = _train(data, tmp_path / "two", tmp_path, "--nproc", "2", "--batch-size", "4", "--unfreeze-schedule", "1:1",
+                 "--optimizer", "adamw", "--lr", "1e-3", "--ema-decay", "0.9")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "epoch 2: now training the last stage and the head" in two.stdout
+    trained = load_file(str(tmp_path / "two" / "model.safetensors"))
+    pretrained = create_model("efficientnet_lite0", 3, "bundled")[0].state_dict()
+    assert not torch.equal(trained["blocks.6.0.conv_pw.weight"], pretrained["blocks.6.0.conv_pw.weight"])
+    assert torch.equal(trained["blocks.5.0.conv_pw.weight"], pretrained["blocks.5.0.conv_pw.weight"])
+
+
 def _pids_with(tag: str, rank: str) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():

@@ -372,7 +372,7 @@ def _cmd_quickstart(args) -> int:
     m = result.metrics
     print(f"quickstart: top-1 {m['top1']:.2%} on {m['val_images']} held-out digits; "
           f"feature extraction + training {m['train_images_per_sec']:.1f} img/s, "
-          f"evaluation {m['eval_images_per_sec']:.1f} img/s, {m['wall_seconds']:.0f}s in all")
+          f"evaluation {m['eval_images_per_sec'] or 0:.1f} img/s, {m['wall_seconds']:.0f}s in all")
     print(f"try: warmstart predict {result.run_dir} {result.run_dir}/samples/digit_3.png")
     return 0
 

@@ -83,4 +83,4 @@ class GradualUnfreezing:
             return f"the {self.config.strategy} set"
         if step.stages == ALL:
             return "the whole network"
-        return f"the last {step.stages} stage{'s' if step.stages > 1 else ''} and the head"
+        return "the last stage and the head" if step.stages == 1 else f"the last {step.stages} stages and the head"

@@ -39,6 +39,10 @@ class RunResult:
     history: list[dict]
 
 
+def _rate(images_per_sec: float | None) -> str:
+    return "features from the cache" if images_per_sec is None else f"{images_per_sec:.1f} img/s"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -257,7 +261,8 @@ def _train(config: RunConfig, dist: Distributed, reporter: Reporter, resume, res
     if fitted.val_logits is not None:
         evaluation = metrics_from_logits(fitted.val_logits, fitted.val_labels, train_set.class_names)
         evaluation.seconds = fitted.val_seconds
-        evaluation.images_per_sec = evaluation.num_images / max(fitted.val_seconds, 1e-9)
+        # validation features read back from the cache: nothing was computed, no rate to report
+        evaluation.images_per_sec = evaluation.num_images / fitted.val_seconds if fitted.val_seconds > 0.01 else None
     else:
         evaluation = _evaluate(model, val_set, data_config, config, runtime, forward, dist)
         fitted.skipped.extend(evaluation.skipped)
@@ -312,5 +317,5 @@ def _train(config: RunConfig, dist: Distributed, reporter: Reporter, resume, res
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     reporter.info(f"val top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f} on {evaluation.num_images} "
                   f"images; train {metrics['train_images_per_sec']:.1f} img/s, eval "
-                  f"{metrics['eval_images_per_sec']:.1f} img/s; {metrics['wall_seconds']:.1f}s; saved {run_dir}")
+                  f"{_rate(metrics['eval_images_per_sec'])}; {metrics['wall_seconds']:.1f}s; saved {run_dir}")
     return RunResult(run_dir, metrics, evaluation, fitted.history)
