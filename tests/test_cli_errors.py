@@ -45,18 +45,27 @@ def _mistakes(tmp_path, color_tree):
         "unknown option": (["train", *data, "--epoch", "3"], "unrecognized arguments"),
         "not a run": (["predict", str(tmp_path), "x.jpg"], "not a trained run"),
         "missing config": (["train", "--config", str(tmp_path / "c.yaml")], "does not exist"),
+        "bad unfreeze schedule": (["train", *data, "--unfreeze-schedule", "2:x"], "write EPOCH:N"),
+        "unknown recipe": (["train", *data, "--recipe", "fastest"], "invalid choice"),
+        "lbfgs on the whole network": (["train", *data, "--optimizer", "lbfgs", "--strategy", "fine-tune"],
+                                       "lbfgs fits the head"),
+        "lr-find too few steps": (["lr-find", *data, "--steps", "3"], "too few"),
+        "tune without a base config": (["tune", "--config", str(tmp_path / "c.yaml"), "--space", "s.yaml",
+                                        "--trials", "2"], "does not exist"),
     }
 
 
 CASES = ["missing data", "empty data", "class without images", "unknown model", "bundled for another model",
          "weights file missing", "wrong architecture", "csv unknown paths", "bad number", "not a number",
-         "bad choice", "partial without target", "unknown option", "not a run", "missing config"]
+         "bad choice", "partial without target", "unknown option", "not a run", "missing config",
+         "bad unfreeze schedule", "unknown recipe", "lbfgs on the whole network", "lr-find too few steps",
+         "tune without a base config"]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_user_mistakes_exit_2_with_one_line(case, tmp_path, color_tree, capsys):
     argv, expected = _mistakes(tmp_path, color_tree)[case]
-    code, err = _run(capsys, argv + (FAST if argv[0] == "train" else []))
+    code, err = _run(capsys, argv + (FAST if argv[0] in ("train", "lr-find") else []))
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and expected in err, err
     assert "Traceback" not in err
