@@ -151,3 +151,13 @@ def test_a_trial_is_pruned_from_its_per_epoch_validation_accuracy(color_tree, tm
     assert trial.state.name == "PRUNED"
     assert list(trial.intermediate_values) == [0] and 0 <= trial.intermediate_values[0] <= 1
     assert not (Path(trial.user_attrs["run_dir"]) / "model.safetensors").exists()  # stopped after epoch 1
+
+
+def test_processes_flag_runs_workers_on_this_machine(color_tree, tmp_path):
+    base, space = _files(tmp_path, color_tree)
+    result = tune(base, space, trials=3, study_dir=tmp_path / "study", processes=2, quiet=True)
+    trials = _trials(result.storage, result.study_name)
+    assert result.finished >= 3 and len({t.number for t in trials}) == len(trials)
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    assert len({t.user_attrs["run_dir"] for t in complete}) == len(complete) >= 3
+    assert {t.user_attrs["worker"] for t in complete} <= {0, 1}

@@ -144,6 +144,7 @@ def _objective(trial, base: dict, space, study_dir: Path, quiet: bool) -> float:
     values.update(out=str(run_dir), quiet=True)
     config = RunConfig.from_dict(values, source=f"trial {trial.number}")
     trial.set_user_attr("run_dir", str(run_dir))
+    trial.set_user_attr("worker", int(os.environ.get("WARMSTART_TUNE_WORKER", 0)))
 
     def report(record: dict) -> None:
         if "val_top1" in record:
