@@ -50,6 +50,7 @@ def _mistakes(tmp_path, color_tree):
         "lbfgs on the whole network": (["train", *data, "--optimizer", "lbfgs", "--strategy", "fine-tune"],
                                        "lbfgs fits the head"),
         "lr-find too few steps": (["lr-find", *data, "--steps", "3"], "too few"),
+        "lr-find with lbfgs": (["lr-find", *data, "--optimizer", "lbfgs", "--augment", "none"], "no learning rate"),
         "tune without a base config": (["tune", "--config", str(tmp_path / "c.yaml"), "--space", "s.yaml",
                                         "--trials", "2"], "does not exist"),
     }
@@ -59,7 +60,7 @@ CASES = ["missing data", "empty data", "class without images", "unknown model", 
          "weights file missing", "wrong architecture", "csv unknown paths", "bad number", "not a number",
          "bad choice", "partial without target", "unknown option", "not a run", "missing config",
          "bad unfreeze schedule", "unknown recipe", "lbfgs on the whole network", "lr-find too few steps",
-         "tune without a base config"]
+         "lr-find with lbfgs", "tune without a base config"]
 
 
 @pytest.mark.parametrize("case", CASES)

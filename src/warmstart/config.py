@@ -191,9 +191,8 @@ class RunConfig:
             if self.strategy == "fine-tune":
                 raise UserError("--unfreeze-schedule starts from a frozen backbone: use --strategy feature-extractor "
                                 "or partial with it, not fine-tune")
-        if self.optimizer == "lbfgs" and not (self.head_only and self.feature_cache and self.balance != "sampler"
-                                              and not self.needs_image_batches
-                                              and (self.augment == "none" or self.cache_views > 1)):
+        if self.optimizer == "lbfgs" and not (self.head_only and self.fixed_training_views
+                                              and self.balance != "sampler"):
             raise UserError("--optimizer lbfgs fits the head on all cached features at once: use it with --strategy "
                             "feature-extractor, the feature cache, --augment none (or --cache-views K) and no "
                             "--balance sampler, --mixup, --cutmix or --ema-decay")
@@ -231,6 +230,13 @@ class RunConfig:
     def needs_image_batches(self) -> bool:
         """Settings that act on every image batch: no training on cached features or activations."""
         return bool(self.unfreeze_schedule or self.mixup or self.cutmix or self.ema_decay)
+
+    @property
+    def fixed_training_views(self) -> bool:
+        """The frozen part's outputs can be cached: the cache is on, the training views are fixed
+        (un-augmented, or K stored augmented views) and nothing needs the image batches."""
+        return (self.feature_cache and (self.augment == "none" or self.cache_views > 1)
+                and not self.needs_image_batches)
 
     def resolved_lr(self) -> float:
         """Default learning rates (the demo's 0.1 diverges on unnormalised pooled features)."""

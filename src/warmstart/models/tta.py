@@ -11,6 +11,11 @@ def average_views(*logits: torch.Tensor) -> torch.Tensor:
     return torch.stack([view.float().softmax(1) for view in logits]).mean(0).log()
 
 
+def combine_views(logits: list[torch.Tensor]) -> torch.Tensor:
+    """One view's logits as they are; several views averaged (`average_views`)."""
+    return average_views(*logits) if len(logits) > 1 else logits[0]
+
+
 class FlipTTA(nn.Module):
     """Wraps a classifier so that every forward pass averages the image and its horizontal flip
     (what `--tta` runs use at evaluation, prediction, serving and export)."""

@@ -12,7 +12,7 @@ from ..data.feature_cache import CachedFeatures, FeatureCache
 from ..data.fingerprint import fingerprint_tensors
 from ..data.loaders import EpochBatches, seeded_generator
 from ..data.transforms import eval_transform, mirrored_eval_transform, train_transform
-from ..models.tta import average_views
+from ..models.tta import combine_views
 from ..models.trainable import TrainableSet, only_head_trains, set_train_mode
 from ..models.weights import classifier_names
 from .distributed import Distributed
@@ -36,8 +36,7 @@ def pre_logits(model: torch.nn.Module, runtime: Runtime | None = None):
 def can_train_on_features(model, trainable: TrainableSet, config) -> bool:
     """Exact when nothing before the head trains and the training views are fixed: un-augmented,
     or K stored augmented views (--cache-views K)."""
-    return (config.feature_cache and hasattr(model, "forward_head") and only_head_trains(model, trainable)
-            and (config.augment == "none" or config.cache_views > 1) and not config.needs_image_batches)
+    return config.fixed_training_views and hasattr(model, "forward_head") and only_head_trains(model, trainable)
 
 
 def model_fingerprint(model: torch.nn.Module, arch: str, runtime: Runtime) -> str:
@@ -157,9 +156,7 @@ def _fit_tail_on_activations(model, trainable, prefix, tail, splits, config, dat
         with torch.inference_mode(), runtime.autocast():
             per_view = [torch.cat([run_tail(runtime.inputs(v.features[val_rows[i:i + 64]])).float().cpu()
                                    for i in range(0, len(val_rows), 64)]) for v in vals] if len(val_rows) else []
-        if not per_view:
-            return torch.empty(0)
-        return average_views(*per_view) if len(per_view) > 1 else per_view[0]
+        return combine_views(per_view) if per_view else torch.empty(0)
 
     optimizer, batches, view_choice, scheduler, criterion = _cached_training_plan(
         model, config, labels, len(train_set.class_ids), runtime.device)
@@ -221,6 +218,7 @@ class _FullBatchLogistic:
         return loss + 0.5 * self.penalty * self.head.weight.pow(2).sum()
 
     def step(self) -> tuple[float, int]:
+        """One L-BFGS step; the mean loss and the correct count over the training images after it."""
         def closure():
             self.optimizer.zero_grad(set_to_none=True)
             loss = self._loss()
@@ -231,9 +229,7 @@ class _FullBatchLogistic:
         with torch.no_grad():
             logits = self.head(self.x)
             loss = float(self.criterion(logits, self.y))
-        n = len(self.y) // self.views
-        correct = int((logits.argmax(1) == self.y).sum()) // self.views
-        return loss * n, correct
+        return loss, int((logits.argmax(1) == self.y).sum()) // self.views
 
 
 def _fit_head_on_features(model, splits, config, data_config, runtime: Runtime, reporter,
@@ -274,26 +270,27 @@ def _fit_head_on_features(model, splits, config, data_config, runtime: Runtime, 
             epoch_start = time.perf_counter()
             head.train()
             total_loss, correct = 0.0, 0
-            batches.set_epoch(epoch)
             if full_batch is not None:
-                total_loss, correct = full_batch.step()
-                step += 1
-                log.step(step, total_loss / n, current_lr(optimizer))
-            for keys in batches if full_batch is None else []:
-                idx = torch.as_tensor([i for _, i in keys])
-                view = torch.randint(len(views), (len(idx),), generator=view_choice) if len(views) > 1 else 0
-                x, y = feats[view, idx], labels[idx]
-                if drop_rate:
-                    x = F.dropout(x, drop_rate, training=True)
-                logits, loss = _step(head, x, y, criterion, optimizer, scheduler)
+                loss, correct = full_batch.step()
+                total_loss = loss * n
                 step += 1
                 log.step(step, loss, current_lr(optimizer))
-                total_loss += loss * len(y)
-                correct += int((logits.argmax(1) == y).sum())
+            else:
+                batches.set_epoch(epoch)
+                for keys in batches:
+                    idx = torch.as_tensor([i for _, i in keys])
+                    view = torch.randint(len(views), (len(idx),), generator=view_choice) if len(views) > 1 else 0
+                    x, y = feats[view, idx], labels[idx]
+                    if drop_rate:
+                        x = F.dropout(x, drop_rate, training=True)
+                    logits, loss = _step(head, x, y, criterion, optimizer, scheduler)
+                    step += 1
+                    log.step(step, loss, current_lr(optimizer))
+                    total_loss += loss * len(y)
+                    correct += int((logits.argmax(1) == y).sum())
             head.eval()
             with torch.inference_mode():
-                val_logits = average_views(*[head(f) for f in val_feats]) if len(val_feats) > 1 \
-                    else head(val_feats[0])
+                val_logits = combine_views([head(f) for f in val_feats])
             record = _epoch_record(epoch, optimizer, total_loss, correct, n, epoch_start)
             if len(val_labels):
                 record["val_top1"] = float((val_logits.argmax(1) == val_labels).float().mean())

@@ -12,8 +12,7 @@ from timm.utils import ModelEmaV3
 
 from ..data.feature_cache import FeatureCache
 from ..data.fingerprint import fingerprint_tensors
-from ..data.loaders import make_loader
-from ..data.transforms import eval_transform, train_transform
+from ..data.transforms import eval_transform
 from ..errors import UserError
 from ..models.segments import split_at_freeze_boundary
 from ..models.trainable import TrainableSet, set_train_mode, with_frozen_norms
@@ -27,7 +26,7 @@ from .mixing import BatchMixer
 from .runtime import Reporter, Runtime
 from .schedule import make_scheduler
 from .steps import (FitResult, _after_epoch, _epoch_line, _epoch_record, _log_skipped, _NoLog, _step,
-                    build_optimizer, current_lr, make_criterion)
+                    build_optimizer, current_lr, make_criterion, make_training_loader)
 
 __all__ = ["FitResult", "Reporter", "Runtime", "fit", "pre_logits", "build_optimizer"]
 
@@ -69,9 +68,7 @@ def _fit_full(model, trainable, train_set, config, data_config, runtime: Runtime
     from a checkpoint it continues exactly: same schedule, data order, augmentation and RNG."""
     result = FitResult()
     dist = dist or Distributed()
-    loader = make_loader(train_set, train_transform(data_config, config.augment), config.batch_size,
-                         shuffle=True, seed=config.seed, workers=config.workers, balance=config.balance,
-                         epochs=config.epochs, rank=dist.rank, world=dist.world)
+    loader = make_training_loader(train_set, data_config, config, config.epochs, dist.rank, dist.world)
     batches = loader.batch_sampler
     unfreezing = GradualUnfreezing(config) if config.unfreeze_schedule else None
     optimizer = build_optimizer(model, config, unfreezing.final_names(model) if unfreezing else None)

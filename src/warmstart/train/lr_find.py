@@ -13,14 +13,12 @@ from pathlib import Path
 import numpy as np
 
 from ..config import RunConfig
-from ..data.loaders import make_loader
-from ..data.transforms import train_transform
 from ..errors import UserError
 from ..models.trainable import set_train_mode
 from .mixing import BatchMixer
 from .run import build
 from .runtime import Reporter, Runtime
-from .steps import build_optimizer, make_criterion
+from .steps import _step, build_optimizer, make_criterion, make_training_loader
 
 SMOOTHING = 0.98  # exponential moving average of the loss, bias-corrected
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this x its minimum
@@ -62,6 +60,9 @@ def lr_find(config: RunConfig, start_lr: float = 1e-7, end_lr: float = 10.0, ste
     config = config.validated()
     if not 0 < start_lr < end_lr:
         raise UserError(f"--start-lr {start_lr} and --end-lr {end_lr}: need 0 < start < end")
+    if config.optimizer == "lbfgs":
+        raise UserError("--optimizer lbfgs fits the head to convergence with a line search: there is no learning "
+                        "rate to find; sweep with --optimizer sgd or adamw")
     if steps < 10:
         raise UserError(f"--steps {steps} is too few for a sweep: use at least 10 (100-300 is usual)")
     reporter = reporter or Reporter(config.quiet)
@@ -76,9 +77,9 @@ def lr_find(config: RunConfig, start_lr: float = 1e-7, end_lr: float = 10.0, ste
     ratios = [group["lr"] / config.resolved_lr() for group in optimizer.param_groups]  # head rate, layer decay
     criterion = make_criterion(config, train_set.labels, len(train_set.class_ids), runtime.device)
     mix = BatchMixer(config, len(train_set.class_ids))
-    loader = make_loader(train_set, train_transform(built.data_config, config.augment), config.batch_size,
-                         shuffle=True, seed=config.seed, workers=config.workers, balance=config.balance,
-                         epochs=math.ceil(steps * config.batch_size / max(len(train_set), 1)) + 1)
+    loader = make_training_loader(train_set, built.data_config, config,
+                                  epochs=math.ceil(steps * config.batch_size / max(len(train_set), 1)) + 1)
+    scaler = runtime.grad_scaler()
     result, average, best = LrFindResult(out=out), 0.0, math.inf
     epoch = 0
     with reporter.bar(steps, "lr sweep", unit="step") as bar:
@@ -93,12 +94,7 @@ def lr_find(config: RunConfig, start_lr: float = 1e-7, end_lr: float = 10.0, ste
                 for group, ratio in zip(optimizer.param_groups, ratios):
                     group["lr"] = lr * ratio
                 images, targets = mix(runtime.inputs(batch.images), batch.labels.to(runtime.device))
-                with runtime.autocast():
-                    loss = criterion(model(images).float(), targets)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                value = float(loss.item())
+                _, value = _step(model, images, targets, criterion, optimizer, None, runtime, scaler)
                 average = SMOOTHING * average + (1 - SMOOTHING) * value
                 smooth = average / (1 - SMOOTHING ** (i + 1))
                 result.lrs.append(lr)

@@ -10,7 +10,8 @@ import torch
 from timm.models import group_parameters
 from timm.optim import create_optimizer_v2
 
-from ..data.loaders import class_weights
+from ..data.loaders import class_weights, make_loader
+from ..data.transforms import train_transform
 from ..errors import UserError
 from ..models.weights import classifier_names
 from .runtime import Reporter, Runtime
@@ -74,6 +75,14 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
     return max(group["lr"] for group in optimizer.param_groups)
 
 
+def make_training_loader(train_set, data_config: dict, config, epochs: int, rank: int = 0, world: int = 1):
+    """The training images as the run sees them: its augmentation, batch size, seeded order and
+    balancing, this rank's share."""
+    return make_loader(train_set, train_transform(data_config, config.augment), config.batch_size, shuffle=True,
+                       seed=config.seed, workers=config.workers, balance=config.balance, epochs=epochs, rank=rank,
+                       world=world)
+
+
 def make_criterion(config, labels, num_classes: int, device) -> torch.nn.Module:
     weight = class_weights(labels, num_classes).to(device) if config.balance == "loss" else None
     return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
@@ -125,7 +134,8 @@ def _step(module, inputs, labels, criterion, optimizer, scheduler, runtime: Runt
     else:
         loss.backward()
         optimizer.step()
-    scheduler.step()
+    if scheduler is not None:
+        scheduler.step()
     return logits.detach(), loss.item()
 
 

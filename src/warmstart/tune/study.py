@@ -133,6 +133,7 @@ def _objective(trial, base: dict, space, study_dir: Path, quiet: bool) -> float:
     import optuna
 
     from ..train.run import train
+    from ..train.runtime import Reporter
 
     params = {p.name: p.suggest(trial) for p in space}
     run_dir = study_dir / "trials" / f"trial-{trial.number:04d}"
@@ -151,8 +152,6 @@ def _objective(trial, base: dict, space, study_dir: Path, quiet: bool) -> float:
             trial.report(record["val_top1"], record["epoch"] - 1)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"val top-1 {record['val_top1']:.4f} after epoch {record['epoch']}")
-
-    from ..train.runtime import Reporter
 
     result = train(config, reporter=Reporter(quiet=True, silent=True), on_epoch=report)
     trial.set_user_attr("val_top5", result.metrics["top5"])
