@@ -42,7 +42,7 @@ def plain_epoch(train_set) -> float:
 def warmstart_epoch(manifest_dir: Path, out: Path, **options) -> float:
     result = warmstart.train(warmstart.RunConfig(
         data=str(manifest_dir), strategy="fine-tune", augment="standard", epochs=1, batch_size=BATCH, lr=0.01,
-        quiet=True, out=str(out), cache_dir=str(out.parent / "cache"), **options))
+        quiet=True, out=str(out), cache_dir=str(out.parent / "cache"), allow_outside_paths=True, **options))
     return result.metrics["train_images_per_sec"]
 
 

@@ -78,7 +78,7 @@ def probe(splits) -> dict:
 
 
 def recipe_run(name: str, data_dir: Path, work: Path) -> dict:
-    settings = {"recipe": name, "data": str(data_dir), "precision": "bf16", "quiet": True,
+    settings = {"recipe": name, "data": str(data_dir), "precision": "bf16", "quiet": True, "allow_outside_paths": True,
                 "out": str(work / name), "cache_dir": str(work / f"cache-{name}"), **CPU_EPOCHS.get(name, {})}
     start = time.perf_counter()
     result = warmstart.train(warmstart.RunConfig.from_dict(settings))

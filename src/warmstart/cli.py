@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from dataclasses import fields
 
 from .config import AUGMENTS, BALANCES, OPTIMIZERS, PRECISIONS, SCHEDULES, STRATEGIES, RunConfig
 from .errors import UserError
 from .recipes import RECIPES
+from .stop import Stopped
 
 EXIT_USAGE = 2
 
@@ -44,6 +46,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
                       help="Stanford Dogs: train and evaluate on the annotated dog box")
     data.add_argument("--drop-empty-classes", action="store_true", default=S,
                       help="leave out class folders without images instead of stopping")
+    data.add_argument("--allow-outside-paths", action="store_true", default=S,
+                      help="CSV manifests: read image paths outside the manifest's folder (refused by default)")
     data.add_argument("--balance", choices=BALANCES, default=S,
                       help="class imbalance: none (default), sampler (class-balanced sampling), loss (weights)")
     data.add_argument("--input-size", type=int, default=S, help="input size in px (default: the model's)")
@@ -199,8 +203,19 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-batch", type=int, default=16, help="micro-batch size limit")
     sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for a batch to fill")
     sv.add_argument("--no-batching", action="store_true", help="one forward pass per request")
-    sv.add_argument("--max-upload-mb", type=float, default=20.0, help="per-image upload limit")
-    sv.add_argument("--max-pixels", type=int, default=50_000_000, help="decompression-bomb guard")
+    sv.add_argument("--max-upload-mb", type=float, default=20.0, help="per-image upload limit (413 above it)")
+    sv.add_argument("--max-pixels", type=int, default=50_000_000,
+                    help="per-image pixel limit (decompression-bomb guard, 413), also the most pixels decoded at once")
+    sv.add_argument("--max-aspect-ratio", type=float, default=20.0,
+                    help="refuse more elongated images (413): resizing them would need huge memory")
+    sv.add_argument("--max-files", type=int, default=16, help="images per /predict/batch request")
+    sv.add_argument("--max-request-pixels", type=int, default=100_000_000,
+                    help="pixels of all the images of one request together (413 above it)")
+    sv.add_argument("--request-timeout", type=float, default=30.0,
+                    help="seconds for a request (headers and body) to arrive before the connection is closed")
+    sv.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle connection is kept open")
+    sv.add_argument("--max-connections", type=int, default=64,
+                    help="connections served at once (more are answered 503)")
 
     qs = sub.add_parser("quickstart", help="offline demo: EfficientNet-Lite0 features on scikit-learn's digits")
     qs.add_argument("--out", default=None)
@@ -218,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("root", help="a folder tree, CSV manifest, Stanford Dogs folder, or stanford-dogs")
     ck.add_argument("--workers", type=int, default=None)
     ck.add_argument("--json", action="store_true")
+    ck.add_argument("--allow-outside-paths", action="store_true",
+                    help="CSV manifests: read image paths outside the manifest's folder")
 
     rp = sub.add_parser("report", help="a self-contained HTML report of a run, with plots")
     rp.add_argument("run", help="run directory")
@@ -273,7 +290,9 @@ def _cmd_train(args) -> int:
         train(config, resume=getattr(args, "resume", None),
               resume_weights_only=getattr(args, "resume_weights_only", False))
     except TrainingInterrupted as stop:
-        run = stop.checkpoint.parent.parent if stop.checkpoint else None
+        if stop.checkpoint is None:
+            raise
+        run = stop.checkpoint.parent.parent
         print(f"interrupted: checkpoint saved to {stop.checkpoint}; continue with: warmstart train --resume {run}",
               file=sys.stderr)
         return 128 + stop.signum
@@ -291,16 +310,15 @@ def _cmd_lr_find(args) -> int:
 
 
 def _cmd_tune(args) -> int:
-    from .train.checkpoint import TrainingInterrupted
     from .tune import tune
 
     try:
         tune(args.config, args.space, args.trials, args.storage, args.study, args.timeout, args.study_dir,
              args.seed, args.processes, args.quiet)
-    except TrainingInterrupted:
+    except Stopped as stop:
         print("interrupted: the finished trials are stored; run the same command again to resume the study",
               file=sys.stderr)
-        return 130
+        return 128 + stop.signum
     return 0
 
 
@@ -402,7 +420,7 @@ def _cmd_data(args) -> int:
         return 0
     from .data.check import check_dataset
 
-    report = check_dataset(args.root, args.workers, quiet=args.json)
+    report = check_dataset(args.root, args.workers, quiet=args.json, allow_outside_paths=args.allow_outside_paths)
     print(report.to_json() if args.json else report.to_text())
     return 1 if report.problems else 0
 
@@ -444,8 +462,18 @@ def _cmd_export(args) -> int:
 def _cmd_serve(args) -> int:
     from .serve.app import ServeSettings, serve
 
+    for name in ("max_batch", "max_pixels", "max_files", "max_request_pixels", "max_connections"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} is not valid: it must be >= 1")
+    for name in ("max_upload_mb", "request_timeout", "keep_alive"):
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} is not valid: it must be > 0")
+    if args.max_aspect_ratio < 1:
+        raise UserError(f"--max-aspect-ratio {args.max_aspect_ratio} is not valid: it must be >= 1")
     settings = ServeSettings(args.model, args.max_batch, args.max_wait_ms, not args.no_batching,
-                             int(args.max_upload_mb * 1024 * 1024), args.max_pixels)
+                             int(args.max_upload_mb * 1024 * 1024), args.max_pixels, args.max_aspect_ratio,
+                             args.max_files, args.max_request_pixels, request_timeout=args.request_timeout,
+                             keep_alive=args.keep_alive, max_connections=args.max_connections)
     serve(settings, args.host, args.port, args.workers)
     return 0
 
@@ -464,6 +492,10 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Stopped as stop:
+        print(f"interrupted by {signal.Signals(stop.signum).name}: {stop.kept or 'nothing was written'}",
+              file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -35,6 +35,8 @@ class RunConfig:
     # Stanford Dogs: train and evaluate on the annotated dog box (the largest, where several)
     crop_to_box: bool = False
     drop_empty_classes: bool = False
+    # CSV manifests: image paths outside the manifest's folder are refused unless this is set
+    allow_outside_paths: bool = False
     # class imbalance: class-balanced sampling, or class-weighted loss
     balance: str = "none"
     # the network and where its weights come from
@@ -105,6 +107,7 @@ class RunConfig:
                 f"{source}: unknown setting(s) {', '.join(unknown)}; "
                 f"valid settings are the long option names of 'warmstart train --help'"
             )
+        normalized = {k: _coerce(k, v, source) for k, v in normalized.items()}
         if normalized.get("recipe") is not None:
             from .recipes import recipe_settings
 
@@ -247,3 +250,52 @@ class RunConfig:
         if self.optimizer == "sgd":
             return 0.01
         return 1e-3 if self.head_only else 1e-4
+
+
+def _field_kind(name: str) -> tuple[str, bool, bool]:
+    """(scalar type name, is a list, may be None) from the field's annotation, e.g. 'float | None'."""
+    annotation = {f.name: f.type for f in fields(RunConfig)}[name].replace(" ", "")
+    optional = "|None" in annotation
+    annotation = annotation.replace("|None", "")
+    if annotation.startswith("list["):
+        return annotation[5:-1], True, optional
+    return annotation, False, optional
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """A value from YAML or Python in the field's type: numbers written as text ('1e-3', which
+    YAML 1.1 reads as a string) become numbers; any other mismatch is one line naming the key."""
+    kind, is_list, optional = _field_kind(name)
+    if value is None:
+        return [] if is_list else value
+    if is_list:
+        return [_coerce_scalar(name, v, kind, source) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    return _coerce_scalar(name, value, kind, source)
+
+
+def _coerce_scalar(name: str, value: Any, kind: str, source: str) -> Any:
+    def wrong() -> UserError:
+        expected = {"float": "a number", "int": "a whole number", "bool": "true or false", "str": "text"}[kind]
+        return UserError(f"{source}: {name}: {value!r} is not valid: expected {expected} ({kind})")
+
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise wrong()
+    if kind == "str":
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise wrong()
+    if isinstance(value, bool):
+        raise wrong()
+    try:
+        number = float(value) if isinstance(value, str) else value
+    except ValueError:
+        raise wrong() from None
+    if not isinstance(number, (int, float)) or number != number:  # NaN
+        raise wrong()
+    if kind == "int":
+        if float(number) != int(number):
+            raise wrong()
+        return int(number)
+    return float(number)

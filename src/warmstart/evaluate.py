@@ -13,6 +13,7 @@ import torch
 
 from .data.loaders import make_loader
 from .data.sources import ImageSet
+from .stop import StopRequest, check
 
 
 @dataclass
@@ -92,14 +93,16 @@ def compute_outputs(model, images: ImageSet, transform, batch_size: int, workers
     loader = make_loader(images, transform, batch_size, shuffle=False, seed=0, workers=workers)
     outputs, labels, indices, skipped = [], [], [], []
     start = time.perf_counter()
-    for batch in loader:
-        skipped.extend(batch.skipped)
-        if len(batch.labels):
-            outputs.append(forward(batch.images.to(device)).float().cpu())
-            labels.append(batch.labels)
-            indices.append(batch.indices)
-        if progress is not None:
-            progress(len(batch.labels) + len(batch.skipped))
+    with StopRequest():
+        for batch in loader:
+            check()
+            skipped.extend(batch.skipped)
+            if len(batch.labels):
+                outputs.append(forward(batch.images.to(device)).float().cpu())
+                labels.append(batch.labels)
+                indices.append(batch.indices)
+            if progress is not None:
+                progress(len(batch.labels) + len(batch.skipped))
     seconds = time.perf_counter() - start
     if not outputs:
         empty = torch.empty(0, dtype=torch.long)
@@ -128,7 +131,8 @@ def run_split(run_dir: str | Path, data: str | None, split: str):
     config = RunConfig.from_yaml(Path(run_dir) / "config.yaml")
     splits = resolve_splits(data or config.data, config.val_fraction, config.seed,
                             None if data else config.val_data, class_ids=run.class_ids,
-                            crop_to_box=config.crop_to_box, drop_empty_classes=True, quiet=True)
+                            crop_to_box=config.crop_to_box, drop_empty_classes=True, quiet=True,
+                            allow_outside_paths=config.allow_outside_paths)
     if split not in splits:
         raise UserError(f"split {split!r} is not in {data or config.data}: available {', '.join(sorted(splits))}")
     return run, splits[split]

@@ -101,13 +101,16 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
         import onnx
         import onnxruntime as ort
 
+        external = path.with_name(path.name + ".data")  # where the exporter may put the weights
+        external.unlink(missing_ok=True)
         exporter = _export_onnx(model, inputs[:2], path)
-        proto = onnx.load(str(path))
+        proto = onnx.load(str(path))  # the weights too, wherever the exporter put them
         del proto.metadata_props[:]
         for key, value in meta.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, json.dumps(value)
-        onnx.save(proto, str(path))
+        onnx.save(proto, str(path))  # one self-contained file (models under 2 GB)
+        external.unlink(missing_ok=True)
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         exported = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
 

@@ -58,8 +58,9 @@ def inspect_image(item) -> tuple[int, int, str | None]:
         return 0, 0, f"{exc.__class__.__name__}: {exc}"
 
 
-def check_dataset(data: str, workers: int | None = None, quiet: bool = False) -> CheckReport:
-    splits = load_source(data, drop_empty_classes=True, quiet=quiet)
+def check_dataset(data: str, workers: int | None = None, quiet: bool = False,
+                  allow_outside_paths: bool = False) -> CheckReport:
+    splits = load_source(data, drop_empty_classes=True, quiet=quiet, allow_outside_paths=allow_outside_paths)
     problems: list[tuple[str, str]] = []
     for split in splits.values():
         problems.extend(split.ignored)

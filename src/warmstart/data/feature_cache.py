@@ -5,13 +5,19 @@ weights' values, the architecture, precision and memory format, the preprocessin
 the augmentation view, and the image list with file sizes and modification times. Rows are
 written, flushed, then marked done, so an interrupted extraction resumes where it stopped and
 an incomplete cache is never used as complete.
+
+The cache verifies itself before use: every file must have its exact size and shape (numpy
+would silently zero-fill a truncated file opened for writing), and every finished row its CRC-32.
+A damaged file starts the folder afresh, a damaged row is computed again, each with one warning.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,11 +25,12 @@ import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 
+from ..stop import StopRequest, Stopped, requested
 from .fingerprint import fingerprint_items, fingerprint_json
 from .loaders import make_loader
 from .sources import ImageSet
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 PENDING, DONE, UNREADABLE = 0, 1, 2
 FLUSH_EVERY = 8  # batches
 
@@ -44,10 +51,37 @@ def _write_json_atomically(path: Path, value) -> None:
     os.replace(tmp, path)
 
 
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _array_problem(path: Path, shape: tuple, dtype) -> str | None:
+    """Why the .npy file at `path` is not exactly an array of `shape` and `dtype` (None: it is)."""
+    try:
+        array = np.load(path, mmap_mode="r")
+        size = path.stat().st_size
+    except (OSError, ValueError) as exc:
+        return f"{exc.__class__.__name__}: {str(exc)[:80]}"
+    if array.shape != tuple(shape) or array.dtype != np.dtype(dtype):
+        return f"shape {array.shape} {array.dtype}, expected {tuple(shape)} {np.dtype(dtype)}"
+    if size != array.offset + array.nbytes:
+        return f"{size} bytes, expected {array.offset + array.nbytes}"
+    return None
+
+
+def row_checksums(array: np.ndarray, rows=None) -> np.ndarray:
+    """CRC-32 of each row's bytes (a truncated or zero-filled row cannot keep its checksum); one row
+    in memory at a time, so a large memory-mapped cache is never copied whole."""
+    rows = range(len(array)) if rows is None else rows
+    return np.fromiter((zlib.crc32(np.ascontiguousarray(array[r])) for r in rows), dtype=np.uint32,
+                       count=len(rows))
+
+
 class FeatureCache:
-    def __init__(self, root: str | Path, model_fingerprint: str):
+    def __init__(self, root: str | Path, model_fingerprint: str, warn=_warn):
         self.root = Path(root)
         self.model_fingerprint = model_fingerprint
+        self.warn = warn
 
     def key(self, images: ImageSet, transform, view: int, item_seed: int | None) -> str:
         return fingerprint_json({
@@ -70,16 +104,15 @@ class FeatureCache:
         folder = self.folder(name, key)
         folder.mkdir(parents=True, exist_ok=True)
         meta_path = folder / "meta.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
         n = len(images)
-        if meta.get("key") != key:
-            meta = {"key": key, "n": n, "dim": None, "complete": False}
-            for stale in ("features.npy", "status.npy", "skipped.json"):
-                (folder / stale).unlink(missing_ok=True)
+        meta = self._verified_meta(folder, key, n)
         status = (open_memmap(folder / "status.npy", mode="r+") if (folder / "status.npy").is_file()
                   else open_memmap(folder / "status.npy", mode="w+", dtype=np.int8, shape=(n,)))
-        skipped = json.loads((folder / "skipped.json").read_text()) if (folder / "skipped.json").is_file() else {}
+        skipped = self._skipped(folder, status)
         features = open_memmap(folder / "features.npy", mode="r+") if meta["dim"] is not None else None
+        sums = open_memmap(folder / "rowsums.npy", mode="r+") if meta["dim"] is not None else None
+        if features is not None:
+            self._recheck_rows(folder, features, sums, status, meta)
         todo = np.flatnonzero(status == PENDING)
         start = time.perf_counter()
         if len(todo):
@@ -88,7 +121,7 @@ class FeatureCache:
             loader = make_loader(images.subset(todo.tolist()), transform, batch_size, shuffle=False, seed=0,
                                  workers=workers, item_seed=item_seed)
             pending_rows: list[int] = []
-            with torch.inference_mode():
+            with torch.inference_mode(), StopRequest():
                 for count, batch in enumerate(loader, start=1):
                     for (item, reason), index in zip(batch.skipped, batch.skipped_indices):
                         row = int(todo[index])
@@ -101,16 +134,21 @@ class FeatureCache:
                             meta["dim"] = int(out[0].numel())
                             features = open_memmap(folder / "features.npy", mode="w+", dtype=np.float32,
                                                    shape=(n, meta["dim"]))
+                            sums = open_memmap(folder / "rowsums.npy", mode="w+", dtype=np.uint32, shape=(n,))
                             _write_json_atomically(meta_path, meta)
                         rows = todo[batch.indices.numpy()]
-                        features[rows] = out.reshape(len(out), -1).numpy()
+                        values = out.reshape(len(out), -1).numpy()
+                        features[rows] = values
+                        sums[rows] = row_checksums(values)
                         pending_rows.extend(rows.tolist())
                     if progress is not None:
                         progress(len(batch.labels) + len(batch.skipped))
-                    if count % FLUSH_EVERY == 0:
-                        self._commit(features, status, pending_rows, skipped, folder)
+                    if count % FLUSH_EVERY == 0 or requested() is not None:
+                        self._commit(features, sums, status, pending_rows, skipped, folder)
                         pending_rows = []
-            self._commit(features, status, pending_rows, skipped, folder)
+                    if requested() is not None:
+                        raise Stopped(requested(), f"{int((status != PENDING).sum())} of {n} rows kept in {folder}")
+            self._commit(features, sums, status, pending_rows, skipped, folder)
         seconds = time.perf_counter() - start
         if not (status == PENDING).any() and not meta["complete"]:
             meta["complete"] = True
@@ -125,11 +163,75 @@ class FeatureCache:
         return CachedFeatures(values, valid, torch.as_tensor(images.labels, dtype=torch.long), seconds,
                               int(len(todo)), [tuple(v) for v in skipped.values()])
 
+    def _verified_meta(self, folder: Path, key: str, n: int) -> dict:
+        """The folder's meta data when the folder is intact; otherwise a fresh start (with a warning
+        when something was damaged rather than merely stale)."""
+        fresh = {"key": key, "n": n, "dim": None, "complete": False}
+        meta_path = folder / "meta.json"
+        if not meta_path.is_file() and not (folder / "status.npy").is_file():
+            return fresh
+        try:
+            meta = json.loads(meta_path.read_text())
+            if not isinstance(meta, dict):
+                raise ValueError("not a mapping")
+        except (OSError, ValueError) as exc:
+            problem = f"meta.json is unreadable ({exc.__class__.__name__})"
+        else:
+            if meta.get("key") != key:
+                return self._reset(folder, fresh)  # another key's leftovers: not damage
+            problem = _array_problem(folder / "status.npy", (n,), np.int8)
+            if problem is None and meta.get("dim") is not None:
+                problem = (_array_problem(folder / "features.npy", (n, meta["dim"]), np.float32)
+                           or _array_problem(folder / "rowsums.npy", (n,), np.uint32))
+                problem = problem and f"features are damaged ({problem})"
+            else:
+                problem = problem and f"status.npy is damaged ({problem})"
+            if problem is None:
+                return meta
+        self.warn(f"feature cache {folder}: {problem}; computing its features again")
+        return self._reset(folder, fresh)
+
+    def _skipped(self, folder: Path, status) -> dict:
+        """Why rows were unreadable; if that record is damaged, those rows are tried again."""
+        path = folder / "skipped.json"
+        if not path.is_file():
+            return {}
+        try:
+            skipped = json.loads(path.read_text())
+            if isinstance(skipped, dict):
+                return skipped
+        except (OSError, ValueError):
+            pass
+        self.warn(f"feature cache {folder}: skipped.json is damaged; trying its unreadable images again")
+        status[np.asarray(status) == UNREADABLE] = PENDING
+        status.flush()
+        _write_json_atomically(path, {})
+        return {}
+
     @staticmethod
-    def _commit(features, status, rows, skipped, folder: Path) -> None:
-        """Feature rows reach the disk before they are marked done."""
+    def _reset(folder: Path, fresh: dict) -> dict:
+        for stale in ("features.npy", "rowsums.npy", "status.npy", "skipped.json", "meta.json"):
+            (folder / stale).unlink(missing_ok=True)
+        return fresh
+
+    def _recheck_rows(self, folder: Path, features, sums, status, meta: dict) -> None:
+        """Finished rows whose checksum no longer matches are computed again."""
+        done = np.flatnonzero(np.asarray(status) == DONE)
+        bad = done[row_checksums(features, done) != np.asarray(sums[done])]
+        if len(bad):
+            self.warn(f"feature cache {folder}: {len(bad)} row(s) fail their checksum; computing them again")
+            status[bad] = PENDING
+            status.flush()
+            if meta.get("complete"):
+                meta["complete"] = False
+                _write_json_atomically(folder / "meta.json", meta)
+
+    @staticmethod
+    def _commit(features, sums, status, rows, skipped, folder: Path) -> None:
+        """Feature rows and their checksums reach the disk before they are marked done."""
         if features is not None:
             features.flush()
+            sums.flush()
         status[rows] = DONE
         status.flush()
         _write_json_atomically(folder / "skipped.json", skipped)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import DataLoader
 
+from ..stop import check
 from .fingerprint import fingerprint_items, fingerprint_json
 from .loaders import ImageDataset, default_workers
 from .sources import ImageSet
@@ -85,6 +86,7 @@ def _build(images: ImageSet, resize, folder: Path, workers: int | None, progress
     offset = 0
     with (tmp / "pixels.u8").open("wb") as out:
         for sample in loader:
+            check()  # an interrupted build is started again next time (its .partial folder is not used)
             if sample[0] is not None:
                 array, _, index = sample
                 out.write(array.tobytes())

@@ -18,6 +18,9 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 SYSTEM_FILES = {"thumbs.db", "desktop.ini", "icon\r"}
 # decompression-bomb guard: PIL refuses images above twice this many pixels
 DEFAULT_MAX_PIXELS = 89_478_485
+# thin-image guard: resizing a 1x50,000 image to a 256-px short side would need 256x12.8M pixels;
+# no photo is this elongated, so such files are refused before any pixel is decoded
+MAX_ASPECT_RATIO = 20.0
 
 
 @dataclass(frozen=True)
@@ -56,11 +59,56 @@ def to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGB", rgba.size, (255, 255, 255))
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
+    if image.mode == "RGB":
+        image.load()
+        return image  # no copy: a large image would need its memory twice
     return image.convert("RGB")
 
 
 class ImageTooLarge(ValueError):
-    """More pixels than the decompression-bomb limit."""
+    """More pixels than the decompression-bomb limit, or too elongated to resize safely."""
+
+
+def check_size(width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_aspect_ratio: float = MAX_ASPECT_RATIO) -> None:
+    """Refuse, from the header alone, what would take too much memory to decode or to resize."""
+    if width * height > max_pixels:
+        raise ImageTooLarge(f"{width}x{height} pixels is over the {max_pixels:,}-pixel limit "
+                            f"(decompression bomb guard)")
+    if min(width, height) < 1 or max(width, height) / min(width, height) > max_aspect_ratio:
+        raise ImageTooLarge(f"{width}x{height} pixels has an aspect ratio over the limit of {max_aspect_ratio:g}:1 "
+                            f"(resizing it to the model's input would take {max(width, height) // max(1, min(width, height)):,}"
+                            f"x the pixels of a square image)")
+
+
+def open_lazily(source) -> Image.Image:
+    """The image's header only (no pixel decoded yet); PIL's own bomb refusal as ImageTooLarge."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused by check_size, clearly
+            return Image.open(source)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(str(exc).split(", could be")[0] + " (decompression bomb guard)") from None
+
+
+def decode(source, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect_ratio: float = MAX_ASPECT_RATIO,
+           box: tuple[int, int, int, int] | None = None, shrink=None) -> Image.Image:
+    """A file path or file object to an RGB image: size checked from the header before any pixel is
+    decoded (and again after cropping to `box`), EXIF orientation applied. `shrink` (a resize) is
+    applied as early as gives the same pixels: a grey image is resized before it becomes RGB."""
+    with open_lazily(source) as image:
+        check_size(image.width, image.height, max_pixels, max_aspect_ratio)
+        if box is not None:
+            # annotation boxes are in the stored pixel grid: crop before applying EXIF orientation
+            left, top, right, bottom = box
+            image = image.crop((max(0, left), max(0, top), min(image.width, right), min(image.height, bottom)))
+            check_size(image.width, image.height, max_pixels, max_aspect_ratio)
+        image = ImageOps.exif_transpose(image, in_place=box is None) or image  # no copy when nothing turns
+        if shrink is None:
+            return to_rgb(image)
+        if image.mode in ("1", "L"):  # three equal channels: resizing one is the same, at a third of the memory
+            return shrink(image.convert("L")).convert("RGB")
+        return shrink(to_rgb(image))
 
 
 def open_image(item, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -69,18 +117,6 @@ def open_image(item, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         return Image.fromarray(item).convert("RGB")
     if hasattr(item, "pixels"):  # a pre-resized image cache entry
         return Image.fromarray(item.pixels())
-    path, box = (item.path, item.box) if isinstance(item, BoxedImage) else (item, None)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with a clear reason
-        image = Image.open(path)
-    with image:
-        # checked from the header, before any pixel is decoded
-        if image.width * image.height > max_pixels:
-            raise ImageTooLarge(f"{image.width}x{image.height} pixels is over the {max_pixels:,}-pixel limit "
-                                f"(decompression bomb guard)")
-        if box is not None:
-            # annotation boxes are in the stored pixel grid: crop before applying EXIF orientation
-            left, top, right, bottom = box
-            image = image.crop((max(0, left), max(0, top), min(image.width, right), min(image.height, bottom)))
-        image = ImageOps.exif_transpose(image)
-        return to_rgb(image)
+    if isinstance(item, BoxedImage):
+        return decode(item.path, max_pixels, box=item.box)
+    return decode(item, max_pixels)

@@ -132,16 +132,15 @@ def _scan_class_tree(root: Path, class_ids: list[str] | None = None, drop_empty:
 
 
 # -- CSV manifests --------------------------------------------------------------------
-def read_csv_manifest(path: Path, class_ids: list[str] | None = None, drop_empty: bool = False) -> ImageSet:
+def read_csv_manifest(path: Path, class_ids: list[str] | None = None, allow_outside: bool = False) -> ImageSet:
     """The original demo's `dataset_meta` format: `image_path,label` rows, paths relative to the CSV.
 
-    Labels are class names, or integer indices when every label is a number. A header row
-    (`image`/`path`/`filename`, `label`/`class`) is recognised and skipped.
+    Labels are class names, or integer indices when every label is a number (then the classes are
+    the numbers present, in numeric order). A header row (`image`/`path`/`filename`, `label`/`class`)
+    is recognised and skipped. Paths must stay inside the CSV's folder unless `allow_outside`: a
+    manifest must not be a way to read arbitrary files.
     """
-    if not path.is_file():
-        raise UserError(f"CSV manifest {path} does not exist")
-    with path.open(newline="") as handle:
-        rows = [r for r in csv.reader(handle) if r and any(c.strip() for c in r)]
+    rows = _read_csv_rows(path)
     if rows and rows[0][0].strip().lower() in ("image", "image_path", "path", "filename", "file", "img"):
         rows = rows[1:]
     if not rows:
@@ -149,8 +148,13 @@ def read_csv_manifest(path: Path, class_ids: list[str] | None = None, drop_empty
     bad = [i + 1 for i, r in enumerate(rows) if len(r) < 2 or not r[0].strip() or not r[1].strip()]
     if bad:
         raise UserError(f"CSV manifest {path}: row {bad[0]} is not 'image_path,label'")
-    base = path.parent
+    base = path.parent.resolve()
     paths = [(base / r[0].strip()).resolve() for r in rows]
+    if not allow_outside:
+        outside = next((p for p in paths if not p.is_relative_to(base)), None)
+        if outside is not None:
+            raise UserError(f"CSV manifest {path} names {outside}, outside the manifest's folder {base}: move the "
+                            f"images under it, or pass --allow-outside-paths if you trust this manifest")
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         raise UserError(
@@ -158,17 +162,31 @@ def read_csv_manifest(path: Path, class_ids: list[str] | None = None, drop_empty
             f"paths must be relative to the CSV's folder"
         )
     raw = [r[1].strip() for r in rows]
+    numeric = all(label.isdigit() for label in raw)
+    if numeric:  # "05" and "5" are one class
+        raw = [str(int(label)) for label in raw]
     if class_ids is None:
-        if all(label.isdigit() for label in raw):
-            class_ids = [str(i) for i in range(max(int(label) for label in raw) + 1)]
-        else:
-            class_ids = sorted(set(raw))
+        class_ids = [str(i) for i in sorted({int(label) for label in raw})] if numeric else sorted(set(raw))
     index = {c: i for i, c in enumerate(class_ids)}
     unknown = sorted({label for label in raw if label not in index})
     if unknown:
         raise UserError(f"CSV manifest {path} has labels not among the classes: {', '.join(unknown[:5])}")
     labels = [index[label] for label in raw]
     return ImageSet([str(p) for p in paths], labels, class_ids, [readable_class_name(c) for c in class_ids], str(path))
+
+
+def _read_csv_rows(path: Path) -> list[list[str]]:
+    """The non-empty rows of a UTF-8 CSV (a byte-order mark is dropped); other encodings are one line."""
+    if not path.is_file():
+        raise UserError(f"CSV manifest {path} does not exist")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            return [r for r in csv.reader(handle) if r and any(c.strip() for c in r)]
+    except UnicodeDecodeError as exc:
+        raise UserError(f"CSV manifest {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                        f"{exc.start}): save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)") from None
+    except csv.Error as exc:
+        raise UserError(f"CSV manifest {path} is not a readable CSV file ({exc})") from None
 
 
 # -- embedded data --------------------------------------------------------------------
@@ -212,7 +230,8 @@ def _split_csvs(root: Path) -> dict[str, Path]:
 
 
 def load_source(data: str, class_ids: list[str] | None = None, crop_to_box: bool = False,
-                drop_empty_classes: bool = False, quiet: bool = False) -> dict[str, ImageSet]:
+                drop_empty_classes: bool = False, quiet: bool = False,
+                allow_outside_paths: bool = False) -> dict[str, ImageSet]:
     """The splits a data source provides on its own (before any validation carve-out)."""
     from . import stanford_dogs
 
@@ -239,15 +258,20 @@ def load_source(data: str, class_ids: list[str] | None = None, crop_to_box: bool
     if root.is_file():
         if root.suffix.lower() != ".csv":
             raise UserError(f"--data {root} is a file but not a .csv manifest")
-        return {"all": read_csv_manifest(root, class_ids, drop_empty_classes)}
+        return {"all": read_csv_manifest(root, class_ids, allow_outside_paths)}
     if not any(True for _ in root.iterdir()):
         raise UserError(f"data folder {root} is empty: expected {root}/train/<class>/* or {root}/<class>/*")
     splits = _split_folders(root)
-    for found, read in ((splits, _scan_class_tree), (_split_csvs(root), read_csv_manifest)):
-        if "train" in found:
-            train = read(found["train"], class_ids, drop_empty_classes)
-            # val/test use the training classes, in the same order
-            return {"train": train, **{n: read(found[n], train.class_ids) for n in ("val", "test") if n in found}}
+    csvs = _split_csvs(root)
+    if "train" in splits:
+        train = _scan_class_tree(splits["train"], class_ids, drop_empty_classes)
+        # val/test use the training classes, in the same order
+        return {"train": train, **{n: _scan_class_tree(splits[n], train.class_ids) for n in ("val", "test")
+                                   if n in splits}}
+    if "train" in csvs:
+        train = read_csv_manifest(csvs["train"], class_ids, allow_outside_paths)
+        return {"train": train, **{n: read_csv_manifest(csvs[n], train.class_ids, allow_outside_paths)
+                                   for n in ("val", "test") if n in csvs}}
     if set(splits) - {"train"}:
         raise UserError(f"{root} has {'/'.join(sorted(splits))} folder(s) but no train/: add {root}/train/<class>/*")
     return {"all": _scan_class_tree(root, class_ids, drop_empty_classes)}
@@ -256,10 +280,11 @@ def load_source(data: str, class_ids: list[str] | None = None, crop_to_box: bool
 def resolve_splits(
     data: str, val_fraction: float, seed: int, val_data: str | None = None, class_ids: list[str] | None = None,
     crop_to_box: bool = False, drop_empty_classes: bool = False, quiet: bool = False,
+    allow_outside_paths: bool = False,
 ) -> dict[str, ImageSet]:
     """train / val (/ test) splits. Validation comes from val/, --val-data, or a seeded
     stratified carve-out of the training images, never from test."""
-    splits = load_source(data, class_ids, crop_to_box, drop_empty_classes, quiet)
+    splits = load_source(data, class_ids, crop_to_box, drop_empty_classes, quiet, allow_outside_paths)
     if "all" in splits:
         whole = splits.pop("all")
         keep, held = stratified_split(whole.labels, val_fraction, seed)
@@ -267,7 +292,7 @@ def resolve_splits(
         splits["val"].extra["ignored"] = []  # reported once, with train
     train = splits["train"]
     if val_data:
-        extra = load_source(val_data, train.class_ids, crop_to_box)
+        extra = load_source(val_data, train.class_ids, crop_to_box, allow_outside_paths=allow_outside_paths)
         splits["val"] = extra.get("val") or extra.get("all") or extra.get("test") or extra["train"]
     elif "val" not in splits:
         keep, held = stratified_split(train.labels, val_fraction, seed)

@@ -1,29 +1,37 @@
 """The breed-recognition service: FastAPI on uvicorn, micro-batched inference, a web page.
 
 Client mistakes (no image, a broken or huge image, a wrong content type) get a 4xx with a JSON
-error and the service keeps serving; only a failure of the service itself is a 500.
+`{"error": "..."}` and the service keeps serving; only a failure of the service itself is a 500.
+Memory is bounded by the settings, whatever a request claims: bodies are counted as they arrive,
+image sizes are checked from their headers, and uploads are decoded off the event loop, a bounded
+number of pixels at a time, and shrunk to the model's input right away.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import os
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse
-from PIL import Image, ImageOps
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from PIL import Image
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
-from ..data.images import to_rgb
+from ..data.images import MAX_ASPECT_RATIO, ImageTooLarge, check_size, decode, open_lazily
 from .backends import load_backend, top_k
 
 PAGE = Path(__file__).with_name("page.html")
+FORM_OVERHEAD = 64 * 1024  # multipart boundaries and headers around the files
+log = logging.getLogger("uvicorn.error")  # uvicorn's own log (INFO and up), despite its name
 
 
 @dataclass
@@ -32,27 +40,29 @@ class ServeSettings:
     max_batch: int = 16
     max_wait_ms: float = 5.0
     batching: bool = True
-    max_upload_bytes: int = 20 * 1024 * 1024
-    max_pixels: int = 50_000_000
+    max_upload_bytes: int = 20 * 1024 * 1024  # per image
+    max_pixels: int = 50_000_000  # per image; also how many pixels are decoded at once, at most
+    max_aspect_ratio: float = MAX_ASPECT_RATIO
+    max_files: int = 16  # per /predict/batch request
+    max_request_pixels: int = 100_000_000  # all images of one request together
+    decode_threads: int = 2
+    request_timeout: float = 30.0  # seconds for a whole request (headers and body) to arrive
+    keep_alive: float = 5.0  # seconds an idle connection is kept
+    max_connections: int = 64  # more at once are answered 503
 
     @classmethod
     def from_env(cls) -> "ServeSettings":
         """For uvicorn worker processes, which import the app by name."""
-        return cls(
-            model=os.environ["WARMSTART_SERVE_MODEL"],
-            max_batch=int(os.environ.get("WARMSTART_SERVE_MAX_BATCH", 16)),
-            max_wait_ms=float(os.environ.get("WARMSTART_SERVE_MAX_WAIT_MS", 5.0)),
-            batching=os.environ.get("WARMSTART_SERVE_BATCHING", "1") == "1",
-            max_upload_bytes=int(os.environ.get("WARMSTART_SERVE_MAX_UPLOAD_BYTES", 20 * 1024 * 1024)),
-            max_pixels=int(os.environ.get("WARMSTART_SERVE_MAX_PIXELS", 50_000_000)),
-        )
+        values = {}
+        for f in fields(cls):
+            raw = os.environ.get(f"WARMSTART_SERVE_{f.name.upper()}")
+            if raw is not None:
+                values[f.name] = {"int": int, "float": float, "bool": lambda v: v == "1"}.get(f.type, str)(raw)
+        return cls(**values)
 
     def to_env(self) -> dict[str, str]:
-        return {"WARMSTART_SERVE_MODEL": str(self.model), "WARMSTART_SERVE_MAX_BATCH": str(self.max_batch),
-                "WARMSTART_SERVE_MAX_WAIT_MS": str(self.max_wait_ms),
-                "WARMSTART_SERVE_BATCHING": "1" if self.batching else "0",
-                "WARMSTART_SERVE_MAX_UPLOAD_BYTES": str(self.max_upload_bytes),
-                "WARMSTART_SERVE_MAX_PIXELS": str(self.max_pixels)}
+        return {f"WARMSTART_SERVE_{k.upper()}": ("1" if v else "0") if isinstance(v, bool) else str(v)
+                for k, v in asdict(self).items()}
 
 
 class ClientError(Exception):
@@ -62,23 +72,58 @@ class ClientError(Exception):
         self.message = message
 
 
-def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
+def image_size(data: bytes) -> tuple[int, int]:
+    """Width and height from the header (no pixels decoded); 400 for what is not an image."""
     if not data:
         raise ClientError(400, "empty upload: send an image file")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-        if image.width * image.height > max_pixels:
-            raise ClientError(413, f"image is {image.width}x{image.height} pixels, over the limit of "
-                                   f"{max_pixels:,} pixels")
-        image = ImageOps.exif_transpose(image)
-        return to_rgb(image)
-    except ClientError:
-        raise
+        with open_lazily(io.BytesIO(data)) as image:
+            return image.width, image.height
+    except ImageTooLarge as exc:
+        raise ClientError(413, f"image is {exc}") from None
     except Exception as exc:
         raise ClientError(400, f"not a readable image ({exc.__class__.__name__}): send a JPEG, PNG, GIF or WebP "
                                f"file") from None
+
+
+def decode_upload(data: bytes, settings: ServeSettings, shrink=None) -> Image.Image:
+    """Upload bytes to an RGB image, refused with 413 when too large, 400 when unreadable; then
+    shrunk at once (`shrink`: the model's first resize) so that no full-size image is kept."""
+    try:
+        return decode(io.BytesIO(data), settings.max_pixels, settings.max_aspect_ratio, shrink=shrink)
+    except ImageTooLarge as exc:
+        raise ClientError(413, f"image is {exc}") from None
+    except Exception as exc:
+        raise ClientError(400, f"not a readable image ({exc.__class__.__name__}): send a JPEG, PNG, GIF or WebP "
+                               f"file") from None
+
+
+class Decoder:
+    """Decodes uploads in a few threads, never more than `budget` pixels at once (the memory
+    they need), so that the event loop keeps answering (e.g. /health) while big images decode."""
+
+    def __init__(self, settings: ServeSettings, shrink):
+        self.settings, self.shrink = settings, shrink
+        self.executor = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="decode")
+        self.budget, self.in_use = settings.max_pixels, 0
+        self.changed: asyncio.Condition | None = None
+
+    async def image(self, data: bytes, pixels: int) -> Image.Image:
+        self.changed = self.changed or asyncio.Condition()
+        need = min(pixels, self.budget)
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.in_use + need <= self.budget)
+            self.in_use += need
+        try:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self.executor, decode_upload, data, self.settings, self.shrink)
+        finally:
+            async with self.changed:
+                self.in_use -= need
+                self.changed.notify_all()
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
 
 class MicroBatcher:
@@ -136,77 +181,140 @@ class MicroBatcher:
                         future.set_exception(exc)
 
 
+def limited(request: Request, limit: int) -> Request:
+    """The request with its body counted as it arrives: 413 as soon as it passes `limit` bytes,
+    whatever Content-Length said (or chunked encoding left unsaid)."""
+    received = 0
+
+    async def receive():
+        nonlocal received
+        message = await request.receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise ClientError(413, f"request body is over the limit of {limit:,} bytes")
+        return message
+
+    return Request(request.scope, receive)
+
+
+async def read_uploads(request: Request, settings: ServeSettings, many: bool) -> list[tuple[str, bytes]]:
+    """(name, bytes) of the uploaded images: a multipart form's files, or a raw image body."""
+    per_file = settings.max_upload_bytes
+    limit = per_file * (settings.max_files if many else 1) + FORM_OVERHEAD
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise ClientError(413, f"upload of {int(length):,} bytes is over the limit of {limit:,} bytes")
+    content_type = request.headers.get("content-type", "")
+    body = limited(request, limit)
+    if content_type.startswith("multipart/form-data"):
+        form = await body.form(max_files=settings.max_files, max_fields=settings.max_files)
+        files = [(v.filename or k, await v.read()) for k, v in form.multi_items() if hasattr(v, "read")]
+        if not files:
+            raise ClientError(400, "no file in the form: send the image as the 'file' field")
+    elif content_type.startswith(("image/", "application/octet-stream")) and not many:
+        files = [("body", b"".join([chunk async for chunk in body.stream()]))]
+    else:
+        raise ClientError(415, f"content type {content_type or 'none'!r} is not accepted: send multipart/form-data "
+                               f"with a 'file' field" + ("" if many else ", or the image bytes as image/*"))
+    for name, data in files:
+        if len(data) > per_file:
+            raise ClientError(413, f"{name}: {len(data):,} bytes is over the limit of {per_file:,} bytes")
+    return files
+
+
+def checked_sizes(files: list[tuple[str, bytes]], settings: ServeSettings) -> list:
+    """Each file's pixel count (or its ClientError), from the headers; the request's total bounded."""
+    sizes = []
+    for _, data in files:
+        try:
+            width, height = image_size(data)
+            check_size(width, height, settings.max_pixels, settings.max_aspect_ratio)
+            sizes.append(width * height)
+        except ImageTooLarge as exc:
+            sizes.append(ClientError(413, f"image is {exc}"))
+        except ClientError as exc:
+            sizes.append(exc)
+    total = sum(s for s in sizes if isinstance(s, int))
+    if total > settings.max_request_pixels:
+        raise ClientError(413, f"the images of this request have {total:,} pixels together, over the limit of "
+                               f"{settings.max_request_pixels:,}: send fewer or smaller images per request")
+    return sizes
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """One error shape everywhere: {"error": "..."}; a client that went away is one INFO line."""
+
+    @app.exception_handler(ClientError)
+    async def client_error(request: Request, exc: ClientError):
+        # a body refused part-way is not read to its end: the connection closes after the answer
+        headers = {"Connection": "close"} if exc.status == 413 else None
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        reasons = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}"
+                            for e in exc.errors())
+        return JSONResponse({"error": reasons}, status_code=422)
+
+    @app.exception_handler(ClientDisconnect)
+    async def gone(request: Request, exc: ClientDisconnect):
+        log.info("client %s disconnected before its request was complete", request.client.host if request.client
+                 else "?")
+        return Response(status_code=499)
+
+
 def create_app(settings: ServeSettings) -> FastAPI:
     backend = load_backend(settings.model)
     batcher = MicroBatcher(backend, settings.max_batch, settings.max_wait_ms, settings.batching)
+    decoder = Decoder(settings, backend.shrink)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await batcher.start()
         yield
         await batcher.stop()
+        decoder.close()
 
     app = FastAPI(title="warmstart", lifespan=lifespan)
     app.state.batcher = batcher
+    add_error_handlers(app)
 
-    @app.exception_handler(ClientError)
-    async def client_error(request: Request, exc: ClientError):
-        return JSONResponse({"error": exc.message}, status_code=exc.status)
-
-    async def read_images(request: Request, many: bool) -> list[tuple[str, bytes]]:
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_upload_bytes * (16 if many else 1) + 65536:
-            raise ClientError(413, f"upload of {int(length):,} bytes is over the limit of "
-                                   f"{settings.max_upload_bytes:,} bytes per image")
-        content_type = request.headers.get("content-type", "")
-        if content_type.startswith("multipart/form-data"):
-            form = await request.form()
-            files = [(v.filename or k, await v.read()) for k, v in form.multi_items() if hasattr(v, "read")]
-            if not files:
-                raise ClientError(400, "no file in the form: send the image as the 'file' field")
-        elif content_type.startswith(("image/", "application/octet-stream")) and not many:
-            body = bytearray()
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > settings.max_upload_bytes:
-                    raise ClientError(413, f"upload is over the limit of {settings.max_upload_bytes:,} bytes")
-            files = [("body", bytes(body))]
-        else:
-            raise ClientError(415, f"content type {content_type or 'none'!r} is not accepted: send multipart/form-data "
-                                   f"with a 'file' field" + ("" if many else ", or the image bytes as image/*"))
-        for name, data in files:
-            if len(data) > settings.max_upload_bytes:
-                raise ClientError(413, f"{name}: {len(data):,} bytes is over the limit of "
-                                       f"{settings.max_upload_bytes:,} bytes")
-        return files
+    def ranked(row, k: int) -> list[dict]:
+        return [{"class": c, "probability": p} for c, p in top_k(row[None], backend.class_names, k)[0]]
 
     @app.post("/predict")
     async def predict(request: Request, top_k_: int = Query(5, alias="top_k", ge=1, le=1000)):
-        files = await read_images(request, many=False)
+        files = await read_uploads(request, settings, many=False)
         if len(files) != 1:
             raise ClientError(400, f"send one image to /predict ({len(files)} received): use /predict/batch for more")
-        image = decode_upload(files[0][1], settings.max_pixels)
+        size = checked_sizes(files, settings)[0]
+        if isinstance(size, ClientError):
+            raise size
+        image = await decoder.image(files[0][1], size)
         start = time.perf_counter()
         probs = (await batcher.probabilities([image]))[0]
-        ranked = top_k(probs[None], backend.class_names, top_k_)[0]
-        return {"predictions": [{"class": c, "probability": p} for c, p in ranked],
-                "milliseconds": round(1000 * (time.perf_counter() - start), 2)}
+        return {"predictions": ranked(probs, top_k_), "milliseconds": round(1000 * (time.perf_counter() - start), 2)}
 
     @app.post("/predict/batch")
     async def predict_batch(request: Request, top_k_: int = Query(5, alias="top_k", ge=1, le=1000)):
-        files = await read_images(request, many=True)
-        results, images, positions = [None] * len(files), [], []
-        for i, (name, data) in enumerate(files):
+        files = await read_uploads(request, settings, many=True)
+        sizes = checked_sizes(files, settings)
+
+        async def one(name: str, data: bytes, size) -> dict:
             try:
-                images.append(decode_upload(data, settings.max_pixels))
-                positions.append(i)
+                if isinstance(size, ClientError):
+                    raise size
+                image = await decoder.image(data, size)
+                return {"file": name, "predictions": ranked((await batcher.probabilities([image]))[0], top_k_)}
             except ClientError as exc:
-                results[i] = {"file": name, "error": exc.message}
-        probs = await batcher.probabilities(images) if images else []
-        for i, row in zip(positions, probs):
-            ranked = top_k(row[None], backend.class_names, top_k_)[0]
-            results[i] = {"file": files[i][0], "predictions": [{"class": c, "probability": p} for c, p in ranked]}
-        return {"results": results}
+                return {"file": name, "error": exc.message}
+
+        return {"results": await asyncio.gather(*(one(n, d, s) for (n, d), s in zip(files, sizes)))}
 
     @app.get("/health")
     async def health():
@@ -231,9 +339,13 @@ def app_from_env() -> FastAPI:
 def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
     import uvicorn
 
+    from .protocol import TimedH11Protocol
+
     load_backend(settings.model)  # a bad model path fails here, as one line, before any worker starts
+    os.environ.update(settings.to_env())  # worker processes and the protocol read their settings here
+    options = dict(host=host, port=port, http=TimedH11Protocol, timeout_keep_alive=settings.keep_alive,
+                   limit_concurrency=settings.max_connections)
     if workers > 1:
-        os.environ.update(settings.to_env())
-        uvicorn.run("warmstart.serve.app:app_from_env", factory=True, host=host, port=port, workers=workers)
+        uvicorn.run("warmstart.serve.app:app_from_env", factory=True, workers=workers, **options)
     else:
-        uvicorn.run(create_app(settings), host=host, port=port)
+        uvicorn.run(create_app(settings), **options)

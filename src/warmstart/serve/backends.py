@@ -16,9 +16,9 @@ _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Im
              "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
 
 
-def preprocess(image: Image.Image, meta: dict) -> np.ndarray:
-    """The evaluation view in numpy: resize the short side to size / crop_pct, center crop,
-    scale to [0, 1], normalise. Matches timm's evaluation transform on PIL images."""
+def shrink(image: Image.Image, meta: dict) -> Image.Image:
+    """The evaluation view's first step: the short side resized to size / crop_pct (a no-op on an
+    image already that size, so a server can shrink uploads as soon as they are decoded)."""
     size = int(meta["input_size"][-1])
     scale = math.floor(size / meta["crop_pct"])
     width, height = image.size
@@ -26,7 +26,15 @@ def preprocess(image: Image.Image, meta: dict) -> np.ndarray:
         new = (scale, int(scale * height / width))
     else:
         new = (int(scale * width / height), scale)
-    image = image.resize(new, _RESAMPLE.get(meta["interpolation"], Image.BICUBIC))
+    return image.resize(new, _RESAMPLE.get(meta["interpolation"], Image.BICUBIC))
+
+
+def preprocess(image: Image.Image, meta: dict) -> np.ndarray:
+    """The evaluation view in numpy: resize the short side to size / crop_pct, center crop,
+    scale to [0, 1], normalise. Matches timm's evaluation transform on PIL images."""
+    size = int(meta["input_size"][-1])
+    image = shrink(image, meta)
+    new = image.size
     left = int(round((new[0] - size) / 2.0))
     top = int(round((new[1] - size) / 2.0))
     image = image.crop((left, top, left + size, top + size))
@@ -59,6 +67,9 @@ class OnnxBackend:
         self.input_name = self.session.get_inputs()[0].name
         self.class_names = self.meta["class_names"]
 
+    def shrink(self, image: Image.Image) -> Image.Image:
+        return shrink(image, self.meta)
+
     def probabilities(self, images: list[Image.Image]) -> np.ndarray:
         batch = np.stack([preprocess(image, self.meta) for image in images])
         return softmax(self.session.run(None, {self.input_name: batch})[0])
@@ -77,6 +88,9 @@ class TorchBackend:
         self.transform = eval_transform(self.run.data_config)
         self.meta = export_metadata(self.run)
         self.class_names = self.run.class_names
+
+    def shrink(self, image: Image.Image) -> Image.Image:
+        return self.transform.transforms[0](image)  # the resize; a no-op when the transform meets it again
 
     def probabilities(self, images: list[Image.Image]) -> np.ndarray:
         with self.torch.inference_mode():

@@ -15,6 +15,7 @@ from ..data.transforms import eval_transform, mirrored_eval_transform, train_tra
 from ..models.tta import combine_views
 from ..models.trainable import TrainableSet, only_head_trains, set_train_mode
 from ..models.weights import classifier_names
+from ..stop import check
 from .distributed import Distributed
 from .runtime import Runtime
 from .schedule import make_scheduler
@@ -168,6 +169,7 @@ def _fit_tail_on_activations(model, trainable, prefix, tail, splits, config, dat
         with reporter.bar(n, f"epoch {epoch + 1}/{config.epochs} (tail)") as bar:
             batches.set_epoch(epoch)
             for keys in batches:
+                check()
                 idx = torch.as_tensor([i for _, i in keys])
                 view = torch.randint(len(views), (len(idx),), generator=view_choice) if len(views) > 1 else None
                 source = rows[idx]
@@ -267,6 +269,7 @@ def _fit_head_on_features(model, splits, config, data_config, runtime: Runtime, 
     train_start, step = time.perf_counter(), 0
     with reporter.bar(config.epochs, "training head", unit="epoch") as bar:
         for epoch in range(config.epochs):
+            check()
             epoch_start = time.perf_counter()
             head.train()
             total_loss, correct = 0.0, 0
@@ -278,6 +281,7 @@ def _fit_head_on_features(model, splits, config, data_config, runtime: Runtime, 
             else:
                 batches.set_epoch(epoch)
                 for keys in batches:
+                    check()
                     idx = torch.as_tensor([i for _, i in keys])
                     view = torch.randint(len(views), (len(idx),), generator=view_choice) if len(views) > 1 else 0
                     x, y = feats[view, idx], labels[idx]

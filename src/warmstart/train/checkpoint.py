@@ -10,48 +10,23 @@ from __future__ import annotations
 
 import os
 import random
-import signal
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..stop import Stopped
+
 FORMAT_VERSION = 1
 LAST, PREVIOUS, BEST = "last.pt", "previous.pt", "best.pt"
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(Stopped):
     """Ctrl-C or SIGTERM during training: a checkpoint was saved first."""
 
-    def __init__(self, signum: int, checkpoint: Path):
-        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint {checkpoint}")
-        self.signum = signum
+    def __init__(self, signum: int, checkpoint: Path | None):
+        super().__init__(signum, f"checkpoint {checkpoint}" if checkpoint else "")
         self.checkpoint = checkpoint
-
-
-class StopRequest:
-    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (main thread only)."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        except ValueError:  # not the main thread: leave signals alone
-            self._previous = {}
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def rng_state() -> dict:

@@ -20,7 +20,8 @@ from ..models.tta import FlipTTA
 from ..models.unfreeze import GradualUnfreezing
 from .cached import (_fit_head_on_features, _fit_tail_on_activations, can_train_on_features, model_fingerprint,
                      pre_logits)
-from .checkpoint import StopRequest, TrainingInterrupted, rng_state, save_checkpoint, set_rng_state
+from ..stop import requested
+from .checkpoint import TrainingInterrupted, rng_state, save_checkpoint, set_rng_state
 from .distributed import Distributed
 from .mixing import BatchMixer
 from .runtime import Reporter, Runtime
@@ -33,13 +34,13 @@ __all__ = ["FitResult", "Reporter", "Runtime", "fit", "pre_logits", "build_optim
 
 def fit(model, trainable: TrainableSet, splits: dict, config, data_config: dict, runtime: Runtime,
         reporter: Reporter, cache_dir: Path | None = None, arch: str = "", log=None,
-        checkpoints: Path | None = None, resume: dict | None = None, stop=None,
+        checkpoints: Path | None = None, resume: dict | None = None,
         dist: Distributed | None = None) -> FitResult:
     cache_dir = cache_dir or Path(config.cache_dir or ".")
     log = log or _NoLog()
     dist = dist or Distributed()
     if can_train_on_features(model, trainable, config):
-        cache = FeatureCache(cache_dir, model_fingerprint(model, arch, runtime))
+        cache = FeatureCache(cache_dir, model_fingerprint(model, arch, runtime), reporter.warn)
         return _fit_head_on_features(model, splits, config, data_config, runtime, reporter, cache, log, dist)
     if config.cache_boundary and config.needs_image_batches:
         reporter.warn("--cache-boundary does not combine with --unfreeze-schedule, --mixup, --cutmix or "
@@ -54,16 +55,16 @@ def fit(model, trainable: TrainableSet, splits: dict, config, data_config: dict,
             key = f"{arch}|prefix={len(prefix)}|{runtime.precision}|cl={runtime.channels_last}|" \
                   f"{fingerprint_tensors(prefix.state_dict())}"
             return _fit_tail_on_activations(model, trainable, prefix, tail, splits, config, data_config, runtime,
-                                            reporter, FeatureCache(cache_dir, key), log)
+                                            reporter, FeatureCache(cache_dir, key, reporter.warn), log)
         reporter.warn("--cache-boundary: no frozen prefix to cache here (it needs --strategy partial, "
                       "un-augmented training or --cache-views, and a known model layout); running the whole model")
     return _fit_full(model, trainable, splits["train"], config, data_config, runtime, reporter, log,
-                     splits.get("val"), checkpoints, resume, stop, dist)
+                     splits.get("val"), checkpoints, resume, dist)
 
 
 def _fit_full(model, trainable, train_set, config, data_config, runtime: Runtime, reporter, log,
               val_set=None, checkpoints: Path | None = None, resume: dict | None = None,
-              stop: StopRequest | None = None, dist: Distributed | None = None) -> FitResult:
+              dist: Distributed | None = None) -> FitResult:
     """The whole model per batch. Checkpoints every epoch (and every --checkpoint-every steps);
     from a checkpoint it continues exactly: same schedule, data order, augmentation and RNG."""
     result = FitResult()
@@ -152,10 +153,9 @@ def _fit_full(model, trainable, train_set, config, data_config, runtime: Runtime
                 else:
                     scheduler.step()
                 step += 1
-                stopping = stop is not None and stop.signum is not None
-                if dist.any(stopping):  # every rank stops at the same step
+                if dist.any(requested() is not None):  # every rank stops at the same step
                     path = checkpoint(epoch, batch_index, (total_loss, correct, count))
-                    raise TrainingInterrupted(stop.signum or signal.SIGTERM, path)
+                    raise TrainingInterrupted(requested() or signal.SIGTERM, path)
                 if config.checkpoint_every and step % config.checkpoint_every == 0 and \
                         batch_index < batches.batches_per_epoch():
                     checkpoint(epoch, batch_index, (total_loss, correct, count))

@@ -15,6 +15,7 @@ import numpy as np
 from ..config import RunConfig
 from ..errors import UserError
 from ..models.trainable import set_train_mode
+from ..stop import check
 from .mixing import BatchMixer
 from .run import build
 from .runtime import Reporter, Runtime
@@ -87,6 +88,7 @@ def lr_find(config: RunConfig, start_lr: float = 1e-7, end_lr: float = 10.0, ste
             loader.batch_sampler.set_epoch(epoch)
             epoch += 1
             for batch in loader:
+                check()
                 if not len(batch.labels):
                     continue
                 i = len(result.lrs)

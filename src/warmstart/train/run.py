@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import time
@@ -22,10 +23,10 @@ from ..models.create import create_model
 from ..models.registry import resolve_architecture
 from ..models.trainable import apply_strategy
 from ..models.tta import FlipTTA
-from ..run_dir import new_run_dir, save_model
 from ..errors import UserError
-from ..run_dir import MODEL_FILE
-from .checkpoint import StopRequest, load_checkpoint
+from ..run_dir import MODEL_FILE, RunLock, new_run_dir, save_model
+from ..stop import StopRequest, Stopped
+from .checkpoint import TrainingInterrupted, load_checkpoint
 from .distributed import Distributed, init_distributed, shutdown
 from .history import TrainingLog
 from .loop import Reporter, Runtime, fit
@@ -168,7 +169,7 @@ def build(config: RunConfig, reporter: Reporter) -> Built:
     resolve_architecture(config.model, config.weights)  # a bad name fails before any data scan
     splits = resolve_splits(config.data, config.val_fraction, config.seed, config.val_data,
                             crop_to_box=config.crop_to_box, drop_empty_classes=config.drop_empty_classes,
-                            quiet=config.quiet)
+                            quiet=config.quiet, allow_outside_paths=config.allow_outside_paths)
     train_set, val_set = splits["train"], splits["val"]
     reporter.info(f"data: {len(train_set)} train / {len(val_set)} val images, {len(train_set.class_ids)} classes")
     for name in train_set.extra.get("dropped_classes", []):
@@ -186,27 +187,46 @@ def build(config: RunConfig, reporter: Reporter) -> Built:
 def _train(config: RunConfig, dist: Distributed, reporter: Reporter, resume, resume_weights_only,
            on_epoch=None) -> RunResult:
     start = time.perf_counter()
-    runtime = Runtime.for_config(config, dist.local_rank)
     built = build(config, reporter)
-    splits, model, report, arch, trainable, data_config = (built.splits, built.model, built.report, built.arch,
-                                                           built.trainable, built.data_config)
-    train_set, val_set, ignored = splits["train"], splits["val"], built.ignored
-    num_classes = len(train_set.class_ids)
-
     resume_state = None
     if resume is not None:
         resume_state = _resume_state(Path(resume), config, reporter, resume_weights_only)
-        if [*resume_state["class_ids"]] != train_set.class_ids:
+        if [*resume_state["class_ids"]] != built.splits["train"].class_ids:
             raise UserError(f"--resume {resume}: the data's classes differ from the checkpoint's")
     if resume_state is not None and not resume_weights_only:
         run_dir = Path(resume)
     else:  # rank 0 makes the run directory; the others learn its name
         run_dir = Path(dist.broadcast(str(new_run_dir(config.out, config.model)) if dist.is_main else None))
+    # rank 0 holds the run directory's lock: a second run with the same --out stops at once
+    with RunLock(run_dir) if dist.is_main else contextlib.nullcontext(), StopRequest():
+        if resume_state is not None and resume_weights_only:
+            built.model.load_state_dict(resume_state["model"])
+            reporter.info(f"starting from the weights of {resume} (a new schedule)")
+            resume_state = None
+        try:
+            return _train_in(run_dir, config, built, dist, reporter, resume_state, on_epoch, start)
+        except TrainingInterrupted:
+            raise
+        except Stopped as stop:
+            raise Stopped(stop.signum, _what_is_kept(run_dir, config)) from None
+
+
+def _what_is_kept(run_dir: Path, config: RunConfig) -> str:
+    if (run_dir / MODEL_FILE).exists():
+        return f"the trained model is saved in {run_dir}; evaluate it with: warmstart eval {run_dir}"
+    cache = config.cache_dir or run_dir / "cache"
+    return (f"what was computed is kept (feature cache in {cache}); continue with the same command and "
+            f"--out {run_dir}")
+
+
+def _train_in(run_dir: Path, config: RunConfig, built: Built, dist: Distributed, reporter: Reporter,
+              resume_state: dict | None, on_epoch, start: float) -> RunResult:
+    runtime = Runtime.for_config(config, dist.local_rank)
+    splits, model, report, arch, trainable, data_config = (built.splits, built.model, built.report, built.arch,
+                                                           built.trainable, built.data_config)
+    train_set, val_set, ignored = splits["train"], splits["val"], built.ignored
+    num_classes = len(train_set.class_ids)
     main = dist.is_main  # only rank 0 writes in the run directory
-    if resume_state is not None and resume_weights_only:
-        model.load_state_dict(resume_state["model"])
-        reporter.info(f"starting from the weights of {resume} (a new schedule)")
-        resume_state = None
     resolved = config.replace(lr=config.resolved_lr(), out=None)  # re-running makes a new run
     if main:
         resolved.save(run_dir / "config.yaml")
@@ -229,10 +249,9 @@ def _train(config: RunConfig, dist: Distributed, reporter: Reporter, resume, res
     log = TrainingLog(run_dir, sample_items(val_set), train_set.class_names, eval_transform(data_config),
                       append=resume_state is not None, epochs=config.epochs) if main else None
     try:
-        with StopRequest() as stop:
-            fitted = fit(model, trainable, splits, resolved, data_config, runtime, reporter, cache_dir, arch,
-                         _EpochHook(log, on_epoch) if on_epoch is not None else log,
-                         run_dir / "checkpoints" if main else None, resume_state, stop, dist)
+        fitted = fit(model, trainable, splits, resolved, data_config, runtime, reporter, cache_dir, arch,
+                     _EpochHook(log, on_epoch) if on_epoch is not None else log,
+                     run_dir / "checkpoints" if main else None, resume_state, dist)
     finally:
         if log is not None:
             log.close()

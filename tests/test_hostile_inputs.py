@@ -1,0 +1,394 @@
+"""Hostile and clumsy inputs, generated here: memory stays bounded by the settings, a damaged file
+is never used silently, and a mistake is one line with exit code 2.
+
+The service cases run against a real `warmstart serve` process (its peak memory is read from
+/proc, its /health is timed while it decodes); the rest call the library and the CLI in-process.
+"""
+
+import io
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from warmstart import RunConfig, train
+from warmstart.cli import main
+from warmstart.config import RunConfig as Config
+from warmstart.data import feature_cache as fc
+from warmstart.data.images import MAX_ASPECT_RATIO
+from warmstart.data.loaders import ImageDataset, collate_skipping
+from warmstart.data.sources import ImageSet, resolve_splits
+from warmstart.errors import UserError
+from warmstart.run_dir import LOCK_FILE, RunLock
+
+from conftest import make_color_images, make_color_tree
+
+MB = 1024 * 1024
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims width x height (a decompression bomb's header) with no real pixels."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + \
+        chunk(b"IEND", b"")
+
+
+@pytest.fixture(scope="module")
+def color_run(tmp_path_factory):
+    root = make_color_tree(tmp_path_factory.mktemp("colors"), 8, 3)
+    result = train(RunConfig(data=str(root), augment="none", epochs=2, input_size=64, workers=0, quiet=True,
+                             out=str(tmp_path_factory.mktemp("runs") / "colors")))
+    return result.run_dir, root
+
+
+# -- the service --------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, run_dir: Path, *options: str):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "warmstart", "serve", str(run_dir), "--port", str(self.port), *options],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(self.url + "/health", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.25)
+        self.process.kill()
+        raise AssertionError(f"server did not start: {self.process.stdout.read().decode()[-2000:]}")
+
+    def reset_peak(self) -> int:
+        """Resets the kernel's peak-RSS counter of the server; returns its current RSS."""
+        Path(f"/proc/{self.process.pid}/clear_refs").write_text("5")
+        return self._status("VmRSS")
+
+    def peak(self) -> int:
+        return self._status("VmHWM")
+
+    def _status(self, key: str) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError(key)
+
+    def post(self, path: str, files: list[tuple[str, bytes]], timeout: float = 120) -> tuple[int, dict]:
+        boundary = "hostileboundary"
+        body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{n}\"\r\n"
+                        f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n" for n, data in files)
+        body += f"--{boundary}--\r\n".encode()
+        request = urllib.request.Request(self.url + path, data=body, method="POST",
+                                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as answer:
+                return answer.status, json.loads(answer.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
+
+    def stop(self) -> str:
+        self.process.terminate()
+        return self.process.communicate(timeout=20)[0].decode()
+
+
+@pytest.fixture(scope="module")
+def server(color_run):
+    # limits raised so that the big images are decoded: memory must stay bounded all the same
+    server = Server(color_run[0], "--max-request-pixels", "400000000", "--max-upload-mb", "1",
+                    "--request-timeout", "1.5")
+    yield server
+    server.stop()
+
+
+def _health_latencies(url: str, stop: threading.Event, out: list) -> None:
+    while not stop.is_set():
+        start = time.perf_counter()
+        urllib.request.urlopen(url + "/health", timeout=5).read()
+        out.append(time.perf_counter() - start)
+        time.sleep(0.02)
+
+
+def test_service_memory_is_bounded_and_health_answers_while_decoding(server):
+    thin = png(Image.new("L", (1, 50_000)))
+    big = png(Image.new("1", (7000, 7000), 1))  # 49 Mpx in a few KB
+    assert len(big) < 20_000
+    before = server.reset_peak()
+    status, body = server.post("/predict", [("thin.png", thin)])
+    assert status == 413 and "aspect ratio" in body["error"]
+    latencies, stop = [], threading.Event()
+    watcher = threading.Thread(target=_health_latencies, args=(server.url, stop, latencies))
+    watcher.start()
+    try:
+        status, body = server.post("/predict/batch", [(f"big{i}.png", big) for i in range(8)])
+    finally:
+        stop.set()
+        watcher.join()
+    assert status == 200 and all("predictions" in r for r in body["results"]), body
+    grew = server.peak() - before
+    assert grew < 300 * MB, f"the service's peak RSS grew by {grew / MB:.0f} MB"
+    assert len(latencies) >= 5 and max(latencies) < 0.1, latencies
+    # together over the request limit: refused from the headers, nothing decoded
+    status, body = server.post("/predict/batch", [(f"big{i}.png", big) for i in range(9)])
+    assert status == 413 and "together" in body["error"]
+
+
+def test_chunked_upload_is_stopped_at_the_limit(server):
+    for content_type in (b"image/png", b"multipart/form-data; boundary=b"):
+        before = server.reset_peak()
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            answer = bytearray()
+
+            def read():  # the answer, read as it comes (the server closes once it has answered)
+                try:
+                    while data := sock.recv(65536):
+                        answer.extend(data)
+                except OSError:
+                    pass
+
+            reader = threading.Thread(target=read)
+            reader.start()
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: " + content_type +
+                         b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+            if content_type.startswith(b"multipart"):
+                part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\n'
+                sock.sendall(b"%x\r\n" % len(part) + part + b"\r\n")
+            sent, chunk = 0, b"\0" * 65536
+            try:
+                while sent < 300 * MB:
+                    sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+                    sent += len(chunk)
+            except OSError:  # the server answered and closed: it stopped reading
+                pass
+            reader.join(timeout=10)
+        text = answer.decode(errors="replace")
+        assert text.startswith("HTTP/1.1 413") and '"error"' in text, (content_type, text[:300])
+        assert sent < 20 * MB, content_type
+        assert server.peak() - before < 50 * MB
+
+
+def test_half_open_connections_are_closed_and_the_service_keeps_serving(server):
+    sockets = []
+    for i in range(30):
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        if i % 2:
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n")  # headers never end
+        sockets.append(sock)
+    assert json.loads(urllib.request.urlopen(server.url + "/health", timeout=2).read())["status"] == "ok"
+    time.sleep(2.5)
+    closed = 0
+    for sock in sockets:
+        sock.settimeout(2)
+        try:
+            closed += sock.recv(1024) == b""
+        except OSError:
+            closed += 1
+        sock.close()
+    assert closed == 30
+
+
+def test_service_errors_share_one_shape_and_a_disconnect_is_one_info_line(color_run):
+    server = Server(color_run[0])
+    try:
+        cases = [
+            ("/predict", [("bomb.png", png_header_only(30_000, 30_000))], 413, "decompression bomb"),
+            ("/predict", [("thin.png", png(Image.new("L", (8000, 1))))], 413, "aspect ratio"),
+            ("/predict?top_k=0", [("a.png", png(Image.new("RGB", (40, 40))))], 422, "top_k"),
+            ("/nowhere", [("a.png", b"x")], 404, "Not Found"),
+            ("/predict/batch", [(f"{i}.png", b"x") for i in range(17)], 400, "Too many files"),
+        ]
+        for path, files, status, words in cases:
+            got, body = server.post(path, files)
+            assert got == status and set(body) == {"error"} and words in body["error"], (path, got, body)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                         b"Content-Length: 100000\r\n\r\n" + b"\0" * 1000)
+            time.sleep(0.5)
+        time.sleep(0.5)
+        assert json.loads(urllib.request.urlopen(server.url + "/health", timeout=2).read())["status"] == "ok"
+    finally:
+        log = server.stop()
+    assert "disconnected before its request was complete" in log
+    assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
+
+
+# -- images in training and predict -----------------------------------------------------------
+def test_elongated_images_are_skipped_in_training_and_refused_by_predict(tmp_path, color_run, capsys):
+    run_dir, _ = color_run
+    make_color_images(tmp_path / "a", (200, 40, 40), 2, seed=0)
+    thin = tmp_path / "a" / "thin.png"
+    Image.new("RGB", (int(64 * (MAX_ASPECT_RATIO + 1)), 64)).save(thin)
+    images = ImageSet([str(p) for p in sorted((tmp_path / "a").iterdir())], [0, 0, 0], ["a"], ["a"])
+    from warmstart.data.transforms import eval_transform
+    dataset = ImageDataset(images, eval_transform({"input_size": (3, 64, 64), "interpolation": "bicubic",
+                                                   "mean": (0.5,) * 3, "std": (0.5,) * 3, "crop_pct": 0.875}))
+    batch = collate_skipping([dataset[i] for i in range(3)])
+    assert len(batch.labels) == 2 and batch.skipped[0][0] == str(thin) and "aspect ratio" in batch.skipped[0][1]
+    assert main(["predict", str(run_dir), str(thin)]) == 1
+    assert "aspect ratio" in capsys.readouterr().out
+
+
+# -- run directories ----------------------------------------------------------------------------
+def test_a_damaged_run_directory_is_one_line_everywhere(color_run, tmp_path, capsys):
+    run_dir, root = color_run
+    image = str(next((root / "val").rglob("*.jpg")))
+    damaged = tmp_path / "damaged"
+    shutil.copytree(run_dir, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    for argv in (["predict", str(damaged), image], ["export", str(damaged)], ["serve", str(damaged)],
+                 ["eval", str(damaged)]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "model.safetensors is damaged" in err, (argv, err)
+    (damaged / "model.json").write_text("{not json")
+    assert main(["predict", str(damaged), image]) == 2
+    assert "model.json is missing or damaged" in capsys.readouterr().err
+
+
+def test_a_second_run_into_the_same_out_stops_with_one_line(color_run, tmp_path, capsys):
+    _, root = color_run
+    out = tmp_path / "shared-out"
+    out.mkdir()
+    seen = []
+
+    def try_to_lock(record):  # during a real run its directory is locked
+        with pytest.raises(UserError, match="in use by another warmstart run"):
+            RunLock(out).__enter__()
+        seen.append(record["epoch"])
+
+    train(RunConfig(data=str(root), augment="none", epochs=1, input_size=64, workers=0, quiet=True, out=str(out)),
+          on_epoch=try_to_lock)
+    assert seen == [1]
+    other = tmp_path / "other"
+    other.mkdir()
+    with RunLock(other):  # a run in progress
+        assert main(["train", "--data", str(root), "--out", str(other), "--input-size", "64", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"pid {os.getpid()}" in err
+
+
+def test_out_into_a_folder_of_the_users_is_refused(color_run, tmp_path, capsys):
+    _, root = color_run
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "config.yaml").write_text("my: settings\n")
+    (mine / "metrics.json").write_text("{}")
+    assert main(["train", "--data", str(root), "--out", str(mine), "--input-size", "64", "--quiet"]) == 2
+    assert "not a warmstart run" in capsys.readouterr().err
+    assert (mine / "config.yaml").read_text() == "my: settings\n" and sorted(os.listdir(mine)) == [
+        "config.yaml", "metrics.json"]
+
+
+def test_export_writes_one_onnx_file(color_run, tmp_path):
+    from warmstart.export import export_run
+
+    stale = tmp_path / "model.onnx.data"
+    stale.write_bytes(b"left from an earlier export")
+    result = export_run(color_run[0], "onnx", tmp_path / "model.onnx")
+    assert result.same_top1 and os.listdir(tmp_path) == ["model.onnx"]
+
+
+# -- the feature cache ---------------------------------------------------------------------------
+def _mean_colour(x: torch.Tensor) -> torch.Tensor:
+    return x.mean(dim=(2, 3))
+
+
+def test_a_damaged_feature_cache_is_recomputed_with_one_warning(color_tree, tmp_path):
+    from warmstart.data.transforms import eval_transform
+
+    images = resolve_splits(str(color_tree), 0.2, 0)["train"]
+    transform = eval_transform({"input_size": (3, 32, 32), "interpolation": "bilinear", "mean": (0.5,) * 3,
+                                "std": (0.5,) * 3, "crop_pct": 1.0})
+    warnings = []
+    cache = fc.FeatureCache(tmp_path, "m", warn=warnings.append)
+
+    def features():
+        return cache.features("train", images, transform, _mean_colour, 8, 0, "cpu")
+
+    reference = features()
+    expected = reference.features.clone()  # the cache maps its file: damaging the file in place changes it
+    folder = cache.folder("train", cache.key(images, transform, 0, None))
+    path = folder / "features.npy"
+    damages = {
+        "truncated": lambda: path.write_bytes(path.read_bytes()[:-200]),
+        "zeroed rows": lambda: path.write_bytes(path.read_bytes()[:-48] + b"\0" * 48),
+        "meta.json": lambda: (folder / "meta.json").write_text('{"key": '),
+        "status.npy": lambda: (folder / "status.npy").write_bytes(b"\x93NUMPY garbage"),
+        "skipped.json": lambda: (folder / "skipped.json").write_text("[1, "),
+    }
+    for name, damage in damages.items():
+        damage()
+        warnings.clear()
+        again = features()
+        assert len(warnings) == 1, (name, warnings)
+        assert again.computed > 0 or name == "skipped.json", name
+        assert torch.equal(again.features, expected) and bool(again.valid.all()), name
+        assert features().computed == 0 and len(warnings) == 1, name  # mended: used as is from now on
+
+
+# -- config files and manifests -------------------------------------------------------------------
+def test_yaml_values_are_coerced_or_named_in_one_line(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("data: x\nlr: 1e-3\nweight_decay: 5E-5\nepochs: '4'\nskip: layer4\n")
+    loaded = Config.from_yaml(config)
+    assert (loaded.lr, loaded.weight_decay, loaded.epochs, loaded.skip) == (0.001, 5e-5, 4, ["layer4"])
+    for line, words in (("epochs: ten", "epochs: 'ten' is not valid: expected a whole number (int)"),
+                        ("tta: maybe", "tta: 'maybe' is not valid: expected true or false (bool)"),
+                        ("lr: [1, 2]", "lr: [1, 2] is not valid: expected a number (float)"),
+                        ("batch_size: 2.5", "batch_size: 2.5 is not valid")):
+        config.write_text(f"data: x\n{line}\n")
+        assert main(["train", "--config", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err and str(config) in err, err
+
+
+def _manifest(path: Path, text: str, encoding: str = "utf-8") -> Path:
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+def test_csv_manifests_as_people_write_them(tmp_path, capsys):
+    make_color_images(tmp_path / "imgs", (200, 40, 40), 4, seed=0)
+    rows = "".join(f"imgs/img_{i:03d}.jpg,{label}\n" for i, label in enumerate([0, 5, 0, 5]))
+    bom = _manifest(tmp_path / "bom.csv", "\ufeffimage_path,label\n" + rows.replace(",0", ",Chihuahua"))
+    assert resolve_splits(str(bom), 0.5, 0)["train"].class_ids == ["5", "Chihuahua"]
+    gaps = resolve_splits(str(_manifest(tmp_path / "gaps.csv", rows)), 0.5, 0)
+    assert gaps["train"].class_ids == ["0", "5"]  # the labels present, not 0..5
+    latin = _manifest(tmp_path / "latin.csv", rows.replace(",0", ",Bichon frisé"), "latin-1")
+    assert main(["data", "check", str(latin)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not UTF-8 text" in err
+    outside = tmp_path / "inner"
+    outside.mkdir()
+    for path in ("../imgs/img_000.jpg", str(tmp_path / "imgs" / "img_001.jpg")):
+        manifest = _manifest(outside / "m.csv", f"{path},a\n{path},b\n")
+        assert main(["data", "check", str(manifest)]) == 2
+        assert "outside the manifest's folder" in capsys.readouterr().err
+        assert main(["data", "check", str(manifest), "--allow-outside-paths", "--json"]) == 0
+        capsys.readouterr()
