@@ -60,6 +60,15 @@ def dog_tree(tmp_path) -> Path:
     return root
 
 
+@pytest.fixture
+def lite0():
+    """The bundled EfficientNet-Lite0 with a new 3-class head, in eval mode."""
+    from warmstart.models.create import create_model
+
+    model, _, _ = create_model("efficientnet_lite0", 3, "bundled")
+    return model.eval()
+
+
 FAST = ["--input-size", "64", "--workers", "0", "--quiet"]
 
 

@@ -23,12 +23,6 @@ def _config(data, out, **kw):
     return RunConfig(**base)
 
 
-@pytest.fixture
-def lite0():
-    model, _, _ = create_model("efficientnet_lite0", 3, "bundled")
-    return model.eval()
-
-
 def test_a_shared_cache_dir_skips_extraction_the_second_time(color_tree, tmp_path):
     first = train(_config(color_tree, tmp_path / "a", cache_dir=str(tmp_path / "cache")))
     second = train(_config(color_tree, tmp_path / "b", cache_dir=str(tmp_path / "cache")))

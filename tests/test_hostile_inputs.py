@@ -19,7 +19,6 @@ import urllib.request
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -32,7 +31,7 @@ from warmstart.data.images import MAX_ASPECT_RATIO
 from warmstart.data.loaders import ImageDataset, collate_skipping
 from warmstart.data.sources import ImageSet, resolve_splits
 from warmstart.errors import UserError
-from warmstart.run_dir import LOCK_FILE, RunLock
+from warmstart.run_dir import RunLock
 
 from conftest import make_color_images, make_color_tree
 

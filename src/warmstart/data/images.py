@@ -75,10 +75,10 @@ def check_size(width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS,
     if width * height > max_pixels:
         raise ImageTooLarge(f"{width}x{height} pixels is over the {max_pixels:,}-pixel limit "
                             f"(decompression bomb guard)")
-    if min(width, height) < 1 or max(width, height) / min(width, height) > max_aspect_ratio:
+    ratio = max(width, height) / max(1, min(width, height))
+    if min(width, height) < 1 or ratio > max_aspect_ratio:
         raise ImageTooLarge(f"{width}x{height} pixels has an aspect ratio over the limit of {max_aspect_ratio:g}:1 "
-                            f"(resizing it to the model's input would take {max(width, height) // max(1, min(width, height)):,}"
-                            f"x the pixels of a square image)")
+                            f"(resized to the model's input it would take {ratio:,.0f}x the pixels of a square image)")
 
 
 def open_lazily(source) -> Image.Image:
