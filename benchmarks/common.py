@@ -12,7 +12,8 @@ import timm
 import torch
 
 import warmstart
-from warmstart.data.sources import ImageSet, resolve_splits
+from warmstart.data.imageset import ImageSet
+from warmstart.data.sources import resolve_splits
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

@@ -13,7 +13,7 @@ from warmstart.data.image_cache import cached_images
 from warmstart.data.images import BoxedImage, open_image
 from warmstart.errors import UserError
 from warmstart.models import create_model
-from warmstart.train.loop import pre_logits
+from warmstart.train.cached import pre_logits
 
 
 def _config(data, out, **kw):

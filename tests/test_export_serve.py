@@ -57,7 +57,7 @@ def test_onnx_predict_matches_pytorch_without_torch(dog_run):
     run_dir, onnx_path, photos = dog_run
     images = [str(p) for p in photos.values()]
     script = ("import sys, json; sys.modules['torch'] = None\n"
-              "from warmstart.serve.onnx_predict import predict_onnx\n"
+              "from warmstart.predict import predict_onnx\n"
               f"print(json.dumps(predict_onnx({str(onnx_path)!r}, {images!r}, 2)))")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     onnx_answers = json.loads(out.stdout)

@@ -191,7 +191,7 @@ def test_input_scale_trains_and_evaluates_larger():
 def test_lbfgs_head_is_the_l2_logistic_regression_scikit_learn_fits():
     from sklearn.linear_model import LogisticRegression
 
-    from warmstart.train.cached import _FullBatchLogistic
+    from warmstart.train.cached import LogisticProbe
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(300, 16, generator=generator)
@@ -200,7 +200,7 @@ def test_lbfgs_head_is_the_l2_logistic_regression_scikit_learn_fits():
     head = torch.nn.Linear(16, 3)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.zeros_(head.bias)
-    fit = _FullBatchLogistic(head, x[None], y, torch.nn.CrossEntropyLoss(), config)
+    fit = LogisticProbe(head, x[None], y, torch.nn.CrossEntropyLoss(), config)
     for _ in range(10):
         fit.step()
     # the same objective: mean loss + wd/2 |W|^2  ==  C x summed loss + 1/2 |W|^2 with C = 1 / (wd n)

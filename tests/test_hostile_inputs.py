@@ -29,7 +29,8 @@ from warmstart.config import RunConfig as Config
 from warmstart.data import feature_cache as fc
 from warmstart.data.images import MAX_ASPECT_RATIO
 from warmstart.data.loaders import ImageDataset, collate_skipping
-from warmstart.data.sources import ImageSet, resolve_splits
+from warmstart.data.imageset import ImageSet
+from warmstart.data.sources import resolve_splits
 from warmstart.errors import UserError
 from warmstart.run_dir import RunLock
 

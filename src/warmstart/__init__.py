@@ -6,24 +6,22 @@
     warmstart.predict(result.run_dir, ["dog.jpg"])
 """
 
-__version__ = "0.1.0"
-
-from .config import RunConfig  # noqa: E402
-from .errors import UserError  # noqa: E402
+from ._version import __version__
+from .config import RunConfig
+from .errors import UserError
 
 try:
     import torch  # noqa: F401
 except ImportError:  # an inference-only install: ONNX predict and serve work without torch
     pass
 else:
-    # The `train` subpackage is imported first so that the name `warmstart.train` ends up
-    # bound to the function below, not to the subpackage.
-    from .train.run import RunResult, train  # noqa: E402
-    from .evaluate import evaluate_run as evaluate  # noqa: E402
-    from .predict import predict  # noqa: E402
-    from .quickstart import quickstart  # noqa: E402
-    from .train.lr_find import lr_find  # noqa: E402
-    from .tune import tune  # noqa: E402
+    # `warmstart.train` is the function (the subpackage stays importable as `warmstart.train.run` etc.)
+    from .evaluate import evaluate_run as evaluate
+    from .predict import predict
+    from .quickstart import quickstart
+    from .train.lr_find import lr_find
+    from .train.run import RunResult, train
+    from .tune import tune
 
 __all__ = ["RunConfig", "RunResult", "UserError", "train", "evaluate", "predict", "quickstart", "lr_find", "tune",
            "__version__"]

@@ -9,9 +9,10 @@ import signal
 import sys
 from dataclasses import fields
 
-from .config import AUGMENTS, BALANCES, OPTIMIZERS, PRECISIONS, SCHEDULES, STRATEGIES, RunConfig
+from .config import GROUPS, RunConfig, field_kind
 from .errors import UserError
 from .recipes import RECIPES
+from .run_dir import RunDir
 from .stop import Stopped
 
 EXIT_USAGE = 2
@@ -29,115 +30,50 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    """Every RunConfig setting as a flag, generated from its declaration; then the options of a
+    training command that are not settings (where the config comes from, how many processes)."""
     S = argparse.SUPPRESS  # only options given on the command line override --config
-    add = parser.add_argument
-    add("--config", default=S, help="YAML run config (e.g. RUN/config.yaml); other flags override it")
-    add("--recipe", choices=tuple(RECIPES), default=S,
-        help="a preset of settings (see 'warmstart recipes'); flags and the config file override it")
-    data = parser.add_argument_group("data")
-    data.add_argument("--data", default=S, help="ROOT with train/ and val/ or test/ class folders, ROOT/<class>/*, "
-                      "or a CSV manifest (image_path,label)")
-    data.add_argument("--val-data", default=S, help="separate validation data (folder tree or CSV)")
-    data.add_argument("--val-fraction", type=float, default=S,
-                      help="held-out fraction when there is no val/ split (seeded, stratified; default 0.2)")
-    data.add_argument("--augment", choices=AUGMENTS, default=S,
-                      help="standard: random-resized-crop + flip (default); none")
-    data.add_argument("--crop-to-box", action="store_true", default=S,
-                      help="Stanford Dogs: train and evaluate on the annotated dog box")
-    data.add_argument("--drop-empty-classes", action="store_true", default=S,
-                      help="leave out class folders without images instead of stopping")
-    data.add_argument("--allow-outside-paths", action="store_true", default=S,
-                      help="CSV manifests: read image paths outside the manifest's folder (refused by default)")
-    data.add_argument("--balance", choices=BALANCES, default=S,
-                      help="class imbalance: none (default), sampler (class-balanced sampling), loss (weights)")
-    data.add_argument("--input-size", type=int, default=S, help="input size in px (default: the model's)")
-    data.add_argument("--input-scale", type=float, default=S, metavar="FACTOR",
-                      help="input size as FACTOR x the model's pretrained size (rounded to 32 px)")
-    data.add_argument("--crop-pct", type=float, default=S, help="center-crop fraction at evaluation")
-    data.add_argument("--workers", type=int, default=S, help="data loader processes (default: CPU count, max 8)")
-    model = parser.add_argument_group("model and weights")
-    model.add_argument("--model", default=S, help="timm name or resnet50, resnet_v2_50, inception_v4, "
-                       "nasnet_a_large, efficientnet_lite0 (default)")
-    model.add_argument("--weights", default=S, help="bundled (offline EfficientNet-Lite0, default), hub, none, "
-                       "or a .safetensors/.pth file")
-    model.add_argument("--skip", action="append", default=S, metavar="PATTERN",
-                       help="parameter-name pattern not to restore (repeatable); the old classifier is "
-                       "skipped by default when the class count differs")
-    model.add_argument("--strategy", choices=STRATEGIES, default=S,
-                       help="feature-extractor (head only, default), partial, fine-tune")
-    model.add_argument("--trainable", action="append", default=S, metavar="PATTERN",
-                       help="with --strategy partial: parameter-name pattern that trains (repeatable)")
-    model.add_argument("--unfreeze-last", type=int, default=S, metavar="N",
-                       help="with --strategy partial: the last N stages train")
-    model.add_argument("--unfreeze-schedule", nargs="+", default=S, metavar="EPOCH:N",
-                       help="gradual unfreezing: after EPOCH epochs the last N stages (or 'all') train too, "
-                       "e.g. 1:2 3:all")
-    optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--optimizer", choices=OPTIMIZERS, default=S,
-                       help="sgd (momentum, default), adamw, or lbfgs (the head as a full-batch logistic "
-                       "regression on cached features)")
-    optim.add_argument("--lr", type=float, default=S,
-                       help="learning rate (default: sgd 0.01; adamw 1e-3 head-only, 1e-4 otherwise)")
-    optim.add_argument("--momentum", type=float, default=S)
-    optim.add_argument("--weight-decay", type=float, default=S)
-    optim.add_argument("--schedule", choices=SCHEDULES, default=S, help="cosine (default), piecewise, constant")
-    optim.add_argument("--warmup-epochs", type=float, default=S)
-    optim.add_argument("--piecewise-boundaries", type=float, nargs="+", default=S, metavar="EPOCH",
-                       help="epochs where the learning rate changes")
-    optim.add_argument("--piecewise-lr-decay", type=float, nargs="+", default=S, metavar="FACTOR",
-                       help="lr multiplier of each piece (one more than the boundaries)")
-    optim.add_argument("--head-lr", type=float, default=S, help="the new head's learning rate (default: --lr)")
-    optim.add_argument("--layer-decay", type=float, default=S, metavar="FACTOR",
-                       help="layer-wise lr decay: each layer below the top trains at FACTOR x the one above")
-    optim.add_argument("--label-smoothing", type=float, default=S)
-    optim.add_argument("--mixup", type=float, default=S, metavar="ALPHA", help="mixup alpha (0: off)")
-    optim.add_argument("--cutmix", type=float, default=S, metavar="ALPHA", help="cutmix alpha (0: off)")
-    optim.add_argument("--ema-decay", type=float, default=S, metavar="DECAY",
-                       help="keep an exponential moving average of the weights (e.g. 0.999) and use it")
-    optim.add_argument("--tta", action="store_true", default=S,
-                       help="evaluate (and predict, serve, export) on the image and its mirror image")
-    optim.add_argument("--epochs", type=int, default=S)
-    optim.add_argument("--batch-size", type=int, default=S, help="batch size (per GPU/process)")
-    optim.add_argument("--seed", type=int, default=S)
-    speed = parser.add_argument_group("speed")
-    speed.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", default=S,
-                       help="run the frozen backbone every epoch even when features could be computed once")
-    speed.add_argument("--cache-dir", default=S, help="feature/image cache folder shared by runs "
-                       "(default: the run's cache/)")
-    speed.add_argument("--cache-views", type=int, default=S, metavar="K",
-                       help="with --augment standard and a frozen backbone: cache K views per image "
-                       "(view 0 un-augmented) and sample among them each epoch")
-    speed.add_argument("--cache-boundary", action="store_true", default=S,
-                       help="with --strategy partial and un-augmented (or --cache-views) training: cache the "
-                       "frozen prefix's activations once and run only the trainable tail each epoch")
-    speed.add_argument("--image-cache", action="store_true", default=S,
-                       help="decode each image once into a pre-resized uint8 store (faster epochs)")
-    speed.add_argument("--precision", choices=PRECISIONS, default=S,
-                       help="fp32 (default), bf16 (autocast; fast on recent CPUs and GPUs), fp16 (GPU)")
-    speed.add_argument("--no-channels-last", dest="channels_last", action="store_false", default=S,
-                       help="keep NCHW memory format (channels_last is usually faster)")
-    speed.add_argument("--compile", action="store_true", default=S, help="torch.compile the model")
-    out = parser.add_argument_group("output")
-    out.add_argument("--out", default=S, help="run directory (default runs/<timestamp>-<model>)")
-    out.add_argument("--quiet", action="store_true", default=S, help="log lines instead of progress bars")
-    dist = parser.add_argument_group("several processes (torchrun)")
+    parser.add_argument("--config", default=S, help="YAML run config (e.g. RUN/config.yaml); other flags override it")
+    groups = {name: parser.add_argument_group(name) for name in GROUPS if name != "run"}
+    groups["run"] = parser
+    for f in fields(RunConfig):
+        groups[f.metadata["group"]].add_argument(*_flag(f), **_flag_options(f), default=S)
+    dist = groups["several processes (torchrun)"]
     dist.add_argument("--nproc", type=int, default=S, metavar="N",
                       help="train on N processes (GPUs) of this machine through torchrun; for several machines "
                       "run torchrun yourself: torchrun --nnodes … -m warmstart train …")
-    dist.add_argument("--sync-bn", action="store_true", default=S, help="synchronise BatchNorm across GPUs")
-    out.add_argument("--checkpoint-every", type=int, default=S, metavar="STEPS",
-                     help="also checkpoint every STEPS optimizer steps (checkpoints are written every epoch)")
+    out = groups["output"]
     out.add_argument("--resume", default=S, metavar="RUN",
                      help="continue RUN exactly from its latest checkpoint (its config.yaml; flags override)")
     out.add_argument("--resume-weights-only", action="store_true", default=S,
                      help="with --resume: start a new run from the checkpoint's weights, with this config")
 
 
+def _flag(f) -> list[str]:
+    return [f.metadata.get("flag") or "--" + f.name.replace("_", "-")]
+
+
+def _flag_options(f) -> dict:
+    """argparse's options for a setting, from its type and declaration."""
+    meta = f.metadata
+    kind, is_list, _ = field_kind(f.name)
+    options = {"dest": f.name, "help": meta["help"]}
+    if kind == "bool":
+        return {**options, "action": "store_false" if f.default is True else "store_true"}
+    options["type"] = {"int": int, "float": float}.get(kind, str)
+    for key in ("choices", "metavar"):
+        if meta.get(key):
+            options[key] = meta[key]
+    if is_list:
+        options.update(action="append") if meta["repeat"] else options.update(nargs="+")
+    return options
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     names = {f.name for f in fields(RunConfig)}
     overrides = {k: v for k, v in vars(args).items() if k in names}
     if getattr(args, "resume", None) and not getattr(args, "config", None):
-        return RunConfig.from_yaml(f"{args.resume}/config.yaml", overrides)
+        return RunConfig.from_yaml(RunDir(args.resume).config, overrides)
     if getattr(args, "config", None):
         return RunConfig.from_yaml(args.config, overrides)
     return RunConfig.from_dict(overrides, source="command line")
@@ -356,7 +292,7 @@ def _predictions(args) -> list:
     if args.model is None:
         raise UserError("predict needs a run directory or .onnx file, or --server URL")
     if args.model.endswith(".onnx"):
-        from .serve.onnx_predict import predict_onnx
+        from .predict import predict_onnx
 
         return predict_onnx(args.model, args.images, args.top_k)
     from .predict import predict

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from .errors import UserError
+from .recipes import RECIPES
 
 STRATEGIES = ("feature-extractor", "partial", "fine-tune")
 OPTIMIZERS = ("sgd", "adamw", "lbfgs")
@@ -22,79 +23,132 @@ SCHEDULES = ("cosine", "piecewise", "constant")
 AUGMENTS = ("standard", "none")
 BALANCES = ("none", "sampler", "loss")
 PRECISIONS = ("fp32", "bf16", "fp16")
+# the command line's option groups, in the order `--help` shows them
+GROUPS = ("run", "data", "model and weights", "optimisation", "speed", "output", "several processes (torchrun)")
+
+
+def setting(default: Any = None, help: str = "", *, group: str, choices: tuple | None = None,
+            metavar: str | None = None, flag: str | None = None, repeat: bool = False, low: float | None = None,
+            low_open: bool = True, high: float | None = None, high_open: bool = False, hint: str = "",
+            tunable: bool = True):
+    """A run setting, declared once: its default, and what the command line and the checks need
+    (help, option group, choices, metavar, a negated `flag` for options on by default, `repeat`
+    for a list given one flag at a time instead of as several values, and bounds `low`/`high`,
+    open or closed; `tunable=False` for settings a hyper-parameter search must not draw)."""
+    metadata = {"help": help, "group": group, "choices": choices, "metavar": metavar, "flag": flag,
+                "repeat": repeat, "low": low, "low_open": low_open, "high": high, "high_open": high_open,
+                "hint": hint, "tunable": tunable}
+    if isinstance(default, list):
+        return field(default_factory=list, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
 class RunConfig:
-    # a named preset (see warmstart.recipes); settings given explicitly override it
-    recipe: str | None = None
+    recipe: str | None = setting(None, "a preset of settings (see 'warmstart recipes'); flags and the config "
+                                 "file override it", group="run", choices=tuple(RECIPES))
     # what to train on
-    data: str = ""
-    val_data: str | None = None
-    val_fraction: float = 0.2
-    # Stanford Dogs: train and evaluate on the annotated dog box (the largest, where several)
-    crop_to_box: bool = False
-    drop_empty_classes: bool = False
-    # CSV manifests: image paths outside the manifest's folder are refused unless this is set
-    allow_outside_paths: bool = False
-    # class imbalance: class-balanced sampling, or class-weighted loss
-    balance: str = "none"
+    data: str = setting("", "ROOT with train/ and val/ or test/ class folders, ROOT/<class>/*, or a CSV manifest "
+                        "(image_path,label)", group="data", tunable=False)
+    val_data: str | None = setting(None, "separate validation data (folder tree or CSV)", group="data", tunable=False)
+    val_fraction: float = setting(0.2, "held-out fraction when there is no val/ split (seeded, stratified; default "
+                                  "0.2)", group="data", low=0, high=1, high_open=True)
+    crop_to_box: bool = setting(False, "Stanford Dogs: train and evaluate on the annotated dog box (the largest, "
+                                "where several)", group="data", tunable=False)
+    drop_empty_classes: bool = setting(False, "leave out class folders without images instead of stopping",
+                                       group="data", tunable=False)
+    allow_outside_paths: bool = setting(False, "CSV manifests: read image paths outside the manifest's folder "
+                                        "(refused by default)", group="data", tunable=False)
+    balance: str = setting("none", "class imbalance: none (default), sampler (class-balanced sampling), loss "
+                           "(class weights)", group="data", choices=BALANCES)
     # the network and where its weights come from
-    model: str = "efficientnet_lite0"
-    weights: str = "bundled"
-    skip: list[str] = field(default_factory=list)
+    model: str = setting("efficientnet_lite0", "timm name or resnet50, resnet_v2_50, inception_v4, nasnet_a_large, "
+                         "efficientnet_lite0 (default)", group="model and weights")
+    weights: str = setting("bundled", "bundled (offline EfficientNet-Lite0, default), hub, none, or a "
+                           ".safetensors/.pth file", group="model and weights")
+    skip: list[str] = setting([], "parameter-name pattern not to restore (repeatable); the old classifier is "
+                              "skipped by default when the class count differs", group="model and weights",
+                              metavar="PATTERN", repeat=True)
     # how far the model may move from its pretrained state
-    strategy: str = "feature-extractor"
-    trainable: list[str] = field(default_factory=list)
-    unfreeze_last: int | None = None
-    # gradual unfreezing: "EPOCH:N" trains the last N stages (or "EPOCH:all" everything) from that epoch on
-    unfreeze_schedule: list[str] = field(default_factory=list)
+    strategy: str = setting("feature-extractor", "feature-extractor (head only, default), partial, fine-tune",
+                            group="model and weights", choices=STRATEGIES)
+    trainable: list[str] = setting([], "with --strategy partial: parameter-name pattern that trains (repeatable)",
+                                   group="model and weights", metavar="PATTERN", repeat=True)
+    unfreeze_last: int | None = setting(None, "with --strategy partial: the last N stages train",
+                                        group="model and weights", metavar="N", low=0)
+    unfreeze_schedule: list[str] = setting([], "gradual unfreezing: after EPOCH epochs the last N stages (or "
+                                           "'all') train too, e.g. 1:2 3:all", group="model and weights",
+                                           metavar="EPOCH:N")
     # preprocessing (None: from the model's pretrained config)
-    input_size: int | None = None
-    input_scale: float | None = None  # or the pretrained size x this (train and evaluate larger)
-    crop_pct: float | None = None
-    augment: str = "standard"
+    input_size: int | None = setting(None, "input size in px (default: the model's)", group="data", low=0)
+    input_scale: float | None = setting(None, "input size as FACTOR x the model's pretrained size (rounded to 32 "
+                                        "px)", group="data", metavar="FACTOR", low=0)
+    crop_pct: float | None = setting(None, "center-crop fraction at evaluation", group="data", low=0, high=1)
+    augment: str = setting("standard", "standard: random-resized-crop + flip (default); none", group="data",
+                           choices=AUGMENTS)
+    workers: int | None = setting(None, "data loader processes (default: CPU count, max 8)", group="data", low=0,
+                                  low_open=False, tunable=False)
     # optimisation
-    optimizer: str = "sgd"
-    lr: float | None = None
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    piecewise_boundaries: list[float] = field(default_factory=list)
-    piecewise_lr_decay: list[float] = field(default_factory=list)
-    label_smoothing: float = 0.0
+    optimizer: str = setting("sgd", "sgd (momentum, default), adamw, or lbfgs (the head as a full-batch "
+                             "logistic regression on cached features)", group="optimisation", choices=OPTIMIZERS)
+    lr: float | None = setting(None, "learning rate (default: sgd 0.01; adamw 1e-3 head-only, 1e-4 otherwise)",
+                               group="optimisation", low=0)
+    momentum: float = setting(0.9, "SGD momentum", group="optimisation", low=0, low_open=False)
+    weight_decay: float = setting(1e-4, "weight decay (not on biases and norms); with lbfgs the L2 penalty",
+                                  group="optimisation", low=0, low_open=False)
+    schedule: str = setting("cosine", "cosine (default), piecewise, constant", group="optimisation",
+                            choices=SCHEDULES)
+    warmup_epochs: float = setting(0.0, "epochs of linear warm-up", group="optimisation", low=0, low_open=False)
+    piecewise_boundaries: list[float] = setting([], "epochs where the learning rate changes",
+                                                group="optimisation", metavar="EPOCH")
+    piecewise_lr_decay: list[float] = setting([], "lr multiplier of each piece (one more than the boundaries)",
+                                              group="optimisation", metavar="FACTOR")
     # discriminative learning rates: lr x layer_decay^depth-from-the-top, and the new head's own rate
-    layer_decay: float | None = None
-    head_lr: float | None = None
+    head_lr: float | None = setting(None, "the new head's learning rate (default: --lr)", group="optimisation",
+                                    low=0)
+    layer_decay: float | None = setting(None, "layer-wise lr decay: each layer below the top trains at FACTOR x "
+                                        "the one above", group="optimisation", metavar="FACTOR", low=0, high=1,
+                                        hint="e.g. 0.7")
+    label_smoothing: float = setting(0.0, "label smoothing of the loss", group="optimisation", low=0,
+                                     low_open=False, high=1, high_open=True)
     # regularisation (mixup/cutmix alphas, 0 = off) and an exponential moving average of the weights
-    mixup: float = 0.0
-    cutmix: float = 0.0
-    ema_decay: float = 0.0
-    # evaluate on the image and its mirror image (average of the probabilities)
-    tta: bool = False
-    epochs: int = 10
-    batch_size: int = 32
-    seed: int = 0
-    workers: int | None = None
+    mixup: float = setting(0.0, "mixup alpha (0: off)", group="optimisation", metavar="ALPHA", low=0, low_open=False)
+    cutmix: float = setting(0.0, "cutmix alpha (0: off)", group="optimisation", metavar="ALPHA", low=0,
+                            low_open=False)
+    ema_decay: float = setting(0.0, "keep an exponential moving average of the weights (e.g. 0.999) and use it",
+                               group="optimisation", metavar="DECAY", low=0, low_open=False, high=1, high_open=True,
+                               hint="e.g. 0.999 (0 = off)")
+    tta: bool = setting(False, "evaluate (and predict, serve, export) on the image and its mirror image",
+                        group="optimisation")
+    epochs: int = setting(10, "training epochs", group="optimisation", low=0)
+    batch_size: int = setting(32, "batch size (per GPU/process)", group="optimisation", low=0)
+    seed: int = setting(0, "random seed (runs are reproducible on the CPU)", group="optimisation")
     # speed: when only the head trains, run the frozen backbone once per image (and view) and
     # keep its features on disk (the run's cache/ folder, or a --cache-dir shared by runs)
-    feature_cache: bool = True
-    cache_dir: str | None = None
-    cache_views: int = 1  # with --augment standard: K stored views per image (view 0 un-augmented)
-    image_cache: bool = False  # decode each image once into a pre-resized uint8 store
-    # --strategy partial: cache the frozen prefix's activations, run only the trainable tail per epoch
-    cache_boundary: bool = False
-    precision: str = "fp32"
-    channels_last: bool = True
-    compile: bool = False
+    feature_cache: bool = setting(True, "run the frozen backbone every epoch even when features could be computed "
+                                  "once", group="speed", flag="--no-feature-cache")
+    cache_dir: str | None = setting(None, "feature/image cache folder shared by runs (default: the run's cache/)",
+                                    group="speed", tunable=False)
+    cache_views: int = setting(1, "with --augment standard and a frozen backbone: cache K views per image (view 0 "
+                               "un-augmented) and sample among them each epoch", group="speed", metavar="K", low=0)
+    image_cache: bool = setting(False, "decode each image once into a pre-resized uint8 store (faster epochs)",
+                                group="speed")
+    cache_boundary: bool = setting(False, "with --strategy partial and un-augmented (or --cache-views) training: "
+                                   "cache the frozen prefix's activations once and run only the trainable tail "
+                                   "each epoch", group="speed")
+    precision: str = setting("fp32", "fp32 (default), bf16 (autocast; fast on recent CPUs and GPUs), fp16 (GPU)",
+                             group="speed", choices=PRECISIONS)
+    channels_last: bool = setting(True, "keep NCHW memory format (channels_last is usually faster)", group="speed",
+                                  flag="--no-channels-last")
+    compile: bool = setting(False, "torch.compile the model", group="speed")
     # torchrun: SyncBatchNorm across GPUs
-    sync_bn: bool = False
+    sync_bn: bool = setting(False, "synchronise BatchNorm across GPUs", group="several processes (torchrun)")
     # checkpoints (whole-model training): every epoch, and every N optimizer steps
-    checkpoint_every: int = 0
+    checkpoint_every: int = setting(0, "also checkpoint every STEPS optimizer steps (checkpoints are written every "
+                                    "epoch)", group="output", metavar="STEPS", low=0, low_open=False)
     # output
-    out: str | None = None
-    quiet: bool = False
+    out: str | None = setting(None, "run directory (default runs/<timestamp>-<model>)", group="output", tunable=False)
+    quiet: bool = setting(False, "log lines instead of progress bars", group="output", tunable=False)
 
     # -- construction -------------------------------------------------------------
     @classmethod
@@ -139,54 +193,20 @@ class RunConfig:
 
     # -- validation ----------------------------------------------------------------
     def validated(self) -> "RunConfig":
-        def choice(name: str, allowed: tuple[str, ...]) -> None:
-            value = getattr(self, name)
-            if value not in allowed:
-                raise UserError(f"--{name.replace('_', '-')} {value!r} is not valid: use one of {', '.join(allowed)}")
+        for f in fields(self):  # lists may come from YAML or Python as scalars
+            if field_kind(f.name)[1] and not isinstance(getattr(self, f.name), list):
+                value = getattr(self, f.name)
+                setattr(self, f.name, [] if value is None else [value])
+        for f in fields(self):
+            _check_declared(f, getattr(self, f.name))
+        self.unfreeze_schedule = [str(step) for step in self.unfreeze_schedule]
+        self._check_combinations()
+        return self
 
-        def positive(name: str, value: float, allow_zero: bool = False) -> None:
-            if value is None:
-                return
-            if value < 0 or (value == 0 and not allow_zero):
-                bound = ">= 0" if allow_zero else "> 0"
-                raise UserError(f"--{name.replace('_', '-')} {value} is not valid: it must be {bound}")
-
-        # lists may come from YAML as scalars
-        for name in ("skip", "trainable", "piecewise_boundaries", "piecewise_lr_decay", "unfreeze_schedule"):
-            value = getattr(self, name)
-            if value is None:
-                setattr(self, name, [])
-            elif not isinstance(value, list):
-                setattr(self, name, [value])
-        choice("strategy", STRATEGIES)
-        choice("optimizer", OPTIMIZERS)
-        choice("schedule", SCHEDULES)
-        choice("augment", AUGMENTS)
-        choice("balance", BALANCES)
-        choice("precision", PRECISIONS)
-        positive("cache_views", self.cache_views)
-        positive("checkpoint_every", self.checkpoint_every, allow_zero=True)
-        positive("epochs", self.epochs)
-        positive("batch_size", self.batch_size)
-        positive("lr", self.lr)
-        positive("weight_decay", self.weight_decay, allow_zero=True)
-        positive("momentum", self.momentum, allow_zero=True)
-        positive("warmup_epochs", self.warmup_epochs, allow_zero=True)
-        positive("input_size", self.input_size)
-        positive("input_scale", self.input_scale)
-        positive("workers", self.workers, allow_zero=True)
-        if not 0 < self.val_fraction < 1:
-            raise UserError(f"--val-fraction {self.val_fraction} is not valid: it must be between 0 and 1")
-        positive("head_lr", self.head_lr)
-        positive("mixup", self.mixup, allow_zero=True)
-        positive("cutmix", self.cutmix, allow_zero=True)
-        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
-            raise UserError(f"--layer-decay {self.layer_decay} is not valid: it must be in (0, 1], e.g. 0.7")
-        if not 0 <= self.ema_decay < 1:
-            raise UserError(f"--ema-decay {self.ema_decay} is not valid: it must be in [0, 1), e.g. 0.999 (0 = off)")
+    def _check_combinations(self) -> None:
+        """Rules between settings (each setting's own choices and bounds come from its declaration)."""
         if (self.mixup or self.cutmix) and self.balance == "loss":
             raise UserError("--mixup/--cutmix do not combine with --balance loss: use --balance sampler")
-        self.unfreeze_schedule = [str(step) for step in self.unfreeze_schedule]
         if self.unfreeze_schedule:
             from .models.unfreeze import parse_unfreeze_schedule
 
@@ -194,26 +214,21 @@ class RunConfig:
             if self.strategy == "fine-tune":
                 raise UserError("--unfreeze-schedule starts from a frozen backbone: use --strategy feature-extractor "
                                 "or partial with it, not fine-tune")
-        if self.optimizer == "lbfgs" and not (self.head_only and self.fixed_training_views
+        if self.optimizer == "lbfgs" and not (self.head_only and self.caching_ruled_out_by() is None
                                               and self.balance != "sampler"):
             raise UserError("--optimizer lbfgs fits the head on all cached features at once: use it with --strategy "
                             "feature-extractor, the feature cache, --augment none (or --cache-views K) and no "
                             "--balance sampler, --mixup, --cutmix or --ema-decay")
-        if not 0 <= self.label_smoothing < 1:
-            raise UserError(f"--label-smoothing {self.label_smoothing} is not valid: it must be in [0, 1)")
-        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
-            raise UserError(f"--crop-pct {self.crop_pct} is not valid: it must be in (0, 1]")
         if self.strategy == "partial":
             if not self.trainable and self.unfreeze_last is None:
                 raise UserError("--strategy partial needs --trainable PATTERN or --unfreeze-last N: say what trains")
-            positive("unfreeze_last", self.unfreeze_last)
+            if self.unfreeze_last is not None and self.unfreeze_last <= 0:
+                raise UserError(f"--unfreeze-last {self.unfreeze_last} is not valid: it must be > 0")
         elif self.trainable or self.unfreeze_last is not None:
             raise UserError(
                 f"--trainable/--unfreeze-last only apply to --strategy partial (got --strategy {self.strategy})"
             )
         if self.schedule == "piecewise":
-            self.piecewise_boundaries = [float(b) for b in self.piecewise_boundaries]
-            self.piecewise_lr_decay = [float(d) for d in self.piecewise_lr_decay]
             bounds = self.piecewise_boundaries
             if bounds != sorted(bounds) or any(b <= 0 for b in bounds):
                 raise UserError(f"--piecewise-boundaries {bounds} must be increasing epochs > 0")
@@ -222,7 +237,6 @@ class RunConfig:
                     f"--piecewise-lr-decay needs one factor per piece: {len(bounds) + 1} for "
                     f"{len(bounds)} boundaries, got {len(self.piecewise_lr_decay)}"
                 )
-        return self
 
     # -- derived values -------------------------------------------------------------
     @property
@@ -234,12 +248,17 @@ class RunConfig:
         """Settings that act on every image batch: no training on cached features or activations."""
         return bool(self.unfreeze_schedule or self.mixup or self.cutmix or self.ema_decay)
 
-    @property
-    def fixed_training_views(self) -> bool:
-        """The frozen part's outputs can be cached: the cache is on, the training views are fixed
-        (un-augmented, or K stored augmented views) and nothing needs the image batches."""
-        return (self.feature_cache and (self.augment == "none" or self.cache_views > 1)
-                and not self.needs_image_batches)
+    def caching_ruled_out_by(self) -> str | None:
+        """Why these settings rule out training on the frozen part's cached outputs (None: they
+        allow it: the cache is on, the training views are fixed, nothing needs the image batches).
+        The model's side of the decision is `warmstart.train.paths.choose_training_path`."""
+        if not self.feature_cache:
+            return "--no-feature-cache"
+        if self.augment != "none" and self.cache_views <= 1:
+            return "a fresh augmentation every epoch (--augment standard without --cache-views K)"
+        if self.needs_image_batches:
+            return "--unfreeze-schedule, --mixup, --cutmix or --ema-decay act on every image batch"
+        return None
 
     def resolved_lr(self) -> float:
         """Default learning rates (the demo's 0.1 diverges on unnormalised pooled features)."""
@@ -252,7 +271,7 @@ class RunConfig:
         return 1e-3 if self.head_only else 1e-4
 
 
-def _field_kind(name: str) -> tuple[str, bool, bool]:
+def field_kind(name: str) -> tuple[str, bool, bool]:
     """(scalar type name, is a list, may be None) from the field's annotation, e.g. 'float | None'."""
     annotation = {f.name: f.type for f in fields(RunConfig)}[name].replace(" ", "")
     optional = "|None" in annotation
@@ -265,7 +284,7 @@ def _field_kind(name: str) -> tuple[str, bool, bool]:
 def _coerce(name: str, value: Any, source: str) -> Any:
     """A value from YAML or Python in the field's type: numbers written as text ('1e-3', which
     YAML 1.1 reads as a string) become numbers; any other mismatch is one line naming the key."""
-    kind, is_list, optional = _field_kind(name)
+    kind, is_list, optional = field_kind(name)
     if value is None:
         return [] if is_list else value
     if is_list:
@@ -299,3 +318,24 @@ def _coerce_scalar(name: str, value: Any, kind: str, source: str) -> Any:
             raise wrong()
         return int(number)
     return float(number)
+
+
+def _check_declared(f, value: Any) -> None:
+    """A setting against its own declaration: one of its choices, within its bounds."""
+    meta, flag = f.metadata, "--" + f.name.replace("_", "-")
+    if value is None:
+        return
+    if meta.get("choices") and value not in meta["choices"]:
+        raise UserError(f"{flag} {value!r} is not valid: use one of {', '.join(meta['choices'])}")
+    low, high = meta.get("low"), meta.get("high")
+    if low is None and high is None:
+        return
+    too_low = low is not None and (value < low or (meta["low_open"] and value == low))
+    too_high = high is not None and (value > high or (meta["high_open"] and value == high))
+    if too_low or too_high:
+        if high is None:
+            bound = f"{'>' if meta['low_open'] else '>='} {low:g}"
+        else:
+            bound = f"in {'(' if meta['low_open'] else '['}{low:g}, {high:g}{')' if meta['high_open'] else ']'}"
+        hint = f", {meta['hint']}" if meta.get("hint") else ""
+        raise UserError(f"{flag} {value} is not valid: it must be {bound}{hint}")

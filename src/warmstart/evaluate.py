@@ -12,8 +12,12 @@ import numpy as np
 import torch
 
 from .data.loaders import make_loader
-from .data.sources import ImageSet
+from .data.imageset import ImageSet
+from .models.tta import FlipTTA
+from .run_dir import RunDir, load_run
 from .stop import StopRequest, check
+from .train.distributed import Distributed
+from .train.runtime import Runtime
 
 
 @dataclass
@@ -42,19 +46,24 @@ class EvalResult:
             "skipped_images": [item for item, _ in self.skipped],
         }
 
-    def write(self, directory: str | Path, name: str = "eval") -> None:
-        directory = Path(directory)
-        (directory / f"{name}.json").write_text(json.dumps(self.to_dict(), indent=2))
-        with (directory / f"{name}_confusion_matrix.csv").open("w", newline="") as handle:
+    def write(self, directory, name: str = "eval") -> None:
+        summary, confusion, per_class = RunDir(directory).evaluation(name)
+        summary.write_text(json.dumps(self.to_dict(), indent=2))
+        with confusion.open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["true \\ predicted", *self.class_names])
             for name_, row in zip(self.class_names, self.confusion.tolist()):
                 writer.writerow([name_, *row])
-        with (directory / f"{name}_per_class.csv").open("w", newline="") as handle:
+        with per_class.open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["class", "images", "accuracy"])
             for name_, count, acc in zip(self.class_names, self.confusion.sum(1).tolist(), self.per_class_accuracy):
                 writer.writerow([name_, count, "" if acc is None else f"{acc:.4f}"])
+
+
+def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The fraction of rows whose highest logit is the label (0 for no rows): the one top-1."""
+    return float((logits.argmax(1) == labels).float().mean()) if len(labels) else 0.0
 
 
 def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> EvalResult:
@@ -64,15 +73,13 @@ def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, class_names:
         return EvalResult(0.0, 0.0, 0, class_names, [None] * num_classes, np.zeros((num_classes, num_classes), int))
     k = min(5, num_classes)
     topk = logits.topk(k, dim=1).indices
-    correct1 = (topk[:, 0] == labels)
     correct5 = (topk == labels[:, None]).any(dim=1)
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
     np.add.at(confusion, (labels.numpy(), topk[:, 0].numpy()), 1)
     per_class = [
         float(confusion[c, c] / confusion[c].sum()) if confusion[c].sum() else None for c in range(num_classes)
     ]
-    return EvalResult(float(correct1.float().mean()), float(correct5.float().mean()), n, class_names, per_class,
-                      confusion)
+    return EvalResult(top1(logits, labels), float(correct5.float().mean()), n, class_names, per_class, confusion)
 
 
 @dataclass
@@ -110,13 +117,26 @@ def compute_outputs(model, images: ImageSet, transform, batch_size: int, workers
     return Outputs(torch.cat(outputs), torch.cat(labels), torch.cat(indices), seconds, skipped)
 
 
-def evaluate_model(model, images: ImageSet, transform, batch_size: int = 64, workers: int | None = None,
-                   device="cpu", forward=None) -> EvalResult:
-    out = compute_outputs(model, images, transform, batch_size, workers, device, forward=forward)
-    result = metrics_from_logits(out.outputs, out.labels, images.class_names)
-    result.seconds = out.seconds
-    result.images_per_sec = result.num_images / out.seconds if out.seconds > 0 else 0.0
-    result.skipped = out.skipped
+def evaluate_model(model, images: ImageSet, transform, runtime: Runtime | None = None, batch_size: int = 64,
+                   workers: int | None = None, tta: bool = False, dist: Distributed | None = None) -> EvalResult:
+    """The model's metrics on a split, computed as the run computes (`runtime`: device, precision,
+    memory format), on the image and its mirror image with `tta`. Under torchrun each rank takes
+    every world-th image and the outputs are gathered: the same result on every rank."""
+    runtime = runtime or Runtime(torch.device("cpu"), "fp32", False)
+    forward = runtime.forward(FlipTTA(model) if tta else model)
+    if dist is None or not dist.active:
+        out = compute_outputs(model, images, transform, batch_size, workers, runtime.device, forward=forward)
+        parts = [(out.outputs, out.labels, out.seconds, out.skipped)]
+    else:
+        shard = images.subset(range(dist.rank, len(images), dist.world))
+        out = compute_outputs(model, shard, transform, batch_size, workers, runtime.device, forward=forward)
+        parts = dist.gather((out.outputs, out.labels, out.seconds, out.skipped))
+    outputs = [p[0] for p in parts if len(p[1])]
+    result = metrics_from_logits(torch.cat(outputs) if outputs else torch.empty(0), torch.cat([p[1] for p in parts]),
+                                 images.class_names)
+    result.seconds = max(p[2] for p in parts)
+    result.images_per_sec = result.num_images / result.seconds if result.seconds > 0 else 0.0
+    result.skipped = [s for p in parts for s in p[3]]
     return result
 
 
@@ -125,10 +145,9 @@ def run_split(run_dir: str | Path, data: str | None, split: str):
     from .config import RunConfig
     from .data.sources import resolve_splits
     from .errors import UserError
-    from .run_dir import load_run
 
     run = load_run(run_dir)
-    config = RunConfig.from_yaml(Path(run_dir) / "config.yaml")
+    config = RunConfig.from_yaml(RunDir(run_dir).config)
     splits = resolve_splits(data or config.data, config.val_fraction, config.seed,
                             None if data else config.val_data, class_ids=run.class_ids,
                             crop_to_box=config.crop_to_box, drop_empty_classes=True, quiet=True,
@@ -144,9 +163,9 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "val
     from .data.transforms import eval_transform
 
     run, images = run_split(run_dir, data, split)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    result = evaluate_model(run.model.to(device), images, eval_transform(run.data_config), batch_size,
-                            workers, device)
+    runtime = Runtime(torch.device("cuda" if torch.cuda.is_available() else "cpu"), "fp32", False)
+    result = evaluate_model(runtime.prepare(run.model), images, eval_transform(run.data_config), runtime, batch_size,
+                            workers)
     result.split = split
     result.write(run_dir)
     return result

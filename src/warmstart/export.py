@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
-from .run_dir import MODEL_FILE, load_run
+from .run_dir import RunDir, load_run
 
 FORMATS = ("onnx", "torchscript", "safetensors")
 SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript.pt", "safetensors": ".safetensors"}
@@ -29,24 +29,6 @@ class ExportResult:
     same_top1: bool = True
     exporter: str = ""
     notes: list[str] = field(default_factory=list)
-
-
-def export_metadata(run) -> dict:
-    """Everything a deployment needs besides the weights: classes and preprocessing."""
-    config = run.data_config
-    return {
-        "architecture": run.meta["architecture"],
-        "model": run.meta["model"],
-        "class_names": run.class_names,
-        "class_ids": run.class_ids,
-        "input_size": list(config["input_size"]),
-        "mean": list(config["mean"]),
-        "std": list(config["std"]),
-        "interpolation": config["interpolation"],
-        "crop_pct": config["crop_pct"],
-        "crop_mode": config.get("crop_mode", "center"),
-        "warmstart_version": run.meta.get("warmstart_version"),
-    }
 
 
 def _parity_inputs(run, count: int = 8) -> torch.Tensor:
@@ -79,7 +61,7 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     model = run.model.eval()
-    meta = export_metadata(run)
+    meta = run.export_metadata()
     path = Path(out) if out else run_dir / f"model{SUFFIX[fmt]}"
     path.parent.mkdir(parents=True, exist_ok=True)
     inputs = _parity_inputs(run)
@@ -87,7 +69,7 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
         reference = model(inputs).numpy()
 
     if fmt == "safetensors":
-        shutil.copyfile(run_dir / MODEL_FILE, path)  # weights with the metadata embedded
+        shutil.copyfile(RunDir(run_dir).model, path)  # weights with the metadata embedded
         return ExportResult(path, fmt, exporter="safetensors (weights + metadata)")
 
     if fmt == "torchscript":

@@ -1,13 +1,146 @@
-"""Predicting breeds for image files from a run directory alone."""
+"""Predicting classes of image files: from a run directory (PyTorch) or an exported ONNX file
+(onnxruntime, numpy and PIL only: this module needs no torch on that path), one batch of images
+in memory at a time. The service (`warmstart serve`) answers with the same backends."""
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
+from .data.images import ImageTooLarge, open_image
 from .errors import UserError
-from .serve.backends import TorchBackend
-from .serve.onnx_predict import predict_images
+
+_RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
+             "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
+
+
+def shrink(image: Image.Image, meta: dict) -> Image.Image:
+    """The evaluation view's first step: the short side resized to size / crop_pct (a no-op on an
+    image already that size, so a server can shrink uploads as soon as they are decoded)."""
+    size = int(meta["input_size"][-1])
+    scale = math.floor(size / meta["crop_pct"])
+    width, height = image.size
+    if width <= height:
+        new = (scale, int(scale * height / width))
+    else:
+        new = (int(scale * width / height), scale)
+    return image.resize(new, _RESAMPLE.get(meta["interpolation"], Image.BICUBIC))
+
+
+def preprocess(image: Image.Image, meta: dict) -> np.ndarray:
+    """The evaluation view in numpy: resize the short side to size / crop_pct, center crop,
+    scale to [0, 1], normalise. Matches timm's evaluation transform on PIL images."""
+    size = int(meta["input_size"][-1])
+    image = shrink(image, meta)
+    new = image.size
+    left = int(round((new[0] - size) / 2.0))
+    top = int(round((new[1] - size) / 2.0))
+    image = image.crop((left, top, left + size, top + size))
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    array = (array - np.asarray(meta["mean"], dtype=np.float32)) / np.asarray(meta["std"], dtype=np.float32)
+    return array.transpose(2, 0, 1)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    exp = np.exp(shifted)
+    return exp / exp.sum(axis=1, keepdims=True)
+
+
+class OnnxBackend:
+    def __init__(self, path: str | Path):
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"{path} does not exist: pass an ONNX file written by 'warmstart export'")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise UserError(f"{path} is not a readable ONNX model ({exc.__class__.__name__})") from None
+        props = self.session.get_modelmeta().custom_metadata_map
+        if "class_names" not in props:
+            raise UserError(f"{path} carries no warmstart metadata: export it with 'warmstart export RUN --format onnx'")
+        self.meta = {k: json.loads(v) for k, v in props.items()}
+        self.input_name = self.session.get_inputs()[0].name
+        self.class_names = self.meta["class_names"]
+
+    def shrink(self, image: Image.Image) -> Image.Image:
+        return shrink(image, self.meta)
+
+    def probabilities(self, images: list[Image.Image]) -> np.ndarray:
+        batch = np.stack([preprocess(image, self.meta) for image in images])
+        return softmax(self.session.run(None, {self.input_name: batch})[0])
+
+
+class TorchBackend:
+    def __init__(self, run_dir: str | Path):
+        import torch
+
+        from .data.transforms import eval_transform
+        from .run_dir import load_run
+
+        self.torch = torch
+        self.run = load_run(run_dir)
+        self.transform = eval_transform(self.run.data_config)
+        self.meta = self.run.export_metadata()
+        self.class_names = self.run.class_names
+
+    def shrink(self, image: Image.Image) -> Image.Image:
+        return self.transform.transforms[0](image)  # the resize; a no-op when the transform meets it again
+
+    def probabilities(self, images: list[Image.Image]) -> np.ndarray:
+        with self.torch.inference_mode():
+            batch = self.torch.stack([self.transform(image) for image in images])
+            return self.run.model(batch).softmax(1).numpy()
+
+
+def load_backend(model: str | Path):
+    """An ONNX file or a run directory."""
+    path = Path(model)
+    if path.suffix == ".onnx":
+        return OnnxBackend(path)
+    return TorchBackend(path)
+
+
+def top_k(probabilities: np.ndarray, class_names: list[str], k: int) -> list[list[tuple[str, float]]]:
+    k = min(k, len(class_names))
+    order = np.argsort(-probabilities, axis=1)[:, :k]
+    return [[(class_names[c], float(row[c])) for c in indices] for row, indices in zip(probabilities, order)]
+
+
+def predict_images(backend, images: list, k: int = 5, batch_size: int = 32) -> list:
+    """(image, [(class, probability)], error) per image, in order; unreadable files get an error.
+    Images are decoded a batch at a time and shrunk to the model's input at once (bounded memory)."""
+    results: list = [None] * len(images)
+    for start in range(0, len(images), batch_size):
+        decoded, positions = [], []
+        for i in range(start, min(start + batch_size, len(images))):
+            path = images[i]
+            if not Path(path).is_file():
+                results[i] = (str(path), [], "file not found")
+                continue
+            try:
+                decoded.append(backend.shrink(open_image(path)))
+                positions.append(i)
+            except ImageTooLarge as exc:
+                results[i] = (str(path), [], f"image is {exc}")
+            except Exception as exc:
+                results[i] = (str(path), [], f"not a readable image ({exc.__class__.__name__})")
+        if decoded:
+            for i, ranked in zip(positions, top_k(backend.probabilities(decoded), backend.class_names, k)):
+                results[i] = (str(images[i]), ranked, None)
+    return results
+
+
+def predict_onnx(model: str | Path, images: list[str], k: int = 5, batch_size: int = 32) -> list:
+    """Predictions from an exported ONNX file: onnxruntime, numpy and PIL, no torch."""
+    return predict_images(OnnxBackend(model), images, k, batch_size)
 
 
 @dataclass

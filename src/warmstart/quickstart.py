@@ -8,6 +8,7 @@ from PIL import Image
 
 from .config import RunConfig
 from .data.sources import BUILTIN_DIGITS, resolve_splits
+from .run_dir import RunDir
 from .train.run import RunResult, train
 
 
@@ -34,7 +35,7 @@ def write_samples(run_dir: Path, per_class: int = 1, seed: int = 0) -> list[Path
     """A few held-out digits as PNG files in the run directory, to try `warmstart predict` on."""
     config = quickstart_config()
     held_out = resolve_splits(BUILTIN_DIGITS, config.val_fraction, seed)["val"]
-    folder = run_dir / "samples"
+    folder = RunDir(run_dir).samples
     folder.mkdir(exist_ok=True)
     written, seen = [], set()
     for item, label in zip(held_out.items, held_out.labels):

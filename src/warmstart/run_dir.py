@@ -1,4 +1,5 @@
-"""The run directory: everything a run writes, and everything `predict` needs to load it."""
+"""The run directory: every file a run writes (`RunDir` knows their names), its lock, and loading
+a trained run back for `predict`, `eval`, `export` and `serve`."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from safetensors.torch import load_file, save_file
-
 from .errors import UserError
+
+# torch and safetensors are imported where weights are read or written: the run directory's
+# names are needed where only onnxruntime is installed (ONNX predict, serve)
 
 MODEL_FILE = "model.safetensors"
 META_FILE = "model.json"
@@ -19,21 +20,62 @@ META_FILE = "model.json"
 LOCK_FILE = ".warmstart-run.lock"
 
 
-def new_run_dir(out: str | None, model_name: str) -> Path:
+class RunDir:
+    """A run directory and the names of everything in it."""
+
+    def __init__(self, path: "str | Path | RunDir"):
+        self.path = Path(getattr(path, "path", path))
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    config = property(lambda self: self.path / "config.yaml")  # the resolved run config
+    restore_report = property(lambda self: self.path / "restore_report.json")
+    model = property(lambda self: self.path / MODEL_FILE)  # trained weights, metadata embedded
+    meta = property(lambda self: self.path / META_FILE)  # what predict needs besides the weights
+    metrics = property(lambda self: self.path / "metrics.json")
+    history = property(lambda self: self.path / "history.json")
+    history_csv = property(lambda self: self.path / "history.csv")
+    skipped = property(lambda self: self.path / "skipped.txt")
+    checkpoints = property(lambda self: self.path / "checkpoints")
+    tensorboard = property(lambda self: self.path / "tensorboard")
+    cache = property(lambda self: self.path / "cache")  # the default feature/image cache
+    lock = property(lambda self: self.path / LOCK_FILE)
+    report = property(lambda self: self.path / "report.html")
+    report_figures = property(lambda self: self.path / "report")
+    samples = property(lambda self: self.path / "samples")
+
+    def evaluation(self, name: str = "eval") -> tuple[Path, Path, Path]:
+        """An evaluation's summary, confusion matrix and per-class accuracy files."""
+        return (self.path / f"{name}.json", self.path / f"{name}_confusion_matrix.csv",
+                self.path / f"{name}_per_class.csv")
+
+    def lr_find(self, suffix: str) -> Path:
+        return self.path / f"lr_find.{suffix}"
+
+    @property
+    def trained(self) -> bool:
+        return self.model.exists()
+
+
+def new_run_dir(out: str | None, model_name: str) -> RunDir:
     """`--out`, or runs/<timestamp>-<model>. Never overwrites a trained run, nor a folder of the
     user's: a non-empty folder is accepted only when it is an unfinished run of ours."""
-    path = Path(out) if out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{model_name}"
-    if path.exists() and not path.is_dir():
-        raise UserError(f"--out {path} is a file: pass a directory path")
-    if (path / MODEL_FILE).exists():
-        raise UserError(f"{path} already holds a trained model: pass another --out (nothing was overwritten)")
-    if path.is_dir() and not (path / LOCK_FILE).exists():
-        other = next(iter(sorted(path.iterdir())), None)
+    run = RunDir(Path(out) if out else Path("runs") / f"{time.strftime('%Y%m%d-%H%M%S')}-{model_name}")
+    if run.path.exists() and not run.path.is_dir():
+        raise UserError(f"--out {run} is a file: pass a directory path")
+    if run.trained:
+        raise UserError(f"{run} already holds a trained model: pass another --out (nothing was overwritten)")
+    if run.path.is_dir() and not run.lock.exists():
+        other = next(iter(sorted(run.path.iterdir())), None)
         if other is not None:
-            raise UserError(f"--out {path} is a folder with other files in it (e.g. {other.name}), not a warmstart "
+            raise UserError(f"--out {run} is a folder with other files in it (e.g. {other.name}), not a warmstart "
                             f"run: pass a new or empty folder (nothing was written)")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    run.path.mkdir(parents=True, exist_ok=True)
+    return run
 
 
 class RunLock:
@@ -41,8 +83,8 @@ class RunLock:
     stops at once instead of mixing its files with the first one's. The OS releases it if the
     process dies."""
 
-    def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / LOCK_FILE
+    def __init__(self, run_dir: str | Path | RunDir):
+        self.path = RunDir(run_dir).lock
         self.fd: int | None = None
 
     def __enter__(self) -> "RunLock":
@@ -69,16 +111,19 @@ class RunLock:
             self.fd = None
 
 
-def save_model(run_dir: Path, model: torch.nn.Module, meta: dict) -> None:
+def save_model(run_dir: str | Path | RunDir, model, meta: dict) -> None:
     """Weights as safetensors, with the metadata embedded and beside it as JSON."""
+    from safetensors.torch import save_file
+
+    run = RunDir(run_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(run_dir / MODEL_FILE), metadata={"warmstart": json.dumps(meta)})
-    (run_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+    save_file(state, str(run.model), metadata={"warmstart": json.dumps(meta)})
+    run.meta.write_text(json.dumps(meta, indent=2))
 
 
 @dataclass
 class LoadedRun:
-    model: torch.nn.Module
+    model: object  # torch.nn.Module, in eval mode
     meta: dict
 
     @property
@@ -96,16 +141,35 @@ class LoadedRun:
         config["mean"], config["std"] = tuple(config["mean"]), tuple(config["std"])
         return config
 
+    def export_metadata(self) -> dict:
+        """Everything a deployment needs besides the weights: classes and preprocessing."""
+        config = self.data_config
+        return {
+            "architecture": self.meta["architecture"],
+            "model": self.meta["model"],
+            "class_names": self.class_names,
+            "class_ids": self.class_ids,
+            "input_size": list(config["input_size"]),
+            "mean": list(config["mean"]),
+            "std": list(config["std"]),
+            "interpolation": config["interpolation"],
+            "crop_pct": config["crop_pct"],
+            "crop_mode": config.get("crop_mode", "center"),
+            "warmstart_version": self.meta.get("warmstart_version"),
+        }
 
-def load_run(run_dir: str | Path) -> LoadedRun:
+
+def load_run(run_dir: str | Path | RunDir) -> LoadedRun:
     """The trained model of a run directory, in eval mode, from the run alone."""
+    from safetensors.torch import load_file
+
     from .models.create import build_model
 
-    run_dir = Path(run_dir)
-    weights = run_dir / MODEL_FILE
+    run = RunDir(run_dir)
+    weights = run.model
     if not weights.is_file():
-        raise UserError(f"{run_dir} is not a trained run (no {MODEL_FILE}): pass a directory written by 'warmstart train'")
-    meta = _read_meta(run_dir / META_FILE)
+        raise UserError(f"{run} is not a trained run (no {MODEL_FILE}): pass a directory written by 'warmstart train'")
+    meta = _read_meta(run.meta)
     try:
         model = build_model(meta["architecture"], len(meta["class_names"]))
         state = load_file(str(weights))

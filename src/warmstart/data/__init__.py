@@ -4,7 +4,8 @@ The transforms (timm, torch) load on first use, so that image decoding and the s
 importable where only onnxruntime is installed (the ONNX predict/serve path).
 """
 
-from .sources import ImageSet, readable_class_name, resolve_splits, stratified_split
+from .imageset import ImageSet, readable_class_name, stratified_split
+from .sources import resolve_splits
 
 __all__ = ["ImageSet", "readable_class_name", "resolve_splits", "stratified_split", "data_config_for",
            "eval_transform", "train_transform"]

@@ -28,7 +28,7 @@ from numpy.lib.format import open_memmap
 from ..stop import StopRequest, Stopped, requested
 from .fingerprint import fingerprint_items, fingerprint_json
 from .loaders import make_loader
-from .sources import ImageSet
+from .imageset import ImageSet
 
 FORMAT_VERSION = 2
 PENDING, DONE, UNREADABLE = 0, 1, 2

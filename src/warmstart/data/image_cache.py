@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader
 from ..stop import check
 from .fingerprint import fingerprint_items, fingerprint_json
 from .loaders import ImageDataset, default_workers
-from .sources import ImageSet
+from .imageset import ImageSet
 
 FORMAT_VERSION = 1
 _STORES: dict[str, np.memmap] = {}  # opened lazily, once per process (loader workers included)

@@ -11,8 +11,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from .. import seeds
 from .images import open_image
-from .sources import ImageSet
+from .imageset import ImageSet
 
 
 @dataclass
@@ -41,7 +42,7 @@ class ImageDataset(Dataset):
             return self.transform(image)
         state = random.getstate()
         with torch.random.fork_rng(devices=[]):
-            seed = (item_seed * 1_000_003 + index) % 2**63
+            seed = seeds.for_item(item_seed, index)
             torch.manual_seed(seed)
             random.seed(seed)
             try:
@@ -109,7 +110,7 @@ class EpochBatches(Sampler):
         self.epoch, self.start_batch = epoch, start_batch
 
     def epoch_seed(self, epoch: int) -> int:
-        return self.seed * 1_000_003 + epoch
+        return seeds.for_epoch(self.seed, epoch)
 
     def order(self, epoch: int) -> list[int]:
         generator = seeded_generator(self.epoch_seed(epoch))
@@ -156,7 +157,7 @@ def make_loader(
         num_workers=num_workers,
         collate_fn=collate_skipping,
         worker_init_fn=_seed_worker,
-        generator=seeded_generator(seed + 1),
+        generator=seeded_generator(seeds.for_loader(seed)),
         pin_memory=torch.cuda.is_available(),
         # workers live across epochs instead of restarting (and re-forking the dataset) each epoch
         persistent_workers=epochs > 1 and num_workers > 0,

@@ -4,82 +4,20 @@ from __future__ import annotations
 
 import csv
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
 
 import numpy as np
 
 from ..errors import UserError
+from . import stanford_dogs
+from .download import ensure_stanford_dogs
 from .images import is_hidden_or_system, is_image_file
+from .imageset import ImageSet, readable_class_name, stratified_split
 
 SPLIT_NAMES = ("train", "val", "test")
 _SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "eval": "val", "test": "test"}
 BUILTIN_DIGITS = "sklearn-digits"
 SYNTHETIC = "synthetic"
-
-
-@dataclass
-class ImageSet:
-    """Labelled images of one split. Items are file paths, or arrays for embedded data."""
-
-    items: list[Any]
-    labels: list[int]
-    class_ids: list[str]
-    class_names: list[str]
-    origin: str = ""
-    extra: dict = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def subset(self, indices: Sequence[int]) -> "ImageSet":
-        return ImageSet(
-            [self.items[i] for i in indices], [self.labels[i] for i in indices],
-            self.class_ids, self.class_names, self.origin, dict(self.extra),
-        )
-
-    @property
-    def ignored(self) -> list[tuple[str, str]]:
-        """Files found beside the images that are not images: (path, reason)."""
-        return self.extra.get("ignored", [])
-
-    def class_counts(self) -> list[int]:
-        return np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=len(self.class_ids)).tolist()
-
-
-_WNID_NAME = re.compile(r"^(n\d{8})[-_](.+)$")
-_WNID = re.compile(r"^n\d{8}$")
-
-
-def readable_class_name(folder: str) -> str:
-    """`n02085620-Chihuahua` -> `Chihuahua`; a bare ImageNet id -> its ImageNet name."""
-    match = _WNID_NAME.match(folder)
-    if match:
-        return match.group(2).replace("_", " ")
-    if _WNID.match(folder):
-        try:
-            from timm.data import ImageNetInfo
-
-            return ImageNetInfo().label_name_to_description(folder).split(",")[0]
-        except Exception:  # not an ImageNet-1k id: keep the folder name
-            return folder
-    return folder
-
-
-def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded, stratified split into (keep, held_out) index lists; every class keeps >= 1 image."""
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(labels)
-    keep, held = [], []
-    for label in np.unique(labels):
-        idx = np.flatnonzero(labels == label)
-        rng.shuffle(idx)
-        n_held = int(round(len(idx) * fraction))
-        n_held = min(max(n_held, 1 if len(idx) > 1 else 0), len(idx) - 1)
-        held.extend(idx[:n_held].tolist())
-        keep.extend(idx[n_held:].tolist())
-    return sorted(keep), sorted(held)
 
 
 # -- folder trees ---------------------------------------------------------------------
@@ -233,8 +171,6 @@ def load_source(data: str, class_ids: list[str] | None = None, crop_to_box: bool
                 drop_empty_classes: bool = False, quiet: bool = False,
                 allow_outside_paths: bool = False) -> dict[str, ImageSet]:
     """The splits a data source provides on its own (before any validation carve-out)."""
-    from . import stanford_dogs
-
     if data == BUILTIN_DIGITS:
         return {"all": load_digits_images()}
     if data == SYNTHETIC or data.startswith(SYNTHETIC + ":"):
@@ -245,8 +181,6 @@ def load_source(data: str, class_ids: list[str] | None = None, crop_to_box: bool
     if not data:
         raise UserError("no training data: pass --data ROOT (an image-folder tree or a CSV manifest)")
     if data == stanford_dogs.NAME:
-        from .download import ensure_stanford_dogs
-
         return stanford_dogs.load_stanford_dogs(ensure_stanford_dogs(quiet), crop_to_box, class_ids)
     root = Path(data).expanduser()
     if not root.exists():

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import UserError
 from .images import BoxedImage
-from .sources import ImageSet, readable_class_name
+from .imageset import ImageSet, readable_class_name
 
 NAME = "stanford-dogs"
 BASE_URL = "http://vision.stanford.edu/aditya86/ImageNetDogs/"

@@ -14,6 +14,7 @@ import torch
 from ..data.images import open_image
 from ..data.transforms import eval_transform
 from ..evaluate import compute_outputs, metrics_from_logits, run_split
+from ..run_dir import RunDir
 from . import plots
 
 STYLE = """
@@ -61,14 +62,14 @@ def build_report(run_dir: str | Path, data: str | None = None, split: str = "val
                  batch_size: int = 64, workers: int | None = None) -> Path:
     run_dir = Path(run_dir)
     run, images = run_split(run_dir, data, split)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    history = json.loads((run_dir / "history.json").read_text()) if (run_dir / "history.json").is_file() else []
+    metrics = json.loads(RunDir(run_dir).metrics.read_text())
+    history = json.loads(RunDir(run_dir).history.read_text()) if RunDir(run_dir).history.is_file() else []
     out = compute_outputs(run.model, images, eval_transform(run.data_config), batch_size, workers, "cpu")
     evaluation = metrics_from_logits(out.outputs, out.labels, run.class_names)
     probs = out.outputs.softmax(1) if len(out.outputs) else torch.empty(0, len(run.class_names))
     names = run.class_names
 
-    figures = run_dir / "report"
+    figures = RunDir(run_dir).report_figures
     figures.mkdir(exist_ok=True)
     per_class_values = [a if a is not None else 0.0 for a in evaluation.per_class_accuracy]
     files = {
@@ -135,6 +136,6 @@ def build_report(run_dir: str | Path, data: str | None = None, split: str = "val
     ]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>warmstart report</title>"
             f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>")
-    path = run_dir / "report.html"
+    path = RunDir(run_dir).report
     path.write_text(page)
     return path

@@ -8,12 +8,14 @@ from pathlib import Path
 import yaml
 
 from ..errors import UserError
+from ..run_dir import RunDir
 
 
-def _load(run_dir: Path) -> dict:
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    config = yaml.safe_load((run_dir / "config.yaml").read_text()) if (run_dir / "config.yaml").is_file() else {}
-    return {"run": str(run_dir), "metrics": metrics, "config": config or {}}
+def _load(path: Path) -> dict:
+    run = RunDir(path)
+    metrics = json.loads(run.metrics.read_text())
+    config = yaml.safe_load(run.config.read_text()) if run.config.is_file() else {}
+    return {"run": str(path), "metrics": metrics, "config": config or {}}
 
 
 def list_runs(directory: str | Path = "runs") -> list[dict]:
@@ -21,7 +23,7 @@ def list_runs(directory: str | Path = "runs") -> list[dict]:
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"{directory} is not a folder of runs: pass the folder your runs are in (default runs/)")
-    found = sorted({p.parent for p in directory.rglob("metrics.json")}, key=lambda p: p.stat().st_mtime, reverse=True)
+    found = sorted({p.parent for p in directory.rglob(RunDir(".").metrics.name)}, key=lambda p: p.stat().st_mtime, reverse=True)
     return [_load(p) for p in found]
 
 
@@ -44,7 +46,7 @@ def compare_runs(run_dirs: list[str | Path]) -> dict:
         raise UserError("compare needs at least two run directories")
     runs = []
     for run_dir in run_dirs:
-        if not (Path(run_dir) / "metrics.json").is_file():
+        if not RunDir(run_dir).metrics.is_file():
             raise UserError(f"{run_dir} is not a finished run (no metrics.json)")
         runs.append(_load(Path(run_dir)))
     keys = sorted(set().union(*(r["config"] for r in runs)))

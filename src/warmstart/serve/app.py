@@ -27,7 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from ..data.images import MAX_ASPECT_RATIO, ImageTooLarge, check_size, decode, open_lazily
-from .backends import load_backend, top_k
+from ..predict import load_backend, top_k
 
 PAGE = Path(__file__).with_name("page.html")
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and headers around the files

@@ -1,6 +1,2 @@
-"""Training: the loop, schedules, and one run end to end."""
-
-from .run import RunResult, train
-from .schedule import lr_factor
-
-__all__ = ["RunResult", "train", "lr_factor"]
+"""Training: one epoch loop (epoch), the three paths to it (paths, loop, cached), schedules,
+checkpoints and exact resume, torchrun, and one run end to end (run)."""

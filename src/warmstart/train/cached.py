@@ -4,40 +4,33 @@ prefix's activations. The frozen part runs once per image (and view); epochs the
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from .. import seeds
 from ..data.feature_cache import CachedFeatures, FeatureCache
 from ..data.fingerprint import fingerprint_tensors
 from ..data.loaders import EpochBatches, seeded_generator
 from ..data.transforms import eval_transform, mirrored_eval_transform, train_transform
+from ..evaluate import top1
 from ..models.tta import combine_views
-from ..models.trainable import TrainableSet, only_head_trains, set_train_mode
+from ..models.trainable import set_train_mode
 from ..models.weights import classifier_names
 from ..stop import check
-from .distributed import Distributed
+from .epoch import Progress, step_logger, train_one_epoch
 from .runtime import Runtime
 from .schedule import make_scheduler
-from .steps import (FitResult, _after_epoch, _epoch_line, _epoch_record, _log_skipped, _step, build_optimizer,
-                    current_lr, make_criterion)
+from .session import Session
+from .steps import (FitResult, after_epoch, build_optimizer, current_lr, epoch_line, epoch_record, log_skipped,
+                    make_criterion, train_step)
 
 
 def pre_logits(model: torch.nn.Module, runtime: Runtime | None = None):
     """The model's forward up to the classifier input (pooled features)."""
     runtime = runtime or Runtime(torch.device("cpu"), "fp32", False)
-
-    def forward(x):
-        with runtime.autocast():
-            return model.forward_head(model.forward_features(runtime.inputs(x)), pre_logits=True)
-
-    return forward
-
-
-def can_train_on_features(model, trainable: TrainableSet, config) -> bool:
-    """Exact when nothing before the head trains and the training views are fixed: un-augmented,
-    or K stored augmented views (--cache-views K)."""
-    return config.fixed_training_views and hasattr(model, "forward_head") and only_head_trains(model, trainable)
+    return runtime.forward(lambda x: model.forward_head(model.forward_features(x), pre_logits=True))
 
 
 def model_fingerprint(model: torch.nn.Module, arch: str, runtime: Runtime) -> str:
@@ -47,167 +40,238 @@ def model_fingerprint(model: torch.nn.Module, arch: str, runtime: Runtime) -> st
     return f"{arch}|{runtime.precision}|cl={runtime.channels_last}|{fingerprint_tensors(frozen)}"
 
 
-def _cached(cache: FeatureCache, name: str, images, transform, forward, config, runtime, reporter,
-            view: int = 0, item_seed: int | None = None, dist: Distributed | None = None) -> CachedFeatures:
-    if dist is not None and dist.active:
-        return _cached_sharded(cache, name, images, transform, forward, config, runtime, reporter, view, item_seed,
-                               dist)
-    label = name if view == 0 else f"{name} view {view}"
-    with reporter.bar(len(images), f"features {label}") as bar:
-        out = cache.features(name, images, transform, forward, max(config.batch_size, 64), config.workers,
-                             runtime.device, view, item_seed, progress=bar.update)
+def boundary_fingerprint(prefix: torch.nn.Module, arch: str, runtime: Runtime) -> str:
+    """What the frozen prefix's activations depend on."""
+    return (f"{arch}|prefix={len(prefix)}|{runtime.precision}|cl={runtime.channels_last}|"
+            f"{fingerprint_tensors(prefix.state_dict())}")
+
+
+@dataclass(frozen=True)
+class View:
+    """One cached pass over a split: its name, transform and augmentation stream."""
+
+    name: str
+    transform: object
+    index: int = 0
+    item_seed: int | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name if self.index == 0 else f"{self.name} view {self.index}"
+
+
+def cached(cache: FeatureCache, images, view: View, forward, session: Session) -> CachedFeatures:
+    """The outputs of `forward` for every image of a split, from the cache or computed now."""
+    if session.dist.active:
+        return _cached_sharded(cache, images, view, forward, session)
+    config, reporter = session.config, session.reporter
+    with reporter.bar(len(images), f"features {view.label}") as bar:
+        out = cache.features(view.name, images, view.transform, forward, max(config.batch_size, 64), config.workers,
+                             session.runtime.device, view.index, view.item_seed, progress=bar.update)
     if out.computed:
-        reporter.info(f"features of {out.computed} {label} images in {out.seconds:.1f}s "
+        reporter.info(f"features of {out.computed} {view.label} images in {out.seconds:.1f}s "
                       f"({out.computed / max(out.seconds, 1e-9):.1f} img/s)")
     else:
-        reporter.info(f"features of {len(images)} {label} images from the cache")
+        reporter.info(f"features of {len(images)} {view.label} images from the cache")
     return out
 
 
-def _cached_sharded(cache, name, images, transform, forward, config, runtime, reporter, view, item_seed,
-                    dist: Distributed) -> CachedFeatures:
+def _cached_sharded(cache, images, view: View, forward, session: Session) -> CachedFeatures:
     """Each rank extracts every world-th image into its own shard; then every rank reads all shards."""
-    def shard(rank: int):
-        return images.subset(range(rank, len(images), dist.world)), f"{name}-shard{rank}of{dist.world}"
+    dist = session.dist
 
-    subset, shard_name = shard(dist.rank)
-    own = _cached(cache, shard_name, subset, transform, forward, config, runtime, reporter, view, item_seed)
+    def shard(rank: int) -> tuple:
+        return images.subset(range(rank, len(images), dist.world)), f"{view.name}-shard{rank}of{dist.world}"
+
+    subset, name = shard(dist.rank)
+    own = cached(cache, subset, View(name, view.transform, view.index, view.item_seed), forward,
+                 Session(session.config, session.data_config, session.runtime, session.reporter))
     dist.barrier()
-    parts = [own if r == dist.rank else cache.features(shard(r)[1], shard(r)[0], transform, forward,
-                                                       config.batch_size, 0, runtime.device, view, item_seed)
+    parts = [own if r == dist.rank else cache.features(shard(r)[1], shard(r)[0], view.transform, forward,
+                                                       session.config.batch_size, 0, session.runtime.device,
+                                                       view.index, view.item_seed)
              for r in range(dist.world)]
-    n = len(images)
     first = next((p.features for p in parts if p.features.numel()), torch.zeros(0, 0))
-    features = torch.zeros(n, *first.shape[1:])
-    valid = torch.zeros(n, dtype=torch.bool)
+    features = torch.zeros(len(images), *first.shape[1:])
+    valid = torch.zeros(len(images), dtype=torch.bool)
     for r, part in enumerate(parts):
         if part.features.numel():
             features[r::dist.world] = part.features
         valid[r::dist.world] = part.valid
-    seconds = max(dist.gather(own.seconds))
-    return CachedFeatures(features, valid, torch.as_tensor(images.labels, dtype=torch.long), seconds,
-                          sum(p.computed for p in parts), [s for p in parts for s in p.skipped])
+    return CachedFeatures(features, valid, torch.as_tensor(images.labels, dtype=torch.long),
+                          max(dist.gather(own.seconds)), sum(p.computed for p in parts),
+                          [s for p in parts for s in p.skipped])
 
 
-def _cached_training_views(cache, train_set, forward, config, data_config, runtime, reporter,
-                           name: str = "train", dist: Distributed | None = None) -> list[CachedFeatures]:
+def training_views(session: Session, name: str = "train") -> list[View]:
     """View 0 un-augmented, then K-1 augmented views (--cache-views K with --augment standard)."""
-    views = [_cached(cache, name, train_set, eval_transform(data_config), forward, config, runtime, reporter,
-                     dist=dist)]
+    config, data_config = session.config, session.data_config
+    views = [View(name, eval_transform(data_config))]
     augmented = train_transform(data_config, "standard")
-    for view in range(1, config.cache_views if config.augment != "none" else 1):
-        views.append(_cached(cache, name, train_set, augmented, forward, config, runtime, reporter,
-                             view=view, item_seed=config.seed * 1000 + view, dist=dist))
+    for index in range(1, config.cache_views if config.augment != "none" else 1):
+        views.append(View(name, augmented, index, seeds.for_view(config.seed, index)))
     return views
 
 
-def _cached_val_views(cache, val_set, forward, config, data_config, runtime, reporter, name: str = "val",
-                      dist: Distributed | None = None) -> tuple[list[CachedFeatures], torch.Tensor]:
-    """The validation split's view (and its mirror image, with --tta), and the rows readable in all."""
-    views = [_cached(cache, name, val_set, eval_transform(data_config), forward, config, runtime, reporter,
-                     dist=dist)]
-    if config.tta:
-        views.append(_cached(cache, f"{name}-mirror", val_set, mirrored_eval_transform(data_config), forward, config,
-                             runtime, reporter, dist=dist))
-    return views, torch.nonzero(torch.stack([v.valid for v in views]).all(0)).flatten()
+def validation_views(session: Session, name: str = "val") -> list[View]:
+    """The validation split's view, and its mirror image with --tta."""
+    views = [View(name, eval_transform(session.data_config))]
+    if session.config.tta:
+        views.append(View(f"{name}-mirror", mirrored_eval_transform(session.data_config)))
+    return views
 
 
-def _cached_training_plan(model, config, labels: torch.Tensor, num_classes: int, device):
-    """Optimizer, batches, view chooser, schedule and loss for training on cached inputs. The
-    batches come from the same sampler and generator as the image loader: the same order."""
-    optimizer = build_optimizer(model, config)
-    batches = EpochBatches(labels.tolist(), config.batch_size, config.seed, config.balance)
-    scheduler = make_scheduler(optimizer, config, batches.batches_per_epoch())
-    criterion = make_criterion(config, labels.tolist(), num_classes, device)
-    return optimizer, batches, seeded_generator(config.seed + 7), scheduler, criterion
+@dataclass
+class CachedSplits:
+    """A run's cached training views and validation views, and which rows are readable in all."""
+
+    train: list[CachedFeatures]
+    val: list[CachedFeatures]
+    rows: torch.Tensor
+    val_rows: torch.Tensor
+
+    @classmethod
+    def extract(cls, cache: FeatureCache, splits: dict, forward, session: Session, suffix: str = "",
+                result: FitResult | None = None) -> "CachedSplits":
+        train = [cached(cache, splits["train"], v, forward, session) for v in training_views(session, "train" + suffix)]
+        val = [cached(cache, splits["val"], v, forward, session) for v in validation_views(session, "val" + suffix)]
+        if result is not None:
+            result.feature_seconds = sum(v.seconds for v in train)
+            result.features_from_cache = not any(v.computed for v in train)
+            result.skipped = sorted(dict([s for v in train + val for s in v.skipped]).items())
+            log_skipped(session.reporter, result.skipped, {})
+        return cls(train, val, *(torch.nonzero(torch.stack([v.valid for v in views]).all(0)).flatten()
+                                 for views in (train, val)))
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.train[0].labels[self.rows]
+
+    @property
+    def val_labels(self) -> torch.Tensor:
+        return self.val[0].labels[self.val_rows]
+
+    def val_extraction_seconds(self) -> float:
+        return sum(v.seconds for v in self.val)
 
 
-def _fit_tail_on_activations(model, trainable, prefix, tail, splits, config, data_config, runtime: Runtime,
-                             reporter, cache: FeatureCache, log) -> FitResult:
-    """The frozen prefix runs once per image (and view); each epoch runs only the trainable tail."""
+class CachedBatches:
+    """An epoch of (inputs, targets, labels) from cached views, in the image loader's order (the
+    same sampler and seed) with a seeded choice of view per image."""
+
+    def __init__(self, views: list[torch.Tensor], labels: torch.Tensor, config, to_input=lambda x: x,
+                 rows: torch.Tensor | None = None):
+        self.views, self.labels, self.to_input = views, labels, to_input
+        self.rows = rows  # where each image's row is in the views (None: in order)
+        self.sampler = EpochBatches(labels.tolist(), config.batch_size, config.seed, config.balance)
+        self.view_choice = seeded_generator(seeds.for_view_choice(config.seed))
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return self.sampler.batches_per_epoch()
+
+    def __iter__(self):
+        self.sampler.set_epoch(self.epoch)
+        for keys in self.sampler:
+            check()
+            idx = torch.as_tensor([i for _, i in keys])
+            source = idx if self.rows is None else self.rows[idx]
+            if len(self.views) > 1:
+                view = torch.randint(len(self.views), (len(idx),), generator=self.view_choice)
+                x = torch.stack([self.views[int(v)][int(r)] for v, r in zip(view, source)])
+            else:
+                x = self.views[0][source]
+            y = self.labels[idx]
+            yield self.to_input(x), y, y
+        self.epoch += 1
+
+
+def _train_epochs(model, step, batches: CachedBatches, val_logits, session: Session, optimizer, desc: str,
+                  before_epoch=lambda: None) -> list[dict]:
+    """Epochs over cached batches: each validated on the cached validation views."""
+    config, reporter = session.config, session.reporter
+    history, progress = [], Progress(0)
+    log_step, log_last = step_logger(session.log, optimizer, current_lr)
+    with reporter.bar(config.epochs, desc, unit="epoch") as bar:
+        for epoch in range(config.epochs):
+            check()
+            before_epoch()
+            progress = Progress(epoch, step=progress.step)
+            start = time.perf_counter()
+            totals = train_one_epoch(batches, step, progress, [log_step])
+            log_last(progress)
+            record = epoch_record(epoch, optimizer, totals, start)
+            logits, labels = val_logits()
+            if len(labels):
+                record["val_top1"] = top1(logits, labels)
+            history.append(record)
+            after_epoch(session.log, record, model, session.runtime)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['train_top1']:.3f}")
+            if reporter.quiet:
+                reporter.info(epoch_line(record, config.epochs))
+    return history
+
+
+def fit_head_on_features(model, splits, session: Session, cache: FeatureCache) -> FitResult:
+    """Every rank trains the same head on the same (sharded, then shared) features: deterministic,
+    so rank 0's head is everyone's."""
+    config, runtime = session.config, session.runtime
     result = FitResult(used_feature_cache=True)
     model.eval()
-
-    def run_prefix(x):
-        with runtime.autocast():
-            return prefix(runtime.inputs(x))
-
     start = time.perf_counter()
-    train_set = splits["train"]
-    views = _cached_training_views(cache, train_set, run_prefix, config, data_config, runtime, reporter,
-                                   "train-boundary")
-    result.feature_seconds = sum(v.seconds for v in views)
-    result.features_from_cache = not any(v.computed for v in views)
-    vals, val_rows = _cached_val_views(cache, splits["val"], run_prefix, config, data_config, runtime, reporter,
-                                       "val-boundary")
-    val_labels = vals[0].labels[val_rows]
-    result.skipped = sorted(dict([s for v in views + vals for s in v.skipped]).items())
-    _log_skipped(reporter, result.skipped, {})
-    rows = torch.nonzero(torch.stack([v.valid for v in views]).all(0)).flatten()
-    labels = views[0].labels[rows]
-    n = len(rows)
+    data = CachedSplits.extract(cache, splits, pre_logits(torch.compile(model) if config.compile else model, runtime),
+                                session, result=result)
+    feats = [v.features[data.rows].to(runtime.device) for v in data.train]
+    labels = data.labels.to(runtime.device)
+    val_feats = [v.features[data.val_rows].to(runtime.device) for v in data.val]
+    val_labels = data.val_labels.to(runtime.device)
+    head = model.get_classifier()
 
-    def run_tail(x):
-        return model.forward_head(tail(x))
+    def val_logits():
+        head.eval()
+        with torch.inference_mode():
+            return (combine_views([head(f) for f in val_feats]) if len(val_labels) else torch.empty(0)), val_labels
 
-    val_seconds = 0.0
+    train_start = time.perf_counter()
+    if config.optimizer == "lbfgs":
+        result.history = fit_head_lbfgs(model, torch.stack(feats), labels, val_logits, session)
+    else:
+        optimizer, scheduler, criterion = _plan(model, config, labels, len(splits["train"].class_ids), runtime)
+        drop_rate = float(getattr(model, "drop_rate", 0.0) or 0.0)
 
-    def tail_logits():
-        model.eval()
-        with torch.inference_mode(), runtime.autocast():
-            per_view = [torch.cat([run_tail(runtime.inputs(v.features[val_rows[i:i + 64]])).float().cpu()
-                                   for i in range(0, len(val_rows), 64)]) for v in vals] if len(val_rows) else []
-        return combine_views(per_view) if per_view else torch.empty(0)
+        def step(x, y):
+            x = F.dropout(x, drop_rate, training=True) if drop_rate else x
+            return train_step(head, x, y, criterion, optimizer, scheduler)
 
-    optimizer, batches, view_choice, scheduler, criterion = _cached_training_plan(
-        model, config, labels, len(train_set.class_ids), runtime.device)
-    scaler, step = runtime.grad_scaler(), 0
-    for epoch in range(config.epochs):
-        set_train_mode(model, trainable)
-        total_loss, correct, count = 0.0, 0, 0
-        epoch_start = time.perf_counter()
-        with reporter.bar(n, f"epoch {epoch + 1}/{config.epochs} (tail)") as bar:
-            batches.set_epoch(epoch)
-            for keys in batches:
-                check()
-                idx = torch.as_tensor([i for _, i in keys])
-                view = torch.randint(len(views), (len(idx),), generator=view_choice) if len(views) > 1 else None
-                source = rows[idx]
-                x = torch.stack([views[int(v)].features[r] for v, r in zip(view, source)]) if view is not None \
-                    else views[0].features[source]
-                y = labels[idx].to(runtime.device)
-                logits, loss = _step(run_tail, runtime.inputs(x), y, criterion, optimizer, scheduler, runtime,
-                                     scaler)
-                step += 1
-                log.step(step, loss, current_lr(optimizer))
-                total_loss += loss * len(y)
-                correct += int((logits.argmax(1) == y).sum())
-                count += len(y)
-                bar.update(len(y))
-        record = _epoch_record(epoch, optimizer, total_loss, correct, count, epoch_start)
-        eval_start = time.perf_counter()
-        val_logits = tail_logits()
-        val_seconds += time.perf_counter() - eval_start
-        if len(val_rows):
-            record["val_top1"] = float((val_logits.argmax(1) == val_labels).float().mean())
-        result.history.append(record)
-        reporter.info(_epoch_line(record, config.epochs))
-        _after_epoch(log, record, model, runtime, step)
-    result.images_processed = n * config.epochs
-    val_extraction = sum(v.seconds for v in vals)
-    result.seconds = time.perf_counter() - start - val_extraction - val_seconds
-    result.val_logits, result.val_labels = val_logits, val_labels
-    result.val_seconds = val_extraction + val_seconds / max(config.epochs, 1)
+        batches = CachedBatches(feats, labels, config)
+        result.history = _train_epochs(model, step, batches, val_logits, session, optimizer, "training head",
+                                       head.train)
+    result.images_processed = len(labels) * config.epochs
+    result.seconds = time.perf_counter() - start - data.val_extraction_seconds()  # val features: evaluation's
+    session.reporter.info(f"trained the head for {config.epochs} epochs in {time.perf_counter() - train_start:.1f}s "
+                          f"on cached features ({len(feats)} view{'s' if len(feats) > 1 else ''})")
+    logits, _ = val_logits()
+    result.val_logits, result.val_labels = logits.cpu(), val_labels.cpu()
+    result.val_seconds = data.val_extraction_seconds()
     return result
 
 
-class _FullBatchLogistic:
+def _plan(model, config, labels: torch.Tensor, num_classes: int, runtime: Runtime):
+    """Optimizer, schedule and loss for minibatch training on cached inputs."""
+    optimizer = build_optimizer(model, config)
+    scheduler = make_scheduler(optimizer, config, EpochBatches(labels.tolist(), config.batch_size, config.seed,
+                                                               config.balance).batches_per_epoch())
+    return optimizer, scheduler, make_criterion(config, labels.tolist(), num_classes, runtime.device)
+
+
+class LogisticProbe:
     """--optimizer lbfgs: the head as an L2-regularised logistic regression fitted on all cached
     features at once (as scikit-learn's LogisticRegression and CLIP's linear probes do), with
     L-BFGS and a strong-Wolfe line search. One "epoch" is one L-BFGS step of up to 20 iterations.
     The penalty is weight_decay/2 x |W|^2 on the mean loss (biases are not penalised)."""
 
-    def __init__(self, head, feats, labels, criterion, config):
+    def __init__(self, head, feats: torch.Tensor, labels: torch.Tensor, criterion, config):
         self.head, self.criterion, self.penalty = head, criterion, config.weight_decay
         self.x = feats.reshape(-1, feats.shape[-1])  # every stored view is a sample
         self.y = labels.repeat(feats.shape[0])
@@ -215,99 +279,82 @@ class _FullBatchLogistic:
         self.optimizer = torch.optim.LBFGS(head.parameters(), lr=config.resolved_lr(), max_iter=20,
                                            history_size=20, line_search_fn="strong_wolfe")
 
-    def _loss(self):
-        loss = self.criterion(self.head(self.x), self.y)
-        return loss + 0.5 * self.penalty * self.head.weight.pow(2).sum()
+    def _objective(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.criterion(self.head(self.x), self.y) + 0.5 * self.penalty * self.head.weight.pow(2).sum()
+        loss.backward()
+        return loss
 
     def step(self) -> tuple[float, int]:
         """One L-BFGS step; the mean loss and the correct count over the training images after it."""
-        def closure():
-            self.optimizer.zero_grad(set_to_none=True)
-            loss = self._loss()
-            loss.backward()
-            return loss
-
-        self.optimizer.step(closure)
+        self.optimizer.step(self._objective)
         with torch.no_grad():
             logits = self.head(self.x)
             loss = float(self.criterion(logits, self.y))
         return loss, int((logits.argmax(1) == self.y).sum()) // self.views
 
 
-def _fit_head_on_features(model, splits, config, data_config, runtime: Runtime, reporter,
-                          cache: FeatureCache, log, dist: Distributed | None = None) -> FitResult:
-    """Every rank trains the same head on the same (sharded, then shared) features: deterministic,
-    so rank 0's head is everyone's."""
+def fit_head_lbfgs(model, feats: torch.Tensor, labels: torch.Tensor, val_logits, session: Session) -> list[dict]:
+    """The head fitted as a logistic regression (LogisticProbe), one L-BFGS step an epoch."""
+    config = session.config
+    criterion = make_criterion(config, labels.tolist(), model.get_classifier().out_features, labels.device)
+    probe = LogisticProbe(model.get_classifier(), feats, labels, criterion, config)
+    history = []
+    for epoch in range(config.epochs):
+        check()
+        start = time.perf_counter()
+        probe.head.train()
+        loss, correct = probe.step()
+        record = epoch_record(epoch, probe.optimizer, (loss * len(labels), correct, len(labels)), start)
+        session.log.step(epoch + 1, loss, current_lr(probe.optimizer))
+        logits, val_labels = val_logits()
+        if len(val_labels):
+            record["val_top1"] = top1(logits, val_labels)
+        history.append(record)
+        after_epoch(session.log, record, model, session.runtime)
+        if session.reporter.quiet:
+            session.reporter.info(epoch_line(record, config.epochs))
+    return history
+
+
+def fit_tail_on_activations(model, trainable, split: tuple, splits, session: Session,
+                            cache: FeatureCache) -> FitResult:
+    """The frozen prefix runs once per image (and view); each epoch runs only the trainable tail."""
+    config, runtime = session.config, session.runtime
+    prefix, tail = split
     result = FitResult(used_feature_cache=True)
     model.eval()
-    forward = pre_logits(torch.compile(model) if config.compile else model, runtime)
     start = time.perf_counter()
-    train_set = splits["train"]
-    views = _cached_training_views(cache, train_set, forward, config, data_config, runtime, reporter, dist=dist)
-    result.feature_seconds = sum(v.seconds for v in views)
-    result.features_from_cache = not any(v.computed for v in views)
-    vals, val_rows = _cached_val_views(cache, splits["val"], forward, config, data_config, runtime, reporter,
-                                       dist=dist)
-    result.skipped = sorted(dict([s for v in views + vals for s in v.skipped]).items())
-    _log_skipped(reporter, result.skipped, {})
+    data = CachedSplits.extract(cache, splits, runtime.forward(prefix), session, "-boundary", result)
+    labels, val_labels = data.labels, data.val_labels
 
-    valid = torch.stack([v.valid for v in views]).all(0)
-    rows = torch.nonzero(valid).flatten()
-    feats = torch.stack([v.features[rows] for v in views]).to(runtime.device)  # [views, n, dim]
-    labels = views[0].labels[rows].to(runtime.device)
-    val_feats = [v.features[val_rows].to(runtime.device) for v in vals]
-    val_labels = vals[0].labels[val_rows].to(runtime.device)
+    def run_tail(x):
+        return model.forward_head(tail(x))
 
-    head = model.get_classifier()
-    drop_rate = float(getattr(model, "drop_rate", 0.0) or 0.0)
-    n = len(labels)
-    optimizer, batches, view_choice, scheduler, criterion = _cached_training_plan(
-        model, config, labels, len(train_set.class_ids), runtime.device)
-    full_batch = _FullBatchLogistic(head, feats, labels, criterion, config) if config.optimizer == "lbfgs" else None
-    if full_batch is not None:
-        optimizer = full_batch.optimizer
-    train_start, step = time.perf_counter(), 0
-    with reporter.bar(config.epochs, "training head", unit="epoch") as bar:
-        for epoch in range(config.epochs):
-            check()
-            epoch_start = time.perf_counter()
-            head.train()
-            total_loss, correct = 0.0, 0
-            if full_batch is not None:
-                loss, correct = full_batch.step()
-                total_loss = loss * n
-                step += 1
-                log.step(step, loss, current_lr(optimizer))
-            else:
-                batches.set_epoch(epoch)
-                for keys in batches:
-                    check()
-                    idx = torch.as_tensor([i for _, i in keys])
-                    view = torch.randint(len(views), (len(idx),), generator=view_choice) if len(views) > 1 else 0
-                    x, y = feats[view, idx], labels[idx]
-                    if drop_rate:
-                        x = F.dropout(x, drop_rate, training=True)
-                    logits, loss = _step(head, x, y, criterion, optimizer, scheduler)
-                    step += 1
-                    log.step(step, loss, current_lr(optimizer))
-                    total_loss += loss * len(y)
-                    correct += int((logits.argmax(1) == y).sum())
-            head.eval()
-            with torch.inference_mode():
-                val_logits = combine_views([head(f) for f in val_feats])
-            record = _epoch_record(epoch, optimizer, total_loss, correct, n, epoch_start)
-            if len(val_labels):
-                record["val_top1"] = float((val_logits.argmax(1) == val_labels).float().mean())
-            result.history.append(record)
-            _after_epoch(log, record, model, runtime, step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['train_top1']:.3f}")
-            if reporter.quiet:
-                reporter.info(_epoch_line(record, config.epochs))
-    result.images_processed = n * config.epochs
-    val_extraction = sum(v.seconds for v in vals)
-    result.seconds = time.perf_counter() - start - val_extraction  # validation features belong to evaluation
-    reporter.info(f"trained the head for {config.epochs} epochs in {time.perf_counter() - train_start:.1f}s "
-                  f"on cached features ({len(views)} view{'s' if len(views) > 1 else ''})")
-    result.val_logits, result.val_labels, result.val_seconds = val_logits.cpu(), val_labels.cpu(), val_extraction
+    val_seconds = [0.0]
+
+    def val_logits():
+        begin = time.perf_counter()
+        model.eval()
+        with torch.inference_mode(), runtime.autocast():
+            per_view = [torch.cat([run_tail(runtime.inputs(v.features[data.val_rows[i:i + 64]])).float().cpu()
+                                   for i in range(0, len(data.val_rows), 64)]) for v in data.val] \
+                if len(data.val_rows) else []
+        val_seconds[0] += time.perf_counter() - begin
+        return (combine_views(per_view) if per_view else torch.empty(0)), val_labels
+
+    optimizer, scheduler, criterion = _plan(model, config, labels, len(splits["train"].class_ids), runtime)
+    scaler = runtime.grad_scaler()
+
+    def step(x, y):
+        return train_step(run_tail, x, y, criterion, optimizer, scheduler, runtime, scaler)
+
+    batches = CachedBatches([v.features for v in data.train], labels.to(runtime.device), config, runtime.inputs,
+                            data.rows)
+    result.history = _train_epochs(model, step, batches, val_logits, session, optimizer, "training (tail)",
+                                   lambda: set_train_mode(model, trainable))
+    result.images_processed = len(labels) * config.epochs
+    result.seconds = time.perf_counter() - start - data.val_extraction_seconds() - val_seconds[0]
+    result.val_logits, result.val_labels = val_logits()
+    result.val_seconds = data.val_extraction_seconds() + val_seconds[0] / max(config.epochs + 1, 1)
     return result

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-from pathlib import Path
 
 import torch
 
@@ -16,12 +15,13 @@ class TrainingLog:
     """Scalars per step and per epoch (loss, top-1, learning rate, images/sec), and a grid of
     sample predictions per epoch, in `RUN/tensorboard/`; the epoch scalars also in `RUN/history.csv`."""
 
-    def __init__(self, run_dir: Path, samples=None, class_names: list[str] | None = None, transform=None,
-                 append: bool = False, epochs: int = 0):
+    def __init__(self, run_dir, samples=None, class_names: list[str] | None = None, transform=None,
+                 append: bool = False, epochs: int = 0, on_epoch=None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"))
-        self.csv_path = run_dir / "history.csv"
+        self.writer = SummaryWriter(str(run_dir.tensorboard))
+        self.csv_path = run_dir.history_csv
+        self.on_epoch = on_epoch  # the caller's per-epoch callback (may raise to stop the run)
         if not (append and self.csv_path.is_file()):
             with self.csv_path.open("w", newline="") as handle:
                 csv.writer(handle).writerow(HISTORY_FIELDS)
@@ -53,6 +53,8 @@ class TrainingLog:
         with self.csv_path.open("a", newline="") as handle:
             csv.writer(handle).writerow([record.get(k, "") for k in HISTORY_FIELDS])
         self.writer.flush()
+        if self.on_epoch is not None:
+            self.on_epoch(record)
 
     @torch.inference_mode()
     def predictions(self, epoch: int, forward) -> None:
@@ -81,3 +83,24 @@ class TrainingLog:
 
     def close(self) -> None:
         self.writer.close()
+
+
+class QuietLog:
+    """A log that writes nothing (library calls without a run directory, ranks other than 0); the
+    caller's per-epoch callback still runs."""
+
+    def __init__(self, on_epoch=None):
+        self.on_epoch = on_epoch
+
+    def step(self, *args) -> None:
+        pass
+
+    def epoch(self, record: dict) -> None:
+        if self.on_epoch is not None:
+            self.on_epoch(record)
+
+    def predictions(self, *args) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -1,5 +1,5 @@
-"""The training loop: choose the path (cached features, cached activations, or the whole model)
-and train the whole model per batch, with checkpoints, exact resume and data parallelism."""
+"""Training: choose the path (cached features, cached activations, or images), then train it.
+On images the whole model trains per batch, with checkpoints, exact resume and data parallelism."""
 
 from __future__ import annotations
 
@@ -11,189 +11,179 @@ import torch
 from timm.utils import ModelEmaV3
 
 from ..data.feature_cache import FeatureCache
-from ..data.fingerprint import fingerprint_tensors
 from ..data.transforms import eval_transform
 from ..errors import UserError
-from ..models.segments import split_at_freeze_boundary
+from ..evaluate import evaluate_model
 from ..models.trainable import TrainableSet, set_train_mode, with_frozen_norms
-from ..models.tta import FlipTTA
 from ..models.unfreeze import GradualUnfreezing
-from .cached import (_fit_head_on_features, _fit_tail_on_activations, can_train_on_features, model_fingerprint,
-                     pre_logits)
 from ..stop import requested
+from .cached import boundary_fingerprint, fit_head_on_features, fit_tail_on_activations, model_fingerprint
 from .checkpoint import TrainingInterrupted, rng_state, save_checkpoint, set_rng_state
-from .distributed import Distributed
+from .epoch import Progress, Totals, step_logger, train_one_epoch
 from .mixing import BatchMixer
-from .runtime import Reporter, Runtime
+from .paths import ACTIVATIONS, FEATURES, choose_training_path
 from .schedule import make_scheduler
-from .steps import (FitResult, _after_epoch, _epoch_line, _epoch_record, _log_skipped, _NoLog, _step,
-                    build_optimizer, current_lr, make_criterion, make_training_loader)
-
-__all__ = ["FitResult", "Reporter", "Runtime", "fit", "pre_logits", "build_optimizer"]
-
-
-def fit(model, trainable: TrainableSet, splits: dict, config, data_config: dict, runtime: Runtime,
-        reporter: Reporter, cache_dir: Path | None = None, arch: str = "", log=None,
-        checkpoints: Path | None = None, resume: dict | None = None,
-        dist: Distributed | None = None) -> FitResult:
-    cache_dir = cache_dir or Path(config.cache_dir or ".")
-    log = log or _NoLog()
-    dist = dist or Distributed()
-    if can_train_on_features(model, trainable, config):
-        cache = FeatureCache(cache_dir, model_fingerprint(model, arch, runtime), reporter.warn)
-        return _fit_head_on_features(model, splits, config, data_config, runtime, reporter, cache, log, dist)
-    if config.cache_boundary and config.needs_image_batches:
-        reporter.warn("--cache-boundary does not combine with --unfreeze-schedule, --mixup, --cutmix or "
-                      "--ema-decay (they act on every image batch): training the whole model instead")
-    elif config.cache_boundary and dist.active:
-        reporter.warn("--cache-boundary runs in a single process only: training the whole model instead")
-    elif config.cache_boundary:
-        split = split_at_freeze_boundary(model, data_config["input_size"]) \
-            if config.augment == "none" or config.cache_views > 1 else None
-        if split is not None:
-            prefix, tail = split
-            key = f"{arch}|prefix={len(prefix)}|{runtime.precision}|cl={runtime.channels_last}|" \
-                  f"{fingerprint_tensors(prefix.state_dict())}"
-            return _fit_tail_on_activations(model, trainable, prefix, tail, splits, config, data_config, runtime,
-                                            reporter, FeatureCache(cache_dir, key, reporter.warn), log)
-        reporter.warn("--cache-boundary: no frozen prefix to cache here (it needs --strategy partial, "
-                      "un-augmented training or --cache-views, and a known model layout); running the whole model")
-    return _fit_full(model, trainable, splits["train"], config, data_config, runtime, reporter, log,
-                     splits.get("val"), checkpoints, resume, dist)
+from .session import Session
+from .steps import (FitResult, after_epoch, build_optimizer, current_lr, epoch_line, epoch_record, log_skipped,
+                    make_criterion, make_training_loader, train_step)
 
 
-def _fit_full(model, trainable, train_set, config, data_config, runtime: Runtime, reporter, log,
-              val_set=None, checkpoints: Path | None = None, resume: dict | None = None,
-              dist: Distributed | None = None) -> FitResult:
-    """The whole model per batch. Checkpoints every epoch (and every --checkpoint-every steps);
-    from a checkpoint it continues exactly: same schedule, data order, augmentation and RNG."""
-    result = FitResult()
-    dist = dist or Distributed()
-    loader = make_training_loader(train_set, data_config, config, config.epochs, dist.rank, dist.world)
-    batches = loader.batch_sampler
-    unfreezing = GradualUnfreezing(config) if config.unfreeze_schedule else None
-    optimizer = build_optimizer(model, config, unfreezing.final_names(model) if unfreezing else None)
-    scheduler = make_scheduler(optimizer, config, batches.batches_per_epoch())
-    criterion = make_criterion(config, train_set.labels, len(train_set.class_ids), runtime.device)
-    mix = BatchMixer(config, len(train_set.class_ids))
-    ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema_decay else None
-    scaler = runtime.grad_scaler()
-    if dist.active and config.sync_bn:
-        if runtime.device.type != "cuda":
-            raise UserError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm does not run on the CPU)")
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        trainable = with_frozen_norms(model, trainable)  # the converted layers are new modules
+def fit(model, trainable: TrainableSet, splits: dict, session: Session, arch: str = "",
+        resume: dict | None = None) -> FitResult:
+    """Train as the run's settings say, on the path `choose_training_path` decides."""
+    path = choose_training_path(session.config, model, trainable, session.data_config["input_size"],
+                                session.dist.active)
+    (session.reporter.warn if path.warning else session.reporter.info)(f"training on {path.kind}: {path.reason}")
+    if path.kind == FEATURES:
+        cache = FeatureCache(session.cache_dir, model_fingerprint(model, arch, session.runtime), session.reporter.warn)
+        return fit_head_on_features(model, splits, session, cache)
+    if path.kind == ACTIVATIONS:
+        cache = FeatureCache(session.cache_dir, boundary_fingerprint(path.split[0], arch, session.runtime),
+                             session.reporter.warn)
+        return fit_tail_on_activations(model, trainable, path.split, splits, session, cache)
+    return ImageTraining(model, trainable, splits["train"], session).fit(splits.get("val"), resume)
 
-    def wrap(model):
+
+class ImageTraining:
+    """The whole (or partly frozen) model per batch of images. Checkpoints every epoch (and every
+    --checkpoint-every steps); from a checkpoint it continues exactly: same schedule, data order,
+    augmentation and random state."""
+
+    def __init__(self, model, trainable: TrainableSet, train_set, session: Session):
+        config, runtime, dist = session.config, session.runtime, session.dist
+        self.model, self.trainable, self.train_set, self.session = model, trainable, train_set, session
+        self.loader = make_training_loader(train_set, session.data_config, config, config.epochs, dist.rank,
+                                           dist.world)
+        self.unfreezing = GradualUnfreezing(config) if config.unfreeze_schedule else None
+        self.optimizer = build_optimizer(model, config, self.unfreezing.final_names(model) if self.unfreezing else None)
+        self.scheduler = make_scheduler(self.optimizer, config, self.loader.batch_sampler.batches_per_epoch())
+        self.criterion = make_criterion(config, train_set.labels, len(train_set.class_ids), runtime.device)
+        self.mix = BatchMixer(config, len(train_set.class_ids))
+        self.ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema_decay else None
+        self.scaler = runtime.grad_scaler()
+        if dist.active and config.sync_bn:
+            if runtime.device.type != "cuda":
+                raise UserError("--sync-bn needs GPUs (PyTorch's SyncBatchNorm does not run on the CPU)")
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            self.trainable = with_frozen_norms(self.model, trainable)  # the converted layers are new modules
+        self.forward = self.wrap()
+        self.result, self.best, self.seen = FitResult(), -1.0, {}
+        self.progress = Progress(0)
+
+    def wrap(self):
         """DDP (rebuilt when the trainable set changes: it syncs what trained when it was made) and compile."""
-        forward = model
-        if dist.active:
+        forward, runtime = self.model, self.session.runtime
+        if self.session.dist.active:
             forward = torch.nn.parallel.DistributedDataParallel(
-                model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
-        return torch.compile(forward) if config.compile else forward
+                self.model, device_ids=[runtime.device.index] if runtime.device.type == "cuda" else None)
+        return torch.compile(forward) if self.session.config.compile else forward
 
-    forward = wrap(model)
-    seen: dict = {}
-    step, first_epoch, first_batch, totals, best = 0, 0, 0, (0.0, 0, 0), -1.0
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        if scaler is not None and resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        if ema is not None:
-            ema.module.load_state_dict(resume["ema"])
-        set_rng_state(resume["rng"])
-        step, first_epoch, first_batch = resume["global_step"], resume["epoch"], resume["batch"]
-        totals, best = tuple(resume["totals"]), resume["best_top1"]
-        result.history = list(resume["history"])
-        reporter.info(f"resuming at epoch {first_epoch + 1}, batch {first_batch} (step {step})")
+    def restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.module.load_state_dict(state["ema"])
+        set_rng_state(state["rng"])
+        self.progress = Progress(state["epoch"], state["batch"], state["global_step"], Totals(*state["totals"]))
+        self.best = state["best_top1"]
+        self.result.history = list(state["history"])
+        self.session.reporter.info(f"resuming at epoch {state['epoch'] + 1}, batch {state['batch']} "
+                                   f"(step {state['global_step']})")
 
-    def checkpoint(epoch: int, batch: int, totals, is_best: bool = False) -> Path | None:
-        if checkpoints is None:
+    def checkpoint(self, epoch: int, batch: int, totals: Totals, is_best: bool = False) -> Path | None:
+        if self.session.checkpoints is None:
             return None
-        return save_checkpoint(checkpoints, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else {}, "rng": rng_state(),
-            "epoch": epoch, "batch": batch, "global_step": step, "totals": list(totals),
-            "history": result.history, "best_top1": best, "class_ids": train_set.class_ids,
-            "ema": ema.module.state_dict() if ema is not None else {},
-            "config": config.to_dict()}, best=is_best)
+        return save_checkpoint(self.session.checkpoints, {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else {},
+            "rng": rng_state(), "epoch": epoch, "batch": batch, "global_step": self.progress.step,
+            "totals": list(totals.values()), "history": self.result.history, "best_top1": self.best,
+            "class_ids": self.train_set.class_ids, "ema": self.ema.module.state_dict() if self.ema else {},
+            "config": self.session.config.to_dict()}, best=is_best)
 
-    start, val_seconds = time.perf_counter(), 0.0
-    for epoch in range(first_epoch, config.epochs):
-        if unfreezing is not None:
-            now = unfreezing.apply(model, epoch)
-            if now.trainable != trainable.trainable:
-                what = unfreezing.describe(unfreezing.step_at(epoch))
-                reporter.info(f"epoch {epoch + 1}: now training {what} ({now.count(model):,} parameters)")
-                trainable, forward = now, wrap(model)
-        set_train_mode(model, trainable)
-        batch_index = first_batch if epoch == first_epoch else 0
-        batches.set_epoch(epoch, batch_index)
-        total_loss, correct, count = totals if epoch == first_epoch else (0.0, 0, 0)
-        epoch_start = time.perf_counter()
-        with reporter.bar(len(train_set), f"epoch {epoch + 1}/{config.epochs}") as bar:
-            for batch in loader:
-                batch_index += 1
-                _log_skipped(reporter, batch.skipped, seen)
-                bar.update(len(batch.labels) + len(batch.skipped))
-                if len(batch.labels):
-                    images, labels = runtime.inputs(batch.images), batch.labels.to(runtime.device)
-                    inputs, targets = mix(images, labels)
-                    logits, loss = _step(forward, inputs, targets, criterion, optimizer, scheduler, runtime, scaler)
-                    if ema is not None:
-                        ema.update(model, step=step)
-                    log.step(step + 1, loss, current_lr(optimizer))
-                    total_loss += loss * len(labels)
-                    correct += int((logits.argmax(1) == labels).sum())
-                    count += len(labels)
-                    bar.set_postfix(loss=f"{total_loss / count:.3f}", acc=f"{correct / count:.3f}",
-                                    img_s=f"{count / (time.perf_counter() - epoch_start):.1f}")
-                else:
-                    scheduler.step()
-                step += 1
-                if dist.any(requested() is not None):  # every rank stops at the same step
-                    path = checkpoint(epoch, batch_index, (total_loss, correct, count))
-                    raise TrainingInterrupted(requested() or signal.SIGTERM, path)
-                if config.checkpoint_every and step % config.checkpoint_every == 0 and \
-                        batch_index < batches.batches_per_epoch():
-                    checkpoint(epoch, batch_index, (total_loss, correct, count))
-        total_loss, correct, count = dist.sum([total_loss, correct, count])  # over all ranks
-        count, correct = int(count), int(correct)
-        result.images_processed += count
-        record = _epoch_record(epoch, optimizer, total_loss, correct, count, epoch_start)
-        if val_set is not None and len(val_set) and checkpoints is not None:
-            val_start = time.perf_counter()
-            record["val_top1"] = _quick_top1(ema.module if ema is not None else model, val_set, data_config, config,
-                                             runtime)
-            val_seconds += time.perf_counter() - val_start
-        result.history.append(record)
-        reporter.info(_epoch_line(record, config.epochs))
-        _after_epoch(log, record, model, runtime, step)
-        is_best = record.get("val_top1", -1.0) > best
-        best = max(best, record.get("val_top1", -1.0))
-        checkpoint(epoch + 1, 0, (0.0, 0, 0), is_best)
-    result.seconds = time.perf_counter() - start - val_seconds
-    result.skipped = sorted(seen.items())
-    if ema is not None:  # the averaged weights are the run's model
-        model.load_state_dict(ema.module.state_dict())
-    return result
+    def batches(self, bar):
+        """The epoch's (inputs, targets, labels) on the device, mixed where --mixup/--cutmix say."""
+        runtime = self.session.runtime
+        for batch in self.loader:
+            log_skipped(self.session.reporter, batch.skipped, self.seen)
+            bar.update(len(batch.labels) + len(batch.skipped))
+            if not len(batch.labels):
+                yield None, None, batch.labels
+                continue
+            images, labels = runtime.inputs(batch.images), batch.labels.to(runtime.device)
+            inputs, targets = self.mix(images, labels)
+            yield inputs, targets, labels
 
+    def step(self, inputs, targets):
+        if inputs is None:  # no readable image in the batch: the schedule moves on all the same
+            self.scheduler.step()
+            return None
+        out = train_step(self.forward, inputs, targets, self.criterion, self.optimizer, self.scheduler,
+                         self.session.runtime, self.scaler)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.progress.step)
+        return out
 
-def _quick_top1(model, val_set, data_config, config, runtime: Runtime) -> float:
-    """Validation top-1 after an epoch (for the best checkpoint); restores the training mode."""
-    from ..evaluate import evaluate_model
+    def after_step(self, progress: Progress) -> None:
+        """A stop (every rank at the same step) or a --checkpoint-every checkpoint."""
+        config, per_epoch = self.session.config, self.loader.batch_sampler.batches_per_epoch()
+        if self.session.dist.any(requested() is not None):
+            path = self.checkpoint(progress.epoch, progress.batch, progress.totals)
+            raise TrainingInterrupted(requested() or signal.SIGTERM, path)
+        if config.checkpoint_every and progress.step % config.checkpoint_every == 0 and progress.batch < per_epoch:
+            self.checkpoint(progress.epoch, progress.batch, progress.totals)
 
-    was_training = model.training
+    def unfreeze(self, epoch: int) -> None:
+        now = self.unfreezing.apply(self.model, epoch)
+        if now.trainable != self.trainable.trainable:
+            what = self.unfreezing.describe(self.unfreezing.step_at(epoch))
+            self.session.reporter.info(f"epoch {epoch + 1}: now training {what} ({now.count(self.model):,} parameters)")
+            self.trainable, self.forward = now, self.wrap()
 
-    evaluated = FlipTTA(model) if config.tta else model
+    def run_epoch(self, epoch: int) -> dict:
+        """One epoch (from a checkpoint's batch where it resumes); its record, summed over ranks."""
+        session, progress = self.session, self.progress
+        if self.unfreezing is not None:
+            self.unfreeze(epoch)
+        set_train_mode(self.model, self.trainable)
+        if progress.epoch != epoch:
+            self.progress = progress = Progress(epoch, step=progress.step)
+        self.loader.batch_sampler.set_epoch(epoch, progress.batch)
+        start = time.perf_counter()
+        log_step, log_last = step_logger(session.log, self.optimizer, current_lr)
+        with session.reporter.bar(len(self.train_set), f"epoch {epoch + 1}/{session.config.epochs}") as bar:
+            totals = train_one_epoch(self.batches(bar), self.step, progress, [self.after_step, log_step])
+        log_last(progress)
+        totals = session.dist.sum(list(totals.values()))  # over all ranks
+        self.result.images_processed += int(totals[2])
+        return epoch_record(epoch, self.optimizer, (totals[0], int(totals[1]), int(totals[2])), start)
 
-    def forward(x):
-        with runtime.autocast():
-            return evaluated(runtime.inputs(x))
-
-    top1 = evaluate_model(model, val_set, eval_transform(data_config), max(config.batch_size, 64), config.workers,
-                          runtime.device, forward).top1
-    model.train(was_training)
-    return top1
+    def fit(self, val_set, resume: dict | None = None) -> FitResult:
+        session, config = self.session, self.session.config
+        if resume is not None:
+            self.restore(resume)
+        start, val_seconds = time.perf_counter(), 0.0
+        for epoch in range(self.progress.epoch, config.epochs):
+            record = self.run_epoch(epoch)
+            if val_set is not None and len(val_set) and session.checkpoints is not None:
+                val_start = time.perf_counter()
+                record["val_top1"] = evaluate_model(
+                    self.ema.module if self.ema is not None else self.model, val_set,
+                    eval_transform(session.data_config), session.runtime, max(config.batch_size, 64), config.workers,
+                    tta=config.tta).top1
+                val_seconds += time.perf_counter() - val_start
+            self.result.history.append(record)
+            session.reporter.info(epoch_line(record, config.epochs))
+            after_epoch(session.log, record, self.model, session.runtime)
+            is_best = record.get("val_top1", -1.0) > self.best
+            self.best = max(self.best, record.get("val_top1", -1.0))
+            self.progress = Progress(epoch + 1, step=self.progress.step)
+            self.checkpoint(epoch + 1, 0, Totals(), is_best)
+        self.result.seconds = time.perf_counter() - start - val_seconds
+        self.result.skipped = sorted(self.seen.items())
+        if self.ema is not None:  # the averaged weights are the run's model
+            self.model.load_state_dict(self.ema.module.state_dict())
+        return self.result

@@ -15,11 +15,12 @@ import numpy as np
 from ..config import RunConfig
 from ..errors import UserError
 from ..models.trainable import set_train_mode
+from ..run_dir import RunDir
 from ..stop import check
 from .mixing import BatchMixer
 from .run import build
 from .runtime import Reporter, Runtime
-from .steps import _step, build_optimizer, make_criterion, make_training_loader
+from .steps import build_optimizer, make_criterion, make_training_loader, train_step
 
 SMOOTHING = 0.98  # exponential moving average of the loss, bias-corrected
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this x its minimum
@@ -96,7 +97,8 @@ def lr_find(config: RunConfig, start_lr: float = 1e-7, end_lr: float = 10.0, ste
                 for group, ratio in zip(optimizer.param_groups, ratios):
                     group["lr"] = lr * ratio
                 images, targets = mix(runtime.inputs(batch.images), batch.labels.to(runtime.device))
-                _, value = _step(model, images, targets, criterion, optimizer, None, runtime, scaler)
+                _, loss = train_step(model, images, targets, criterion, optimizer, None, runtime, scaler)
+                value = float(loss)
                 average = SMOOTHING * average + (1 - SMOOTHING) * value
                 smooth = average / (1 - SMOOTHING ** (i + 1))
                 result.lrs.append(lr)
@@ -114,9 +116,9 @@ def lr_find(config: RunConfig, start_lr: float = 1e-7, end_lr: float = 10.0, ste
     _write(result, config)
     if result.suggestion is not None:
         reporter.info(f"suggested learning rate {result.suggestion:.2e}: pass {result.flag} to 'warmstart train' "
-                      f"(plot {out / 'lr_find.png'})")
+                      f"(plot {RunDir(out).lr_find('png')})")
     else:
-        reporter.warn(f"no learning rate to suggest: the loss never fell; see {out / 'lr_find.png'}")
+        reporter.warn(f"no learning rate to suggest: the loss never fell; see {RunDir(out).lr_find('png')}")
     return result
 
 
@@ -126,15 +128,15 @@ def _write(result: LrFindResult, config: RunConfig) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    out = result.out
-    with (out / "lr_find.csv").open("w", newline="") as handle:
+    out = RunDir(result.out)
+    with out.lr_find("csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["step", "lr", "loss", "smoothed_loss"])
         for i, row in enumerate(zip(result.lrs, result.losses, result.smoothed), start=1):
             writer.writerow([i, *row])
     summary = {k: v for k, v in asdict(result).items() if k in ("suggestion", "diverged")}
     summary.update(flag=result.flag, steps=len(result.lrs), config=config.to_dict())
-    (out / "lr_find.json").write_text(json.dumps(summary, indent=2))
+    out.lr_find("json").write_text(json.dumps(summary, indent=2))
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(result.lrs, result.losses, color="0.75", linewidth=0.8, label="loss")
     ax.plot(result.lrs, result.smoothed, color="C0", linewidth=2, label="smoothed loss")
@@ -149,5 +151,5 @@ def _write(result: LrFindResult, config: RunConfig) -> None:
     ax.set_title(f"learning-rate finder: {config.model}, {config.strategy}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "lr_find.png", dpi=110)
+    fig.savefig(RunDir(out).lr_find("png"), dpi=110)
     plt.close(fig)

@@ -1,4 +1,5 @@
-"""One training run, end to end: data, model, weights, strategy, loop, artifacts, evaluation."""
+"""One training run, end to end, as it reads: build (data, model, weights, what trains), open the
+run directory, fit, evaluate, write the artifacts."""
 
 from __future__ import annotations
 
@@ -13,23 +14,25 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .. import __version__
+from .._version import __version__
 from ..config import RunConfig
 from ..data.sources import resolve_splits
 from ..data.image_cache import cached_images
 from ..data.transforms import data_config_for, eval_transform
+from ..errors import UserError
 from ..evaluate import EvalResult, evaluate_model, metrics_from_logits
 from ..models.create import create_model
 from ..models.registry import resolve_architecture
 from ..models.trainable import apply_strategy
-from ..models.tta import FlipTTA
-from ..errors import UserError
-from ..run_dir import MODEL_FILE, RunLock, new_run_dir, save_model
+from ..run_dir import RunDir, RunLock, new_run_dir, save_model
 from ..stop import StopRequest, Stopped
 from .checkpoint import TrainingInterrupted, load_checkpoint
 from .distributed import Distributed, init_distributed, shutdown
-from .history import TrainingLog
-from .loop import Reporter, Runtime, fit
+from .history import QuietLog, TrainingLog
+from .loop import fit
+from .runtime import Reporter, Runtime
+from .session import Session
+from .steps import FitResult
 
 
 @dataclass
@@ -38,6 +41,23 @@ class RunResult:
     metrics: dict
     evaluation: EvalResult
     history: list[dict]
+
+
+@dataclass
+class Run:
+    """What a run holds while it runs."""
+
+    directory: RunDir
+    config: RunConfig  # resolved: the learning rate filled in, no --out (re-running makes a new run)
+    built: "Built"
+    dist: Distributed
+    reporter: Reporter
+    start: float
+    resume_state: dict | None = None
+
+    @property
+    def main(self) -> bool:
+        return self.dist.is_main  # only rank 0 writes in the run directory
 
 
 def _rate(images_per_sec: float | None) -> str:
@@ -77,16 +97,16 @@ def _with_image_cache(splits: dict, data_config: dict, cache_dir: Path, config, 
 RESUMABLE_CHANGES = {"quiet", "workers", "out", "cache_dir", "checkpoint_every"}
 
 
-def _resume_state(run_dir: Path, config: RunConfig, reporter: Reporter, weights_only: bool) -> dict:
+def _resume_state(run_dir: RunDir, config: RunConfig, reporter: Reporter, weights_only: bool) -> dict:
     """The checkpoint to continue from, refusing a changed config that would break exactness."""
-    if not (run_dir / "config.yaml").is_file():
+    if not run_dir.config.is_file():
         raise UserError(f"--resume {run_dir}: not a run directory (no config.yaml)")
-    if (run_dir / MODEL_FILE).exists() and not weights_only:
+    if run_dir.trained and not weights_only:
         raise UserError(f"--resume {run_dir}: this run already finished; use --resume-weights-only to start a new "
                         f"run from its weights")
-    state = load_checkpoint(run_dir / "checkpoints", warn=reporter.warn)
+    state = load_checkpoint(run_dir.checkpoints, warn=reporter.warn)
     if state is None:
-        raise UserError(f"--resume {run_dir}: no readable checkpoint in {run_dir / 'checkpoints'}; "
+        raise UserError(f"--resume {run_dir}: no readable checkpoint in {run_dir.checkpoints}; "
                         f"checkpoints are written when the whole model trains (not on cached features)")
     saved = state["config"]
     current = config.replace(lr=config.resolved_lr(), out=None).to_dict()
@@ -107,49 +127,33 @@ def train(config: RunConfig, reporter: Reporter | None = None, resume: str | Pat
     config = config.validated()
     dist = init_distributed()
     try:
-        return _train(config, dist, reporter or Reporter(config.quiet, silent=not dist.is_main), resume,
-                      resume_weights_only, on_epoch)
+        reporter = reporter or Reporter(config.quiet, silent=not dist.is_main)
+        run = open_run(config, dist, reporter, resume, resume_weights_only)
+        # rank 0 holds the run directory's lock: a second run with the same --out stops at once
+        with RunLock(run.directory) if run.main else contextlib.nullcontext(), StopRequest():
+            try:
+                return _journey(run, on_epoch)
+            except TrainingInterrupted:
+                raise
+            except Stopped as stop:
+                raise Stopped(stop.signum, _what_is_kept(run.directory, config)) from None
     finally:
         shutdown(dist)
 
 
-def _evaluate(model, images, data_config, config, runtime, forward, dist: Distributed):
-    """Evaluation, each rank on every world-th image, gathered: the same result on every rank."""
-    if not dist.active:
-        return evaluate_model(model, images, eval_transform(data_config), max(config.batch_size, 64), config.workers,
-                              runtime.device, forward)
-    from ..evaluate import compute_outputs
-
-    shard = images.subset(range(dist.rank, len(images), dist.world))
-    out = compute_outputs(model, shard, eval_transform(data_config), max(config.batch_size, 64), config.workers,
-                          runtime.device, forward=forward)
-    parts = dist.gather((out.outputs, out.labels, out.seconds, out.skipped))
-    evaluation = metrics_from_logits(torch.cat([p[0] for p in parts if len(p[1])]) if any(len(p[1]) for p in parts)
-                                     else torch.empty(0), torch.cat([p[1] for p in parts]), images.class_names)
-    evaluation.seconds = max(p[2] for p in parts)
-    evaluation.images_per_sec = evaluation.num_images / max(evaluation.seconds, 1e-9)
-    evaluation.skipped = [s for p in parts for s in p[3]]
-    return evaluation
-
-
-class _EpochHook:
-    """The training log, plus the caller's per-epoch callback."""
-
-    def __init__(self, log, on_epoch):
-        self.log, self.on_epoch = log, on_epoch
-
-    def step(self, *args):
-        if self.log is not None:
-            self.log.step(*args)
-
-    def epoch(self, record: dict):
-        if self.log is not None:
-            self.log.epoch(record)
-        self.on_epoch(record)
-
-    def predictions(self, *args):
-        if self.log is not None:
-            self.log.predictions(*args)
+def _journey(run: Run, on_epoch) -> RunResult:
+    session = start_session(run, on_epoch)
+    try:
+        fitted = fit(run.built.model, run.built.trainable, run.built.splits, session, run.built.arch,
+                     run.resume_state)
+    finally:
+        session.log.close()
+    if run.main:  # before evaluation: a failure there loses nothing trained
+        save_model(run.directory, run.built.model, model_meta(run))
+    evaluation, test_metrics = final_evaluation(run, fitted, session.runtime)
+    metrics = write_artifacts(run, fitted, evaluation, test_metrics)
+    run.reporter.info(summary_line(metrics, evaluation, run.directory))
+    return RunResult(run.directory.path, metrics, evaluation, fitted.history)
 
 
 @dataclass
@@ -184,139 +188,130 @@ def build(config: RunConfig, reporter: Reporter) -> Built:
     return Built(splits, ignored, model, report, arch, trainable, data_config)
 
 
-def _train(config: RunConfig, dist: Distributed, reporter: Reporter, resume, resume_weights_only,
-           on_epoch=None) -> RunResult:
+def open_run(config: RunConfig, dist: Distributed, reporter: Reporter, resume, resume_weights_only: bool) -> Run:
+    """Build what the run starts from and find its directory: a new one, or the one it resumes."""
     start = time.perf_counter()
     built = build(config, reporter)
-    resume_state = None
+    state = None
     if resume is not None:
-        resume_state = _resume_state(Path(resume), config, reporter, resume_weights_only)
-        if [*resume_state["class_ids"]] != built.splits["train"].class_ids:
+        state = _resume_state(RunDir(resume), config, reporter, resume_weights_only)
+        if [*state["class_ids"]] != built.splits["train"].class_ids:
             raise UserError(f"--resume {resume}: the data's classes differ from the checkpoint's")
-    if resume_state is not None and not resume_weights_only:
-        run_dir = Path(resume)
+    if state is not None and not resume_weights_only:
+        directory = RunDir(resume)
     else:  # rank 0 makes the run directory; the others learn its name
-        run_dir = Path(dist.broadcast(str(new_run_dir(config.out, config.model)) if dist.is_main else None))
-    # rank 0 holds the run directory's lock: a second run with the same --out stops at once
-    with RunLock(run_dir) if dist.is_main else contextlib.nullcontext(), StopRequest():
-        if resume_state is not None and resume_weights_only:
-            built.model.load_state_dict(resume_state["model"])
-            reporter.info(f"starting from the weights of {resume} (a new schedule)")
-            resume_state = None
-        try:
-            return _train_in(run_dir, config, built, dist, reporter, resume_state, on_epoch, start)
-        except TrainingInterrupted:
-            raise
-        except Stopped as stop:
-            raise Stopped(stop.signum, _what_is_kept(run_dir, config)) from None
+        directory = RunDir(dist.broadcast(str(new_run_dir(config.out, config.model)) if dist.is_main else None))
+    if state is not None and resume_weights_only:
+        built.model.load_state_dict(state["model"])
+        reporter.info(f"starting from the weights of {resume} (a new schedule)")
+        state = None
+    resolved = config.replace(lr=config.resolved_lr(), out=None)
+    return Run(directory, resolved, built, dist, reporter, start, state)
 
 
-def _what_is_kept(run_dir: Path, config: RunConfig) -> str:
-    if (run_dir / MODEL_FILE).exists():
+def _what_is_kept(run_dir: RunDir, config: RunConfig) -> str:
+    if run_dir.trained:
         return f"the trained model is saved in {run_dir}; evaluate it with: warmstart eval {run_dir}"
-    cache = config.cache_dir or run_dir / "cache"
+    cache = config.cache_dir or run_dir.cache
     return (f"what was computed is kept (feature cache in {cache}); continue with the same command and "
             f"--out {run_dir}")
 
 
-def _train_in(run_dir: Path, config: RunConfig, built: Built, dist: Distributed, reporter: Reporter,
-              resume_state: dict | None, on_epoch, start: float) -> RunResult:
-    runtime = Runtime.for_config(config, dist.local_rank)
-    splits, model, report, arch, trainable, data_config = (built.splits, built.model, built.report, built.arch,
-                                                           built.trainable, built.data_config)
-    train_set, val_set, ignored = splits["train"], splits["val"], built.ignored
-    num_classes = len(train_set.class_ids)
-    main = dist.is_main  # only rank 0 writes in the run directory
-    resolved = config.replace(lr=config.resolved_lr(), out=None)  # re-running makes a new run
-    if main:
-        resolved.save(run_dir / "config.yaml")
-    if report is not None:
-        if main:
-            report.save(run_dir / "restore_report.json")
-        reporter.info(report.summary())
+def start_session(run: Run, on_epoch) -> Session:
+    """Write the run's config and restore report, say what trains, prepare the model and caches."""
+    config, built, dist, reporter = run.config, run.built, run.dist, run.reporter
+    if run.main:
+        config.save(run.directory.config)
+    if built.report is not None:
+        if run.main:
+            built.report.save(run.directory.restore_report)
+        reporter.info(built.report.summary())
     if dist.active:
         reporter.info(f"distributed: {dist.world} processes, batch {config.batch_size} per process "
                       f"({config.batch_size * dist.world} per step)")
-    total = sum(p.numel() for p in model.parameters())
-    trainable_count = trainable.count(model)
-    reporter.info(f"model {config.model} ({arch}), strategy {config.strategy}: "
-                  f"{trainable_count:,} of {total:,} parameters train; run directory {run_dir}")
-
-    runtime.prepare(model)
-    cache_dir = Path(config.cache_dir) if config.cache_dir else run_dir / "cache"
+    total, trainable = (sum(p.numel() for p in built.model.parameters()), built.trainable.count(built.model))
+    reporter.info(f"model {config.model} ({built.arch}), strategy {config.strategy}: "
+                  f"{trainable:,} of {total:,} parameters train; run directory {run.directory}")
+    runtime = Runtime.for_config(config, dist.local_rank)
+    runtime.prepare(built.model)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else run.directory.cache
     if config.image_cache:
-        splits = _with_image_cache(splits, data_config, cache_dir, config, reporter)
-    log = TrainingLog(run_dir, sample_items(val_set), train_set.class_names, eval_transform(data_config),
-                      append=resume_state is not None, epochs=config.epochs) if main else None
-    try:
-        fitted = fit(model, trainable, splits, resolved, data_config, runtime, reporter, cache_dir, arch,
-                     _EpochHook(log, on_epoch) if on_epoch is not None else log,
-                     run_dir / "checkpoints" if main else None, resume_state, dist)
-    finally:
-        if log is not None:
-            log.close()
+        built.splits = _with_image_cache(built.splits, built.data_config, cache_dir, config, reporter)
+    train_set, val_set = built.splits["train"], built.splits["val"]
+    log = TrainingLog(run.directory, sample_items(val_set), train_set.class_names, eval_transform(built.data_config),
+                      append=run.resume_state is not None, epochs=config.epochs, on_epoch=on_epoch) \
+        if run.main else QuietLog(on_epoch)
+    return Session(config, built.data_config, runtime, reporter, log, dist, cache_dir,
+                   run.directory.checkpoints if run.main else None)
 
-    evaluated = FlipTTA(model) if config.tta else model
 
-    def forward(images):
-        with runtime.autocast():
-            return evaluated(runtime.inputs(images))
-
-    meta = {
+def model_meta(run: Run) -> dict:
+    """What `predict` needs besides the weights (saved as model.json and inside the weights file)."""
+    config, built = run.config, run.built
+    return {
         "warmstart_version": __version__,
         "model": config.model,
-        "architecture": arch,
-        "class_ids": train_set.class_ids,
-        "class_names": train_set.class_names,
-        "data_config": data_config,
+        "architecture": built.arch,
+        "class_ids": built.splits["train"].class_ids,
+        "class_names": built.splits["train"].class_names,
+        "data_config": built.data_config,
         "strategy": config.strategy,
         "weights": config.weights,
         "recipe": config.recipe,
         "tta": config.tta,  # prediction, serving and export average the image and its mirror image
     }
-    if main:
-        save_model(run_dir, model, meta)  # before evaluation: a failure there loses nothing trained
 
+
+def final_evaluation(run: Run, fitted: FitResult, runtime: Runtime) -> tuple[EvalResult, dict]:
+    """Validation (from the training path's own outputs where it has them) and the test split."""
+    config, built, dist = run.config, run.built, run.dist
+    class_names = built.splits["train"].class_names
     if fitted.val_logits is not None:
-        evaluation = metrics_from_logits(fitted.val_logits, fitted.val_labels, train_set.class_names)
+        evaluation = metrics_from_logits(fitted.val_logits, fitted.val_labels, class_names)
         evaluation.seconds = fitted.val_seconds
         # validation features read back from the cache: nothing was computed, no rate to report
         evaluation.images_per_sec = evaluation.num_images / fitted.val_seconds if fitted.val_seconds > 0.01 else None
     else:
-        evaluation = _evaluate(model, val_set, data_config, config, runtime, forward, dist)
+        evaluation = _evaluate(run, built.splits["val"], runtime)
         fitted.skipped.extend(evaluation.skipped)
-    if main:
-        evaluation.write(run_dir)
-    test_metrics = {}
-    if "test" in splits:  # e.g. Stanford Dogs' official test split, where the demo reported
-        tested = _evaluate(model, splits["test"], data_config, config, runtime, forward, dist)
-        tested.split = "test"
-        if main:
-            tested.write(run_dir, "test")
-        fitted.skipped.extend(tested.skipped)
-        test_metrics = {"test_top1": tested.top1, "test_top5": tested.top5, "test_images": tested.num_images}
-        reporter.info(f"test top-1 {tested.top1:.4f}, top-5 {tested.top5:.4f} on {tested.num_images} images")
-    skipped = sorted(dict(ignored + fitted.skipped).items())
-    if main:
-        with (run_dir / "history.json").open("w") as handle:
-            json.dump(fitted.history, handle, indent=2)
-    if skipped and main:
-        (run_dir / "skipped.txt").write_text("".join(f"{item}\t{reason}\n" for item, reason in skipped))
+    if run.main:
+        evaluation.write(run.directory)
+    if "test" not in built.splits:
+        return evaluation, {}
+    tested = _evaluate(run, built.splits["test"], runtime)  # e.g. Stanford Dogs' official test split
+    tested.split = "test"
+    if run.main:
+        tested.write(run.directory, "test")
+    fitted.skipped.extend(tested.skipped)
+    run.reporter.info(f"test top-1 {tested.top1:.4f}, top-5 {tested.top5:.4f} on {tested.num_images} images")
+    return evaluation, {"test_top1": tested.top1, "test_top5": tested.top5, "test_images": tested.num_images}
 
+
+def _evaluate(run: Run, images, runtime: Runtime) -> EvalResult:
+    config = run.config
+    return evaluate_model(run.built.model, images, eval_transform(run.built.data_config), runtime,
+                          max(config.batch_size, 64), config.workers, config.tta, run.dist)
+
+
+def write_artifacts(run: Run, fitted: FitResult, evaluation: EvalResult, test_metrics: dict) -> dict:
+    """history.json, skipped.txt and metrics.json; returns the metrics."""
+    config, built, directory = run.config, run.built, run.directory
+    skipped = sorted(dict(built.ignored + fitted.skipped).items())
+    train_set = built.splits["train"]
     metrics = {
         "top1": evaluation.top1,
         "top5": evaluation.top5,
-        "num_classes": num_classes,
+        "num_classes": len(train_set.class_ids),
         "model": config.model,
-        "architecture": arch,
+        "architecture": built.arch,
         "strategy": config.strategy,
         "recipe": config.recipe,
         "tta": config.tta,
         "epochs": config.epochs,
         "train_images": len(train_set),
         "val_images": evaluation.num_images,
-        "trainable_params": trainable_count,
-        "total_params": total,
+        "trainable_params": built.trainable.count(built.model),
+        "total_params": sum(p.numel() for p in built.model.parameters()),
         "train_images_per_sec": fitted.images_processed / max(fitted.seconds, 1e-9),
         "train_seconds": fitted.seconds,  # the training phase (feature extraction of train included)
         "eval_seconds": evaluation.seconds,
@@ -329,12 +324,18 @@ def _train_in(run_dir: Path, config: RunConfig, built: Built, dist: Distributed,
         "eval_images_per_sec": evaluation.images_per_sec,
         **test_metrics,
         "skipped_images": len(skipped),
-        "processes": dist.world,
-        "wall_seconds": time.perf_counter() - start,
+        "processes": run.dist.world,
+        "wall_seconds": time.perf_counter() - run.start,
     }
-    if main:
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    reporter.info(f"val top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f} on {evaluation.num_images} "
-                  f"images; train {metrics['train_images_per_sec']:.1f} img/s, eval "
-                  f"{_rate(metrics['eval_images_per_sec'])}; {metrics['wall_seconds']:.1f}s; saved {run_dir}")
-    return RunResult(run_dir, metrics, evaluation, fitted.history)
+    if run.main:
+        directory.history.write_text(json.dumps(fitted.history, indent=2))
+        if skipped:
+            directory.skipped.write_text("".join(f"{item}\t{reason}\n" for item, reason in skipped))
+        directory.metrics.write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
+def summary_line(metrics: dict, evaluation: EvalResult, directory: RunDir) -> str:
+    return (f"val top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f} on {evaluation.num_images} images; "
+            f"train {metrics['train_images_per_sec']:.1f} img/s, eval {_rate(metrics['eval_images_per_sec'])}; "
+            f"{metrics['wall_seconds']:.1f}s; saved {directory}")

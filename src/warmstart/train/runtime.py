@@ -62,5 +62,13 @@ class Runtime:
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last and images.ndim == 4 \
             else images
 
+    def forward(self, module):
+        """`module` as the run computes it: inputs moved and formatted, under the run's precision."""
+        def run(images: torch.Tensor) -> torch.Tensor:
+            with self.autocast():
+                return module(self.inputs(images))
+
+        return run
+
     def grad_scaler(self):
         return torch.amp.GradScaler("cuda") if self.precision == "fp16" else None

@@ -88,7 +88,7 @@ def make_criterion(config, labels, num_classes: int, device) -> torch.nn.Module:
     return torch.nn.CrossEntropyLoss(weight=weight, label_smoothing=config.label_smoothing)
 
 
-def _log_skipped(reporter: Reporter, skipped, seen: dict) -> None:
+def log_skipped(reporter: Reporter, skipped, seen: dict) -> None:
     """One warning per unreadable file, however many epochs meet it."""
     for item, reason in skipped:
         if item not in seen:
@@ -96,33 +96,18 @@ def _log_skipped(reporter: Reporter, skipped, seen: dict) -> None:
             reporter.warn(f"skipped unreadable image {item} ({reason})")
 
 
-class _NoLog:
-    def step(self, *args):
-        pass
-
-    def epoch(self, *args):
-        pass
-
-    def predictions(self, *args):
-        pass
-
-
-def _after_epoch(log, record: dict, model, runtime: Runtime, step: int) -> None:
+def after_epoch(log, record: dict, model, runtime: Runtime) -> None:
+    """The epoch's record to the log, with a grid of sample predictions (when the log draws one)."""
     log.epoch(record)
     was_training = model.training
     model.eval()
-
-    def forward(x):
-        with runtime.autocast():
-            return model(runtime.inputs(x))
-
-    log.predictions(record["epoch"], forward)
+    log.predictions(record["epoch"], runtime.forward(model))
     model.train(was_training)
 
 
-def _step(module, inputs, labels, criterion, optimizer, scheduler, runtime: Runtime | None = None,
-          scaler=None) -> tuple[torch.Tensor, float]:
-    """One optimizer step; returns the logits and the loss."""
+def train_step(module, inputs, labels, criterion, optimizer, scheduler, runtime: Runtime | None = None,
+               scaler=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step; returns the logits and the loss (detached tensors: no wait for the device)."""
     with runtime.autocast() if runtime else contextlib.nullcontext():
         logits = module(inputs)
         loss = criterion(logits.float(), labels)
@@ -136,10 +121,12 @@ def _step(module, inputs, labels, criterion, optimizer, scheduler, runtime: Runt
         optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    return logits.detach(), loss.item()
+    return logits.detach(), loss.detach()
 
 
-def _epoch_record(epoch, optimizer, total_loss, correct, count, epoch_start) -> dict:
+def epoch_record(epoch: int, optimizer, totals, epoch_start: float) -> dict:
+    """What an epoch did (`totals`: its Totals, or summed (loss, correct, count) numbers)."""
+    total_loss, correct, count = totals.values() if hasattr(totals, "values") else totals
     seconds = time.perf_counter() - epoch_start
     return {
         "epoch": epoch + 1,
@@ -151,7 +138,7 @@ def _epoch_record(epoch, optimizer, total_loss, correct, count, epoch_start) -> 
     }
 
 
-def _epoch_line(record: dict, epochs: int) -> str:
+def epoch_line(record: dict, epochs: int) -> str:
     line = (f"epoch {record['epoch']}/{epochs}: loss {record['train_loss']:.4f}, "
             f"train top-1 {record['train_top1']:.4f}, {record['images_per_sec']:.1f} img/s")
     if "val_top1" in record:

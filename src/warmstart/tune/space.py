@@ -18,11 +18,10 @@ from typing import Any
 
 import yaml
 
-from ..config import RunConfig
+from ..config import RunConfig, field_kind
 from ..errors import UserError
 from ..recipes import recipe_settings
 
-NOT_TUNABLE = {"data", "val_data", "out", "quiet", "workers", "cache_dir", "crop_to_box", "drop_empty_classes"}
 SPEC_KEYS = {"low", "high", "log", "step", "choices"}
 
 
@@ -78,14 +77,18 @@ def load_space(path: str | Path, base: dict[str, Any]) -> list[Parameter]:
     if not isinstance(raw, dict) or not raw:
         raise UserError(f"space file {path} must map each setting to a range, e.g. 'lr: {{low: 1e-4, high: 1e-1, "
                         f"log: true}}'")
-    tunable = sorted({f.name for f in fields(RunConfig)} - NOT_TUNABLE)
+    tunable = sorted(f.name for f in fields(RunConfig) if f.metadata["tunable"])
     parameters = []
     for key, spec in raw.items():
         name = str(key).replace("-", "_")
         where = f"{path}: {key}"
         if name not in tunable:
             raise UserError(f"{where}: unknown parameter; tunable settings are {', '.join(tunable)}")
-        parameters.append(_parameter(name, spec, where))
+        parameter = _parameter(name, spec, where)
+        kind, is_list, _ = field_kind(name)
+        if parameter.choices is None and (is_list or kind not in ("int", "float")):
+            raise UserError(f"{where}: {name} is not a number: give {{choices: [...]}}")
+        parameters.append(parameter)
     for parameter in parameters:  # every bound and choice must make a valid run on its own
         for value in parameter.extremes():
             try:

@@ -24,7 +24,7 @@ import yaml
 
 from ..config import RunConfig
 from ..errors import UserError
-from ..run_dir import MODEL_FILE
+from ..run_dir import RunDir
 from .space import load_space, trial_values
 
 FINISHED = ("COMPLETE", "PRUNED")
@@ -138,7 +138,7 @@ def _objective(trial, base: dict, space, study_dir: Path, quiet: bool) -> float:
     params = {p.name: p.suggest(trial) for p in space}
     run_dir = study_dir / "trials" / f"trial-{trial.number:04d}"
     for again in range(1, 1000):  # runs of an earlier study in this folder stay as they are
-        if not (run_dir / MODEL_FILE).exists():
+        if not RunDir(run_dir).trained:
             break
         run_dir = study_dir / "trials" / f"trial-{trial.number:04d}-{again}"
     values = trial_values(base, params)

@@ -7,7 +7,7 @@ import pytest
 from warmstart import RunConfig
 from warmstart.models.registry import resolve_architecture
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "stanford-dogs"
+RECIPES = Path(__file__).resolve().parents[1] / "configs" / "stanford-dogs"
 DEMO = {"resnet50": (10, 5), "inception_v4": (4, 2), "nasnet_a_large": (4, 2)}
 
 

@@ -1,0 +1,72 @@
+"""Labelled images of one split, and the names of their classes."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+
+@dataclass
+class ImageSet:
+    """Labelled images of one split. Items are file paths, or arrays for embedded data."""
+
+    items: list[Any]
+    labels: list[int]
+    class_ids: list[str]
+    class_names: list[str]
+    origin: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def subset(self, indices: Sequence[int]) -> "ImageSet":
+        return ImageSet(
+            [self.items[i] for i in indices], [self.labels[i] for i in indices],
+            self.class_ids, self.class_names, self.origin, dict(self.extra),
+        )
+
+    @property
+    def ignored(self) -> list[tuple[str, str]]:
+        """Files found beside the images that are not images: (path, reason)."""
+        return self.extra.get("ignored", [])
+
+    def class_counts(self) -> list[int]:
+        return np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=len(self.class_ids)).tolist()
+
+
+_WNID_NAME = re.compile(r"^(n\d{8})[-_](.+)$")
+_WNID = re.compile(r"^n\d{8}$")
+
+
+def readable_class_name(folder: str) -> str:
+    """`n02085620-Chihuahua` -> `Chihuahua`; a bare ImageNet id -> its ImageNet name."""
+    match = _WNID_NAME.match(folder)
+    if match:
+        return match.group(2).replace("_", " ")
+    if _WNID.match(folder):
+        try:
+            from timm.data import ImageNetInfo
+
+            return ImageNetInfo().label_name_to_description(folder).split(",")[0]
+        except Exception:  # not an ImageNet-1k id: keep the folder name
+            return folder
+    return folder
+
+
+def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Seeded, stratified split into (keep, held_out) index lists; every class keeps >= 1 image."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    keep, held = [], []
+    for label in np.unique(labels):
+        idx = np.flatnonzero(labels == label)
+        rng.shuffle(idx)
+        n_held = int(round(len(idx) * fraction))
+        n_held = min(max(n_held, 1 if len(idx) > 1 else 0), len(idx) - 1)
+        held.extend(idx[:n_held].tolist())
+        keep.extend(idx[n_held:].tolist())
+    return sorted(keep), sorted(held)

@@ -1,0 +1,45 @@
+"""Which of the three training paths a run takes, and why: decided here, once.
+
+- cached features: only the head trains and the training views are fixed, so the frozen network
+  runs once per image (and view) and the head trains on its stored outputs;
+- cached activations (`--cache-boundary`): the frozen prefix runs once, each epoch only the tail;
+- images: the whole (or partly frozen) network runs on every batch of images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..models.segments import split_at_freeze_boundary
+from ..models.trainable import TrainableSet, only_head_trains
+
+FEATURES, ACTIVATIONS, IMAGES = "cached features", "cached activations", "images"
+
+
+@dataclass
+class TrainingPath:
+    kind: str
+    reason: str
+    split: tuple | None = None  # (frozen prefix, trainable tail) for cached activations
+    warning: bool = False  # the user asked for a cache that cannot be used here
+
+
+def choose_training_path(config, model, trainable: TrainableSet, input_size, distributed: bool) -> TrainingPath:
+    ruled_out = config.caching_ruled_out_by()
+    if ruled_out is None and hasattr(model, "forward_head") and only_head_trains(model, trainable):
+        return TrainingPath(FEATURES, "only the head trains and the training views are fixed: the frozen network "
+                                      "runs once per image and view")
+    if not config.cache_boundary:
+        return TrainingPath(IMAGES, ruled_out or "layers before the head train")
+    if ruled_out is not None:
+        why = ruled_out
+    elif distributed:
+        why = "it runs in a single process only"
+    else:
+        split = split_at_freeze_boundary(model, input_size)
+        if split is not None:
+            return TrainingPath(ACTIVATIONS, "the frozen prefix runs once per image and view, each epoch only the "
+                                             "trainable tail", split)
+        why = ("no frozen prefix to cache here (it needs --strategy partial and a model layout with stages, "
+               "e.g. ResNet, EfficientNet)")
+    return TrainingPath(IMAGES, f"--cache-boundary cannot be used: {why}; training on images", warning=True)
