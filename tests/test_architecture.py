@@ -69,3 +69,60 @@ def test_there_are_no_import_cycles():
         if module not in state:
             visit(module, [module])
     assert cycles == []
+
+
+def test_every_run_setting_has_exactly_one_train_flag_and_back():
+    import dataclasses
+
+    from warmstart.cli import build_parser
+    from warmstart.config import RunConfig
+
+    train = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "train")[1]
+    dests = {a.dest for a in train._actions} - {"help", "config", "nproc", "resume", "resume_weights_only"}
+    assert dests == {f.name for f in dataclasses.fields(RunConfig)}
+
+
+def test_a_new_setting_is_one_field(tmp_path):
+    """A field declared in a RunConfig subclass gets its flag, its check and its YAML key."""
+    import argparse
+    import dataclasses
+
+    from warmstart import cli
+    from warmstart.config import RunConfig, setting
+    from warmstart.errors import UserError
+
+    @dataclasses.dataclass
+    class Extended(RunConfig):
+        warmup_images: int = setting(0, "images to warm up on", group="optimisation", bounds="[0, inf)")
+
+    parser = argparse.ArgumentParser()
+    original = cli.RunConfig
+    try:
+        cli.RunConfig = Extended
+        cli._add_train_options(parser)
+    finally:
+        cli.RunConfig = original
+    args = parser.parse_args(["--warmup-images", "64", "--data", "x"])
+    assert vars(args)["warmup_images"] == 64
+    assert Extended.from_dict({"data": "x", "warmup_images": "128"}).warmup_images == 128
+    with pytest.raises(UserError, match="--warmup-images -1 is not valid: it must be >= 0"):
+        Extended.from_dict({"data": "x", "warmup_images": -1})
+
+
+def test_functions_fit_on_a_screen():
+    """At most three functions over 60 lines (none over 100) and none with more than 8 parameters."""
+    long, wide = [], []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                args = node.args
+                count = len(args.posonlyargs + args.args + args.kwonlyargs) + bool(args.vararg) + bool(args.kwarg)
+                count -= bool(args.args) and args.args[0].arg in ("self", "cls")
+                where = f"{path.relative_to(PACKAGE)}:{node.name}"
+                if lines > 60:
+                    long.append((lines, where))
+                if count > 8:
+                    wide.append((count, where))
+    assert len(long) <= 3 and all(lines <= 100 for lines, _ in long), sorted(long)
+    assert wide == []

@@ -43,25 +43,25 @@ def test_cache_key_covers_every_part(color_tree, lite0, tmp_path):
     images = resolve_splits(str(color_tree), 0.2, 0)["train"]
     transform = eval_transform(data_config_for(lite0, 64))
     cache = fc.FeatureCache(tmp_path, "model-a")
-    base = cache.key(images, transform, 0, None)
+    base = cache.key(images, fc.View("train", transform, 0, None))
     boxed = images.subset(range(len(images)))
     boxed.items[0] = BoxedImage(boxed.items[0], (0, 0, 20, 20))
     relabelled = images.subset(range(len(images)))
     relabelled.labels[0] = 2
     variants = [
-        fc.FeatureCache(tmp_path, "model-b").key(images, transform, 0, None),  # other weights
-        cache.key(images, eval_transform(data_config_for(lite0, 72)), 0, None),  # preprocessing
-        cache.key(images, train_transform(data_config_for(lite0, 64), "standard"), 1, 11),  # view
-        cache.key(images, transform, 0, 12),  # augmentation seed
-        cache.key(images.subset(range(len(images) - 1)), transform, 0, None),  # image list
-        cache.key(boxed, transform, 0, None),  # crop box
-        cache.key(relabelled, transform, 0, None),  # labels
+        fc.FeatureCache(tmp_path, "model-b").key(images, fc.View("train", transform, 0, None)),  # other weights
+        cache.key(images, fc.View("train", eval_transform(data_config_for(lite0, 72)), 0, None)),  # preprocessing
+        cache.key(images, fc.View("train", train_transform(data_config_for(lite0, 64), "standard"), 1, 11)),  # view
+        cache.key(images, fc.View("train", transform, 0, 12)),  # augmentation seed
+        cache.key(images.subset(range(len(images) - 1)), fc.View("train", transform, 0, None)),  # image list
+        cache.key(boxed, fc.View("train", transform, 0, None)),  # crop box
+        cache.key(relabelled, fc.View("train", transform, 0, None)),  # labels
     ]
     assert len({base, *variants}) == len(variants) + 1
-    assert cache.key(images, eval_transform(data_config_for(lite0, 64)), 0, None) == base
+    assert cache.key(images, fc.View("train", eval_transform(data_config_for(lite0, 64)), 0, None)) == base
     with open(images.items[3], "ab") as handle:  # a file whose size changes
         handle.write(b"\0")
-    assert cache.key(images, transform, 0, None) != base
+    assert cache.key(images, fc.View("train", transform, 0, None)) != base
 
 
 def test_interrupted_extraction_resumes_and_is_never_taken_as_complete(color_tree, lite0, tmp_path, monkeypatch):
@@ -69,7 +69,8 @@ def test_interrupted_extraction_resumes_and_is_never_taken_as_complete(color_tre
     images = resolve_splits(str(color_tree), 0.2, 0)["train"]
     transform = eval_transform(data_config_for(lite0, 64))
     forward = pre_logits(lite0)
-    reference = fc.FeatureCache(tmp_path / "ref", "m").features("train", images, transform, forward, 8, 0, "cpu")
+    reference = fc.FeatureCache(tmp_path / "ref", "m").features(fc.View("train", transform), images, forward, 8, 0,
+                                                                "cpu")
     assert reference.computed == 36 and bool(reference.valid.all())
 
     calls = {"n": 0}
@@ -82,26 +83,27 @@ def test_interrupted_extraction_resumes_and_is_never_taken_as_complete(color_tre
 
     cache = fc.FeatureCache(tmp_path / "c", "m")
     with pytest.raises(KeyboardInterrupt):
-        cache.features("train", images, transform, dies_on_third_batch, 8, 0, "cpu")
-    folder = cache.folder("train", cache.key(images, transform, 0, None))
+        cache.features(fc.View("train", transform), images, dies_on_third_batch, 8, 0, "cpu")
+    folder = cache.folder("train", cache.key(images, fc.View("train", transform, 0, None)))
     assert '"complete": false' in (folder / "meta.json").read_text()
     assert int((np.load(folder / "status.npy") == fc.DONE).sum()) == 16
-    resumed = cache.features("train", images, transform, forward, 8, 0, "cpu")
+    resumed = cache.features(fc.View("train", transform), images, forward, 8, 0, "cpu")
     assert resumed.computed == 20  # only the rows that were not done
     assert torch.allclose(resumed.features, reference.features, atol=1e-5)
     assert '"complete": true' in (folder / "meta.json").read_text()
-    assert cache.features("train", images, transform, forward, 8, 0, "cpu").computed == 0
+    assert cache.features(fc.View("train", transform), images, forward, 8, 0, "cpu").computed == 0
 
 
 def test_cached_views_are_augmented_deterministic_and_trained_on(color_tree, lite0, tmp_path):
     images = resolve_splits(str(color_tree), 0.2, 0)["train"]
     augmented = train_transform(data_config_for(lite0, 64), "standard")
     forward = pre_logits(lite0)
-    one = fc.FeatureCache(tmp_path / "a", "m").features("train", images, augmented, forward, 8, 0, "cpu", 1, 11)
-    again = fc.FeatureCache(tmp_path / "b", "m").features("train", images, augmented, forward, 5, 2, "cpu", 1, 11)
-    other = fc.FeatureCache(tmp_path / "c", "m").features("train", images, augmented, forward, 8, 0, "cpu", 2, 12)
-    plain = fc.FeatureCache(tmp_path / "d", "m").features("train", images, eval_transform(data_config_for(lite0, 64)),
-                                                          forward, 8, 0, "cpu")
+    view, view2 = fc.View("train", augmented, 1, 11), fc.View("train", augmented, 2, 12)
+    one = fc.FeatureCache(tmp_path / "a", "m").features(view, images, forward, 8, 0, "cpu")
+    again = fc.FeatureCache(tmp_path / "b", "m").features(view, images, forward, 5, 2, "cpu")
+    other = fc.FeatureCache(tmp_path / "c", "m").features(view2, images, forward, 8, 0, "cpu")
+    plain = fc.FeatureCache(tmp_path / "d", "m").features(fc.View("train", eval_transform(data_config_for(lite0, 64))),
+                                                          images, forward, 8, 0, "cpu")
     assert torch.allclose(one.features, again.features, atol=1e-5)  # whatever the batch size and workers
     assert not torch.allclose(one.features, other.features) and not torch.allclose(one.features, plain.features)
     result = train(_config(color_tree, tmp_path / "run", augment="standard", cache_views=3))
@@ -129,8 +131,20 @@ def test_image_cache_keeps_skipping_unreadable_files(color_tree, tmp_path):
 
 
 def test_bf16_channels_last_and_synthetic_data(tmp_path):
-    result = train(RunConfig(data="synthetic:96", strategy="fine-tune", precision="bf16", epochs=1, batch_size=16,
-                             input_size=64, workers=0, quiet=True, out=str(tmp_path / "syn")))
+    seen = []  # what the model's first layer receives: memory format, and whether bf16 autocast is on
+
+    def first_conv(module, args):
+        if isinstance(module, torch.nn.Conv2d) and module.training and not seen:
+            seen.append((args[0].is_contiguous(memory_format=torch.channels_last),
+                         torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16))
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(first_conv)
+    try:
+        result = train(RunConfig(data="synthetic:96", strategy="fine-tune", precision="bf16", epochs=1, batch_size=16,
+                                 input_size=64, workers=0, quiet=True, out=str(tmp_path / "syn")))
+    finally:
+        hook.remove()
+    assert seen == [(True, True)]
     assert result.metrics["precision"] == "bf16" and result.metrics["num_classes"] == 10
     with pytest.raises(UserError, match="fp16 needs a GPU"):
         train(RunConfig(data="synthetic:96", precision="fp16", input_size=64, workers=0, quiet=True,

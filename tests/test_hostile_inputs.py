@@ -329,11 +329,11 @@ def test_a_damaged_feature_cache_is_recomputed_with_one_warning(color_tree, tmp_
     cache = fc.FeatureCache(tmp_path, "m", warn=warnings.append)
 
     def features():
-        return cache.features("train", images, transform, _mean_colour, 8, 0, "cpu")
+        return cache.features(fc.View("train", transform), images, _mean_colour, 8, 0, "cpu")
 
     reference = features()
     expected = reference.features.clone()  # the cache maps its file: damaging the file in place changes it
-    folder = cache.folder("train", cache.key(images, transform, 0, None))
+    folder = cache.folder("train", cache.key(images, fc.View("train", transform, 0, None)))
     path = folder / "features.npy"
     damages = {
         "truncated": lambda: path.write_bytes(path.read_bytes()[:-200]),

@@ -15,7 +15,7 @@ import yaml
 from warmstart import RunConfig, train
 from warmstart.cli import main
 from warmstart.errors import UserError
-from warmstart.tune import load_space, tune
+from warmstart.tune import StudyOptions, load_space, tune
 
 BASE = {"input_size": 64, "workers": 0, "epochs": 1, "augment": "none", "batch_size": 8, "optimizer": "adamw"}
 SPACE = {"lr": {"low": 1e-4, "high": 3e-2, "log": True}, "label_smoothing": {"low": 0.0, "high": 0.2},
@@ -34,7 +34,7 @@ def _trials(storage: str, name: str):
 
 def test_tiny_study_writes_table_best_config_and_plots_and_the_best_config_reproduces(color_tree, tmp_path, capsys):
     base, space = _files(tmp_path, color_tree)
-    result = tune(base, space, trials=3, study_dir=tmp_path / "study")
+    result = tune(base, space, 3, StudyOptions(study_dir=tmp_path / "study"))
     trials = _trials(result.storage, result.study_name)
     assert [t.state.name for t in trials] == ["COMPLETE"] * 3 and result.finished == 3
     runs = {t.user_attrs["run_dir"] for t in trials}
@@ -51,7 +51,7 @@ def test_tiny_study_writes_table_best_config_and_plots_and_the_best_config_repro
     assert config.lr == pytest.approx(best.params["lr"]) and config.epochs == best.params["epochs"]
     assert train(config).metrics["top1"] == pytest.approx(best.value)
     # running the finished study again starts no trial
-    assert tune(base, space, trials=3, study_dir=tmp_path / "study", quiet=True).finished == 3
+    assert tune(base, space, 3, StudyOptions(study_dir=tmp_path / "study", quiet=True)).finished == 3
     assert len(_trials(result.storage, result.study_name)) == 3
 
 
@@ -155,7 +155,7 @@ def test_a_trial_is_pruned_from_its_per_epoch_validation_accuracy(color_tree, tm
 
 def test_processes_flag_runs_workers_on_this_machine(color_tree, tmp_path):
     base, space = _files(tmp_path, color_tree)
-    result = tune(base, space, trials=3, study_dir=tmp_path / "study", processes=2, quiet=True)
+    result = tune(base, space, 3, StudyOptions(study_dir=tmp_path / "study", processes=2, quiet=True))
     trials = _trials(result.storage, result.study_name)
     assert result.finished >= 3 and len({t.number for t in trials}) == len(trials)
     complete = [t for t in trials if t.state.name == "COMPLETE"]

@@ -50,13 +50,14 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _flag(f) -> list[str]:
-    return [f.metadata.get("flag") or "--" + f.name.replace("_", "-")]
+    name = f.name.replace("_", "-")
+    return [f"--no-{name}" if f.default is True else f"--{name}"]
 
 
 def _flag_options(f) -> dict:
     """argparse's options for a setting, from its type and declaration."""
     meta = f.metadata
-    kind, is_list, _ = field_kind(f.name)
+    kind, is_list, _ = field_kind(f)
     options = {"dest": f.name, "help": meta["help"]}
     if kind == "bool":
         return {**options, "action": "store_false" if f.default is True else "store_true"}
@@ -83,7 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="warmstart", description="Transfer learning for image classifiers from "
                            "ImageNet-pretrained networks: train, evaluate, predict, export, serve.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    _add_training_commands(sub)
+    _add_trained_model_commands(sub)
+    _add_data_and_report_commands(sub)
+    return parser
 
+
+def _add_training_commands(sub) -> None:
     train = sub.add_parser("train", help="train a classifier from pretrained weights")
     _add_train_options(train)
 
@@ -111,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     tn.add_argument("--seed", type=int, default=0, help="sampler seed")
     tn.add_argument("--quiet", action="store_true", help="no table at the end")
 
+
+def _add_trained_model_commands(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate a trained run (top-1, top-5, per class, confusion matrix)")
     ev.add_argument("run", help="run directory")
     ev.add_argument("--data", default=None, help="data to evaluate on (default: the run's own)")
@@ -153,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-connections", type=int, default=64,
                     help="connections served at once (more are answered 503)")
 
+
+def _add_data_and_report_commands(sub) -> None:
     qs = sub.add_parser("quickstart", help="offline demo: EfficientNet-Lite0 features on scikit-learn's digits")
     qs.add_argument("--out", default=None)
     qs.add_argument("--quiet", action="store_true")
@@ -189,7 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     md = sub.add_parser("models", help="list model names with input size and parameter count")
     md.add_argument("pattern", nargs="?", help="a timm name pattern, e.g. 'convnext*' (default: the familiar names)")
-    return parser
 
 
 def _run_torchrun(nproc: int, argv: list[str]) -> int:
@@ -246,11 +256,11 @@ def _cmd_lr_find(args) -> int:
 
 
 def _cmd_tune(args) -> int:
-    from .tune import tune
+    from .tune import StudyOptions, tune
 
     try:
-        tune(args.config, args.space, args.trials, args.storage, args.study, args.timeout, args.study_dir,
-             args.seed, args.processes, args.quiet)
+        tune(args.config, args.space, args.trials, StudyOptions(args.storage, args.study, args.study_dir, args.timeout,
+                                                                args.seed, args.processes, args.quiet))
     except Stopped as stop:
         print("interrupted: the finished trials are stored; run the same command again to resume the study",
               file=sys.stderr)

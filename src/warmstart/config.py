@@ -28,16 +28,13 @@ GROUPS = ("run", "data", "model and weights", "optimisation", "speed", "output",
 
 
 def setting(default: Any = None, help: str = "", *, group: str, choices: tuple | None = None,
-            metavar: str | None = None, flag: str | None = None, repeat: bool = False, low: float | None = None,
-            low_open: bool = True, high: float | None = None, high_open: bool = False, hint: str = "",
-            tunable: bool = True):
+            metavar: str | None = None, repeat: bool = False, bounds: str | None = None, tunable: bool = True):
     """A run setting, declared once: its default, and what the command line and the checks need
-    (help, option group, choices, metavar, a negated `flag` for options on by default, `repeat`
-    for a list given one flag at a time instead of as several values, and bounds `low`/`high`,
-    open or closed; `tunable=False` for settings a hyper-parameter search must not draw)."""
-    metadata = {"help": help, "group": group, "choices": choices, "metavar": metavar, "flag": flag,
-                "repeat": repeat, "low": low, "low_open": low_open, "high": high, "high_open": high_open,
-                "hint": hint, "tunable": tunable}
+    (help, option group, choices, metavar, `repeat` for a list given one flag at a time instead of
+    as several values, `bounds` as an interval such as "(0, inf)" or "[0, 1)", and `tunable=False`
+    for settings a hyper-parameter search must not draw). A bool on by default gets `--no-NAME`."""
+    metadata = {"help": help, "group": group, "choices": choices, "metavar": metavar, "repeat": repeat,
+                "bounds": bounds, "tunable": tunable}
     if isinstance(default, list):
         return field(default_factory=list, metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -52,7 +49,7 @@ class RunConfig:
                         "(image_path,label)", group="data", tunable=False)
     val_data: str | None = setting(None, "separate validation data (folder tree or CSV)", group="data", tunable=False)
     val_fraction: float = setting(0.2, "held-out fraction when there is no val/ split (seeded, stratified; default "
-                                  "0.2)", group="data", low=0, high=1, high_open=True)
+                                  "0.2)", group="data", bounds="(0, 1)")
     crop_to_box: bool = setting(False, "Stanford Dogs: train and evaluate on the annotated dog box (the largest, "
                                 "where several)", group="data", tunable=False)
     drop_empty_classes: bool = setting(False, "leave out class folders without images instead of stopping",
@@ -75,62 +72,60 @@ class RunConfig:
     trainable: list[str] = setting([], "with --strategy partial: parameter-name pattern that trains (repeatable)",
                                    group="model and weights", metavar="PATTERN", repeat=True)
     unfreeze_last: int | None = setting(None, "with --strategy partial: the last N stages train",
-                                        group="model and weights", metavar="N", low=0)
+                                        group="model and weights", metavar="N", bounds="(0, inf)")
     unfreeze_schedule: list[str] = setting([], "gradual unfreezing: after EPOCH epochs the last N stages (or "
                                            "'all') train too, e.g. 1:2 3:all", group="model and weights",
                                            metavar="EPOCH:N")
     # preprocessing (None: from the model's pretrained config)
-    input_size: int | None = setting(None, "input size in px (default: the model's)", group="data", low=0)
+    input_size: int | None = setting(None, "input size in px (default: the model's)", group="data", bounds="(0, inf)")
     input_scale: float | None = setting(None, "input size as FACTOR x the model's pretrained size (rounded to 32 "
-                                        "px)", group="data", metavar="FACTOR", low=0)
-    crop_pct: float | None = setting(None, "center-crop fraction at evaluation", group="data", low=0, high=1)
+                                        "px)", group="data", metavar="FACTOR", bounds="(0, inf)")
+    crop_pct: float | None = setting(None, "center-crop fraction at evaluation", group="data", bounds="(0, 1]")
     augment: str = setting("standard", "standard: random-resized-crop + flip (default); none", group="data",
                            choices=AUGMENTS)
-    workers: int | None = setting(None, "data loader processes (default: CPU count, max 8)", group="data", low=0,
-                                  low_open=False, tunable=False)
+    workers: int | None = setting(None, "data loader processes (default: CPU count, max 8)", group="data",
+                                  bounds="[0, inf)", tunable=False)
     # optimisation
     optimizer: str = setting("sgd", "sgd (momentum, default), adamw, or lbfgs (the head as a full-batch "
                              "logistic regression on cached features)", group="optimisation", choices=OPTIMIZERS)
     lr: float | None = setting(None, "learning rate (default: sgd 0.01; adamw 1e-3 head-only, 1e-4 otherwise)",
-                               group="optimisation", low=0)
-    momentum: float = setting(0.9, "SGD momentum", group="optimisation", low=0, low_open=False)
+                               group="optimisation", bounds="(0, inf)")
+    momentum: float = setting(0.9, "SGD momentum", group="optimisation", bounds="[0, inf)")
     weight_decay: float = setting(1e-4, "weight decay (not on biases and norms); with lbfgs the L2 penalty",
-                                  group="optimisation", low=0, low_open=False)
+                                  group="optimisation", bounds="[0, inf)")
     schedule: str = setting("cosine", "cosine (default), piecewise, constant", group="optimisation",
                             choices=SCHEDULES)
-    warmup_epochs: float = setting(0.0, "epochs of linear warm-up", group="optimisation", low=0, low_open=False)
+    warmup_epochs: float = setting(0.0, "epochs of linear warm-up", group="optimisation", bounds="[0, inf)")
     piecewise_boundaries: list[float] = setting([], "epochs where the learning rate changes",
                                                 group="optimisation", metavar="EPOCH")
     piecewise_lr_decay: list[float] = setting([], "lr multiplier of each piece (one more than the boundaries)",
                                               group="optimisation", metavar="FACTOR")
     # discriminative learning rates: lr x layer_decay^depth-from-the-top, and the new head's own rate
     head_lr: float | None = setting(None, "the new head's learning rate (default: --lr)", group="optimisation",
-                                    low=0)
+                                    bounds="(0, inf)")
     layer_decay: float | None = setting(None, "layer-wise lr decay: each layer below the top trains at FACTOR x "
-                                        "the one above", group="optimisation", metavar="FACTOR", low=0, high=1,
-                                        hint="e.g. 0.7")
-    label_smoothing: float = setting(0.0, "label smoothing of the loss", group="optimisation", low=0,
-                                     low_open=False, high=1, high_open=True)
+                                        "the one above, e.g. 0.7", group="optimisation", metavar="FACTOR",
+                                        bounds="(0, 1]")
+    label_smoothing: float = setting(0.0, "label smoothing of the loss", group="optimisation", bounds="[0, 1)")
     # regularisation (mixup/cutmix alphas, 0 = off) and an exponential moving average of the weights
-    mixup: float = setting(0.0, "mixup alpha (0: off)", group="optimisation", metavar="ALPHA", low=0, low_open=False)
-    cutmix: float = setting(0.0, "cutmix alpha (0: off)", group="optimisation", metavar="ALPHA", low=0,
-                            low_open=False)
+    mixup: float = setting(0.0, "mixup alpha (0: off)", group="optimisation", metavar="ALPHA", bounds="[0, inf)")
+    cutmix: float = setting(0.0, "cutmix alpha (0: off)", group="optimisation", metavar="ALPHA", bounds="[0, inf)")
     ema_decay: float = setting(0.0, "keep an exponential moving average of the weights (e.g. 0.999) and use it",
-                               group="optimisation", metavar="DECAY", low=0, low_open=False, high=1, high_open=True,
-                               hint="e.g. 0.999 (0 = off)")
+                               group="optimisation", metavar="DECAY", bounds="[0, 1)")
     tta: bool = setting(False, "evaluate (and predict, serve, export) on the image and its mirror image",
                         group="optimisation")
-    epochs: int = setting(10, "training epochs", group="optimisation", low=0)
-    batch_size: int = setting(32, "batch size (per GPU/process)", group="optimisation", low=0)
+    epochs: int = setting(10, "training epochs", group="optimisation", bounds="(0, inf)")
+    batch_size: int = setting(32, "batch size (per GPU/process)", group="optimisation", bounds="(0, inf)")
     seed: int = setting(0, "random seed (runs are reproducible on the CPU)", group="optimisation")
     # speed: when only the head trains, run the frozen backbone once per image (and view) and
     # keep its features on disk (the run's cache/ folder, or a --cache-dir shared by runs)
     feature_cache: bool = setting(True, "run the frozen backbone every epoch even when features could be computed "
-                                  "once", group="speed", flag="--no-feature-cache")
+                                  "once", group="speed")
     cache_dir: str | None = setting(None, "feature/image cache folder shared by runs (default: the run's cache/)",
                                     group="speed", tunable=False)
     cache_views: int = setting(1, "with --augment standard and a frozen backbone: cache K views per image (view 0 "
-                               "un-augmented) and sample among them each epoch", group="speed", metavar="K", low=0)
+                               "un-augmented) and sample among them each epoch", group="speed", metavar="K",
+                               bounds="(0, inf)")
     image_cache: bool = setting(False, "decode each image once into a pre-resized uint8 store (faster epochs)",
                                 group="speed")
     cache_boundary: bool = setting(False, "with --strategy partial and un-augmented (or --cache-views) training: "
@@ -138,14 +133,13 @@ class RunConfig:
                                    "each epoch", group="speed")
     precision: str = setting("fp32", "fp32 (default), bf16 (autocast; fast on recent CPUs and GPUs), fp16 (GPU)",
                              group="speed", choices=PRECISIONS)
-    channels_last: bool = setting(True, "keep NCHW memory format (channels_last is usually faster)", group="speed",
-                                  flag="--no-channels-last")
+    channels_last: bool = setting(True, "keep NCHW memory format (channels_last is usually faster)", group="speed")
     compile: bool = setting(False, "torch.compile the model", group="speed")
     # torchrun: SyncBatchNorm across GPUs
     sync_bn: bool = setting(False, "synchronise BatchNorm across GPUs", group="several processes (torchrun)")
     # checkpoints (whole-model training): every epoch, and every N optimizer steps
     checkpoint_every: int = setting(0, "also checkpoint every STEPS optimizer steps (checkpoints are written every "
-                                    "epoch)", group="output", metavar="STEPS", low=0, low_open=False)
+                                    "epoch)", group="output", metavar="STEPS", bounds="[0, inf)")
     # output
     out: str | None = setting(None, "run directory (default runs/<timestamp>-<model>)", group="output", tunable=False)
     quiet: bool = setting(False, "log lines instead of progress bars", group="output", tunable=False)
@@ -161,7 +155,8 @@ class RunConfig:
                 f"{source}: unknown setting(s) {', '.join(unknown)}; "
                 f"valid settings are the long option names of 'warmstart train --help'"
             )
-        normalized = {k: _coerce(k, v, source) for k, v in normalized.items()}
+        declared = {f.name: f for f in fields(cls)}
+        normalized = {k: _coerce(declared[k], v, source) for k, v in normalized.items()}
         if normalized.get("recipe") is not None:
             from .recipes import recipe_settings
 
@@ -194,7 +189,7 @@ class RunConfig:
     # -- validation ----------------------------------------------------------------
     def validated(self) -> "RunConfig":
         for f in fields(self):  # lists may come from YAML or Python as scalars
-            if field_kind(f.name)[1] and not isinstance(getattr(self, f.name), list):
+            if field_kind(f)[1] and not isinstance(getattr(self, f.name), list):
                 value = getattr(self, f.name)
                 setattr(self, f.name, [] if value is None else [value])
         for f in fields(self):
@@ -271,9 +266,12 @@ class RunConfig:
         return 1e-3 if self.head_only else 1e-4
 
 
-def field_kind(name: str) -> tuple[str, bool, bool]:
-    """(scalar type name, is a list, may be None) from the field's annotation, e.g. 'float | None'."""
-    annotation = {f.name: f.type for f in fields(RunConfig)}[name].replace(" ", "")
+def field_kind(f) -> tuple[str, bool, bool]:
+    """(scalar type name, is a list, may be None) from a field's annotation, e.g. 'float | None'."""
+    declared = f.type
+    if not isinstance(declared, str):  # a class declared without `from __future__ import annotations`
+        declared = declared.__name__ if isinstance(declared, type) else str(declared)
+    annotation = declared.replace(" ", "")
     optional = "|None" in annotation
     annotation = annotation.replace("|None", "")
     if annotation.startswith("list["):
@@ -281,10 +279,11 @@ def field_kind(name: str) -> tuple[str, bool, bool]:
     return annotation, False, optional
 
 
-def _coerce(name: str, value: Any, source: str) -> Any:
+def _coerce(f, value: Any, source: str) -> Any:
     """A value from YAML or Python in the field's type: numbers written as text ('1e-3', which
     YAML 1.1 reads as a string) become numbers; any other mismatch is one line naming the key."""
-    kind, is_list, optional = field_kind(name)
+    name = f.name
+    kind, is_list, optional = field_kind(f)
     if value is None:
         return [] if is_list else value
     if is_list:
@@ -327,15 +326,9 @@ def _check_declared(f, value: Any) -> None:
         return
     if meta.get("choices") and value not in meta["choices"]:
         raise UserError(f"{flag} {value!r} is not valid: use one of {', '.join(meta['choices'])}")
-    low, high = meta.get("low"), meta.get("high")
-    if low is None and high is None:
-        return
-    too_low = low is not None and (value < low or (meta["low_open"] and value == low))
-    too_high = high is not None and (value > high or (meta["high_open"] and value == high))
-    if too_low or too_high:
-        if high is None:
-            bound = f"{'>' if meta['low_open'] else '>='} {low:g}"
-        else:
-            bound = f"in {'(' if meta['low_open'] else '['}{low:g}, {high:g}{')' if meta['high_open'] else ']'}"
-        hint = f", {meta['hint']}" if meta.get("hint") else ""
-        raise UserError(f"{flag} {value} is not valid: it must be {bound}{hint}")
+    if meta.get("bounds"):
+        low_open, high_open = meta["bounds"][0] == "(", meta["bounds"][-1] == ")"
+        low, high = (float(v) for v in meta["bounds"][1:-1].split(","))
+        if value < low or value > high or (low_open and value == low) or (high_open and value == high):
+            bound = f"{'>' if low_open else '>='} {low:g}" if high == float("inf") else f"in {meta['bounds']}"
+            raise UserError(f"{flag} {value} is not valid: it must be {bound}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -97,7 +97,7 @@ def compute_outputs(model, images: ImageSet, transform, batch_size: int, workers
     """Run `forward` (default: the model) over a split, in order."""
     forward = forward or model
     model.eval()
-    loader = make_loader(images, transform, batch_size, shuffle=False, seed=0, workers=workers)
+    loader = make_loader(images, transform, batch_size, workers)
     outputs, labels, indices, skipped = [], [], [], []
     start = time.perf_counter()
     with StopRequest():
@@ -143,15 +143,14 @@ def evaluate_model(model, images: ImageSet, transform, runtime: Runtime | None =
 def run_split(run_dir: str | Path, data: str | None, split: str):
     """A trained run and one split of its data (or of `data`), with the run's classes and split seed."""
     from .config import RunConfig
-    from .data.sources import resolve_splits
+    from .data.sources import SourceOptions, resolve_splits
     from .errors import UserError
 
     run = load_run(run_dir)
     config = RunConfig.from_yaml(RunDir(run_dir).config)
+    options = replace(SourceOptions.of(config), drop_empty_classes=True, quiet=True)
     splits = resolve_splits(data or config.data, config.val_fraction, config.seed,
-                            None if data else config.val_data, class_ids=run.class_ids,
-                            crop_to_box=config.crop_to_box, drop_empty_classes=True, quiet=True,
-                            allow_outside_paths=config.allow_outside_paths)
+                            None if data else config.val_data, class_ids=run.class_ids, options=options)
     if split not in splits:
         raise UserError(f"split {split!r} is not in {data or config.data}: available {', '.join(sorted(splits))}")
     return run, splits[split]

@@ -31,8 +31,8 @@ def quickstart_config(out: str | None = None, quiet: bool = False) -> RunConfig:
     )
 
 
-def write_samples(run_dir: Path, per_class: int = 1, seed: int = 0) -> list[Path]:
-    """A few held-out digits as PNG files in the run directory, to try `warmstart predict` on."""
+def write_samples(run_dir: Path, seed: int = 0) -> list[Path]:
+    """One held-out digit per class as PNG files in the run directory, to try `warmstart predict` on."""
     config = quickstart_config()
     held_out = resolve_splits(BUILTIN_DIGITS, config.val_fraction, seed)["val"]
     folder = RunDir(run_dir).samples

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from .images import open_image
 from .loaders import default_workers
-from .sources import load_source
+from .sources import SourceOptions, load_source
 
 
 @dataclass
@@ -60,7 +60,8 @@ def inspect_image(item) -> tuple[int, int, str | None]:
 
 def check_dataset(data: str, workers: int | None = None, quiet: bool = False,
                   allow_outside_paths: bool = False) -> CheckReport:
-    splits = load_source(data, drop_empty_classes=True, quiet=quiet, allow_outside_paths=allow_outside_paths)
+    splits = load_source(data, options=SourceOptions(drop_empty_classes=True, allow_outside_paths=allow_outside_paths,
+                                                     quiet=quiet))
     problems: list[tuple[str, str]] = []
     for split in splits.values():
         problems.extend(split.ignored)

@@ -35,6 +35,21 @@ PENDING, DONE, UNREADABLE = 0, 1, 2
 FLUSH_EVERY = 8  # batches
 
 
+@dataclass(frozen=True)
+class View:
+    """One cached pass over a split: its name, transform, and (for augmented views) its index and
+    augmentation stream."""
+
+    name: str
+    transform: object
+    index: int = 0
+    item_seed: int | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name if self.index == 0 else f"{self.name} view {self.index}"
+
+
 @dataclass
 class CachedFeatures:
     features: torch.Tensor  # [N, D] (or [N, C, H, W] activations), memory-mapped; unreadable rows are zero
@@ -83,13 +98,13 @@ class FeatureCache:
         self.model_fingerprint = model_fingerprint
         self.warn = warn
 
-    def key(self, images: ImageSet, transform, view: int, item_seed: int | None) -> str:
+    def key(self, images: ImageSet, view: View) -> str:
         return fingerprint_json({
             "version": FORMAT_VERSION,
             "model": self.model_fingerprint,
-            "transform": repr(transform),
-            "view": view,
-            "item_seed": item_seed,
+            "transform": repr(view.transform),
+            "view": view.index,
+            "item_seed": view.item_seed,
             "images": fingerprint_items(images.items),
             "labels": fingerprint_json(list(images.labels)),
         })
@@ -97,71 +112,39 @@ class FeatureCache:
     def folder(self, name: str, key: str) -> Path:
         return self.root / f"{name}-{key[:20]}"
 
-    def features(self, name: str, images: ImageSet, transform, forward, batch_size: int, workers: int | None,
-                 device, view: int = 0, item_seed: int | None = None, progress=None) -> CachedFeatures:
+    def features(self, view: View, images: ImageSet, forward, batch_size: int, workers: int | None, device,
+                 progress=None) -> CachedFeatures:
         """The features of every image, from the cache where complete, computing what is missing."""
-        key = self.key(images, transform, view, item_seed)
-        folder = self.folder(name, key)
-        folder.mkdir(parents=True, exist_ok=True)
-        meta_path = folder / "meta.json"
-        n = len(images)
-        meta = self._verified_meta(folder, key, n)
-        status = (open_memmap(folder / "status.npy", mode="r+") if (folder / "status.npy").is_file()
-                  else open_memmap(folder / "status.npy", mode="w+", dtype=np.int8, shape=(n,)))
-        skipped = self._skipped(folder, status)
-        features = open_memmap(folder / "features.npy", mode="r+") if meta["dim"] is not None else None
-        sums = open_memmap(folder / "rowsums.npy", mode="r+") if meta["dim"] is not None else None
-        if features is not None:
-            self._recheck_rows(folder, features, sums, status, meta)
-        todo = np.flatnonzero(status == PENDING)
+        key = self.key(images, view)
+        store = _Store(self, self.folder(view.name, key), key, len(images))
+        todo = np.flatnonzero(store.status == PENDING)
         start = time.perf_counter()
         if len(todo):
             if progress is not None:
-                progress(n - len(todo))
-            loader = make_loader(images.subset(todo.tolist()), transform, batch_size, shuffle=False, seed=0,
-                                 workers=workers, item_seed=item_seed)
-            pending_rows: list[int] = []
-            with torch.inference_mode(), StopRequest():
-                for count, batch in enumerate(loader, start=1):
-                    for (item, reason), index in zip(batch.skipped, batch.skipped_indices):
-                        row = int(todo[index])
-                        skipped[str(row)] = [str(item), reason]
-                        status[row] = UNREADABLE
-                    if len(batch.labels):
-                        out = forward(batch.images.to(device)).float().cpu()
-                        if features is None:
-                            meta["shape"] = list(out.shape[1:])  # pooled features, or activation maps
-                            meta["dim"] = int(out[0].numel())
-                            features = open_memmap(folder / "features.npy", mode="w+", dtype=np.float32,
-                                                   shape=(n, meta["dim"]))
-                            sums = open_memmap(folder / "rowsums.npy", mode="w+", dtype=np.uint32, shape=(n,))
-                            _write_json_atomically(meta_path, meta)
-                        rows = todo[batch.indices.numpy()]
-                        values = out.reshape(len(out), -1).numpy()
-                        features[rows] = values
-                        sums[rows] = row_checksums(values)
-                        pending_rows.extend(rows.tolist())
-                    if progress is not None:
-                        progress(len(batch.labels) + len(batch.skipped))
-                    if count % FLUSH_EVERY == 0 or requested() is not None:
-                        self._commit(features, sums, status, pending_rows, skipped, folder)
-                        pending_rows = []
-                    if requested() is not None:
-                        raise Stopped(requested(), f"{int((status != PENDING).sum())} of {n} rows kept in {folder}")
-            self._commit(features, sums, status, pending_rows, skipped, folder)
+                progress(len(images) - len(todo))
+            loader = make_loader(images.subset(todo.tolist()), view.transform, batch_size, workers,
+                                 item_seed=view.item_seed)
+            _extract(store, todo, loader, forward, device, progress)
         seconds = time.perf_counter() - start
-        if not (status == PENDING).any() and not meta["complete"]:
-            meta["complete"] = True
-            _write_json_atomically(meta_path, meta)
-        valid = torch.from_numpy(np.asarray(status) == DONE)
-        if features is not None:
-            del features
-            # copy-on-write map: rows are read from disk as they are used, never written back
-            values = torch.from_numpy(np.load(folder / "features.npy", mmap_mode="c")).view(n, *meta["shape"])
-        else:
-            values = torch.zeros(n, 0)
-        return CachedFeatures(values, valid, torch.as_tensor(images.labels, dtype=torch.long), seconds,
-                              int(len(todo)), [tuple(v) for v in skipped.values()])
+        return store.result(torch.as_tensor(images.labels, dtype=torch.long), seconds, int(len(todo)))
+
+
+class _Store:
+    """One cache folder's files, verified and open: rows are written, flushed, then marked done."""
+
+    def __init__(self, cache: FeatureCache, folder: Path, key: str, n: int):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.n, self.warn = folder, n, cache.warn
+        self.meta = self._verified_meta(folder, key, n)
+        path = folder / "status.npy"
+        self.status = (open_memmap(path, mode="r+") if path.is_file()
+                       else open_memmap(path, mode="w+", dtype=np.int8, shape=(n,)))
+        self.skipped = self._skipped(folder, self.status)
+        self.features = self.sums = None
+        if self.meta["dim"] is not None:
+            self.features = open_memmap(folder / "features.npy", mode="r+")
+            self.sums = open_memmap(folder / "rowsums.npy", mode="r+")
+            self._recheck_rows(folder, self.features, self.sums, self.status, self.meta)
 
     def _verified_meta(self, folder: Path, key: str, n: int) -> dict:
         """The folder's meta data when the folder is intact; otherwise a fresh start (with a warning
@@ -226,13 +209,64 @@ class FeatureCache:
                 meta["complete"] = False
                 _write_json_atomically(folder / "meta.json", meta)
 
-    @staticmethod
-    def _commit(features, sums, status, rows, skipped, folder: Path) -> None:
-        """Feature rows and their checksums reach the disk before they are marked done."""
-        if features is not None:
-            features.flush()
-            sums.flush()
-        status[rows] = DONE
-        status.flush()
-        _write_json_atomically(folder / "skipped.json", skipped)
+    def write(self, rows: np.ndarray, out: torch.Tensor) -> None:
+        if self.features is None:  # the first rows tell the shape: pooled features, or activation maps
+            self.meta["shape"] = list(out.shape[1:])
+            self.meta["dim"] = int(out[0].numel())
+            self.features = open_memmap(self.folder / "features.npy", mode="w+", dtype=np.float32,
+                                        shape=(self.n, self.meta["dim"]))
+            self.sums = open_memmap(self.folder / "rowsums.npy", mode="w+", dtype=np.uint32, shape=(self.n,))
+            _write_json_atomically(self.folder / "meta.json", self.meta)
+        values = out.reshape(len(out), -1).numpy()
+        self.features[rows] = values
+        self.sums[rows] = row_checksums(values)
 
+    def unreadable(self, row: int, item, reason: str) -> None:
+        self.skipped[str(row)] = [str(item), reason]
+        self.status[row] = UNREADABLE
+
+    def commit(self, rows: list[int]) -> None:
+        """Feature rows and their checksums reach the disk before they are marked done."""
+        if self.features is not None:
+            self.features.flush()
+            self.sums.flush()
+        self.status[rows] = DONE
+        self.status.flush()
+        _write_json_atomically(self.folder / "skipped.json", self.skipped)
+
+    def result(self, labels: torch.Tensor, seconds: float, computed: int) -> CachedFeatures:
+        if not (self.status == PENDING).any() and not self.meta["complete"]:
+            self.meta["complete"] = True
+            _write_json_atomically(self.folder / "meta.json", self.meta)
+        valid = torch.from_numpy(np.asarray(self.status) == DONE)
+        if self.features is not None:
+            self.features = None
+            # copy-on-write map: rows are read from disk as they are used, never written back
+            values = torch.from_numpy(np.load(self.folder / "features.npy", mmap_mode="c"))
+            values = values.view(self.n, *self.meta["shape"])
+        else:
+            values = torch.zeros(self.n, 0)
+        return CachedFeatures(values, valid, labels, seconds, computed, [tuple(v) for v in self.skipped.values()])
+
+
+def _extract(store: _Store, todo: np.ndarray, loader, forward, device, progress) -> None:
+    """Compute the `todo` rows, committing every FLUSH_EVERY batches; a stop request commits what
+    is done and stops (the next call continues from there)."""
+    pending: list[int] = []
+    with torch.inference_mode(), StopRequest():
+        for count, batch in enumerate(loader, start=1):
+            for (item, reason), index in zip(batch.skipped, batch.skipped_indices):
+                store.unreadable(int(todo[index]), item, reason)
+            if len(batch.labels):
+                rows = todo[batch.indices.numpy()]
+                store.write(rows, forward(batch.images.to(device)).float().cpu())
+                pending.extend(rows.tolist())
+            if progress is not None:
+                progress(len(batch.labels) + len(batch.skipped))
+            if count % FLUSH_EVERY == 0 or requested() is not None:
+                store.commit(pending)
+                pending = []
+            if requested() is not None:
+                kept = int((store.status != PENDING).sum())
+                raise Stopped(requested(), f"{kept} of {store.n} rows kept in {store.folder}")
+    store.commit(pending)

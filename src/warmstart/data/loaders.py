@@ -141,16 +141,15 @@ def class_weights(labels, num_classes: int) -> torch.Tensor:
     return torch.as_tensor(weights, dtype=torch.float32)
 
 
-def make_loader(
-    images: ImageSet, transform, batch_size: int, shuffle: bool, seed: int, workers: int | None = None,
-    balance: str = "none", item_seed: int | None = None, epochs: int = 1, rank: int = 0, world: int = 1,
-) -> DataLoader:
+def make_loader(images: ImageSet, transform, batch_size: int, workers: int | None = None,
+                order: EpochBatches | None = None, item_seed: int | None = None, epochs: int = 1) -> DataLoader:
+    """Decoded, transformed batches that skip unreadable images. Training passes its `order` (an
+    EpochBatches: call loader.batch_sampler.set_epoch); evaluation and extraction go in order."""
     workers = default_workers() if workers is None else workers
     dataset = ImageDataset(images, transform, item_seed)
     num_workers = min(workers, max(1, len(images) // batch_size)) if len(images) else 0
-    # training: EpochBatches (call loader.batch_sampler.set_epoch); evaluation: in order
-    batching = {"batch_sampler": EpochBatches(images.labels, batch_size, seed, balance, rank, world)} if shuffle \
-        else {"batch_size": batch_size}
+    batching = {"batch_sampler": order} if order is not None else {"batch_size": batch_size}
+    seed = order.seed if order is not None else 0
     return DataLoader(
         dataset,
         **batching,

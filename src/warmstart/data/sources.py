@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -167,10 +167,25 @@ def _split_csvs(root: Path) -> dict[str, Path]:
     return found
 
 
-def load_source(data: str, class_ids: list[str] | None = None, crop_to_box: bool = False,
-                drop_empty_classes: bool = False, quiet: bool = False,
-                allow_outside_paths: bool = False) -> dict[str, ImageSet]:
+@dataclass(frozen=True)
+class SourceOptions:
+    """How a data source is read (the run settings of the same names)."""
+
+    crop_to_box: bool = False  # Stanford Dogs: the annotated dog box
+    drop_empty_classes: bool = False  # leave out class folders without images
+    allow_outside_paths: bool = False  # CSV manifests: paths outside the manifest's folder
+    quiet: bool = False  # no download progress
+
+    @classmethod
+    def of(cls, config) -> "SourceOptions":
+        return cls(config.crop_to_box, config.drop_empty_classes, config.allow_outside_paths, config.quiet)
+
+
+def load_source(data: str, class_ids: list[str] | None = None,
+                options: SourceOptions = SourceOptions()) -> dict[str, ImageSet]:
     """The splits a data source provides on its own (before any validation carve-out)."""
+    crop_to_box, drop_empty_classes = options.crop_to_box, options.drop_empty_classes
+    allow_outside_paths = options.allow_outside_paths
     if data == BUILTIN_DIGITS:
         return {"all": load_digits_images()}
     if data == SYNTHETIC or data.startswith(SYNTHETIC + ":"):
@@ -181,7 +196,7 @@ def load_source(data: str, class_ids: list[str] | None = None, crop_to_box: bool
     if not data:
         raise UserError("no training data: pass --data ROOT (an image-folder tree or a CSV manifest)")
     if data == stanford_dogs.NAME:
-        return stanford_dogs.load_stanford_dogs(ensure_stanford_dogs(quiet), crop_to_box, class_ids)
+        return stanford_dogs.load_stanford_dogs(ensure_stanford_dogs(options.quiet), crop_to_box, class_ids)
     root = Path(data).expanduser()
     if not root.exists():
         raise UserError(f"data path {root} does not exist: pass --data ROOT with your images")
@@ -211,14 +226,11 @@ def load_source(data: str, class_ids: list[str] | None = None, crop_to_box: bool
     return {"all": _scan_class_tree(root, class_ids, drop_empty_classes)}
 
 
-def resolve_splits(
-    data: str, val_fraction: float, seed: int, val_data: str | None = None, class_ids: list[str] | None = None,
-    crop_to_box: bool = False, drop_empty_classes: bool = False, quiet: bool = False,
-    allow_outside_paths: bool = False,
-) -> dict[str, ImageSet]:
+def resolve_splits(data: str, val_fraction: float, seed: int, val_data: str | None = None,
+                   class_ids: list[str] | None = None, options: SourceOptions = SourceOptions()) -> dict[str, ImageSet]:
     """train / val (/ test) splits. Validation comes from val/, --val-data, or a seeded
     stratified carve-out of the training images, never from test."""
-    splits = load_source(data, class_ids, crop_to_box, drop_empty_classes, quiet, allow_outside_paths)
+    splits = load_source(data, class_ids, options)
     if "all" in splits:
         whole = splits.pop("all")
         keep, held = stratified_split(whole.labels, val_fraction, seed)
@@ -226,7 +238,7 @@ def resolve_splits(
         splits["val"].extra["ignored"] = []  # reported once, with train
     train = splits["train"]
     if val_data:
-        extra = load_source(val_data, train.class_ids, crop_to_box, allow_outside_paths=allow_outside_paths)
+        extra = load_source(val_data, train.class_ids, replace(options, drop_empty_classes=False))
         splits["val"] = extra.get("val") or extra.get("all") or extra.get("test") or extra["train"]
     elif "val" not in splits:
         keep, held = stratified_split(train.labels, val_fraction, seed)

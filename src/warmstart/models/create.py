@@ -30,7 +30,7 @@ def create_model(
     model = build_model(arch, num_classes)
     if weights == "none":
         return model, None, arch
-    state, source = source_state_dict(weights, arch, model)
+    state, source = source_state_dict(weights, arch)
     report = restore_weights(model, state, list(skip or []), source)
     if not set(classifier_names(model)) & set(report.restored):
         zero_init_head(model)

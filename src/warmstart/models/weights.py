@@ -152,7 +152,7 @@ def load_hub_state_dict(arch: str) -> dict[str, torch.Tensor]:
     return source.state_dict()
 
 
-def source_state_dict(weights: str, arch: str, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], str]:
+def source_state_dict(weights: str, arch: str) -> tuple[dict[str, torch.Tensor], str]:
     """The state dict to restore from, with a short description of its origin."""
     if weights == "bundled":
         path = bundled_weights_path()

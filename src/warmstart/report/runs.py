@@ -23,7 +23,8 @@ def list_runs(directory: str | Path = "runs") -> list[dict]:
     directory = Path(directory)
     if not directory.is_dir():
         raise UserError(f"{directory} is not a folder of runs: pass the folder your runs are in (default runs/)")
-    found = sorted({p.parent for p in directory.rglob(RunDir(".").metrics.name)}, key=lambda p: p.stat().st_mtime, reverse=True)
+    found = sorted({p.parent for p in directory.rglob(RunDir(".").metrics.name)}, key=lambda p: p.stat().st_mtime,
+                   reverse=True)
     return [_load(p) for p in found]
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import seeds
-from ..data.feature_cache import CachedFeatures, FeatureCache
+from ..data.feature_cache import CachedFeatures, FeatureCache, View
 from ..data.fingerprint import fingerprint_tensors
 from ..data.loaders import EpochBatches, seeded_generator
 from ..data.transforms import eval_transform, mirrored_eval_transform, train_transform
@@ -46,28 +46,14 @@ def boundary_fingerprint(prefix: torch.nn.Module, arch: str, runtime: Runtime) -
             f"{fingerprint_tensors(prefix.state_dict())}")
 
 
-@dataclass(frozen=True)
-class View:
-    """One cached pass over a split: its name, transform and augmentation stream."""
-
-    name: str
-    transform: object
-    index: int = 0
-    item_seed: int | None = None
-
-    @property
-    def label(self) -> str:
-        return self.name if self.index == 0 else f"{self.name} view {self.index}"
-
-
 def cached(cache: FeatureCache, images, view: View, forward, session: Session) -> CachedFeatures:
     """The outputs of `forward` for every image of a split, from the cache or computed now."""
     if session.dist.active:
         return _cached_sharded(cache, images, view, forward, session)
     config, reporter = session.config, session.reporter
     with reporter.bar(len(images), f"features {view.label}") as bar:
-        out = cache.features(view.name, images, view.transform, forward, max(config.batch_size, 64), config.workers,
-                             session.runtime.device, view.index, view.item_seed, progress=bar.update)
+        out = cache.features(view, images, forward, max(config.batch_size, 64), config.workers,
+                             session.runtime.device, progress=bar.update)
     if out.computed:
         reporter.info(f"features of {out.computed} {view.label} images in {out.seconds:.1f}s "
                       f"({out.computed / max(out.seconds, 1e-9):.1f} img/s)")
@@ -87,9 +73,9 @@ def _cached_sharded(cache, images, view: View, forward, session: Session) -> Cac
     own = cached(cache, subset, View(name, view.transform, view.index, view.item_seed), forward,
                  Session(session.config, session.data_config, session.runtime, session.reporter))
     dist.barrier()
-    parts = [own if r == dist.rank else cache.features(shard(r)[1], shard(r)[0], view.transform, forward,
-                                                       session.config.batch_size, 0, session.runtime.device,
-                                                       view.index, view.item_seed)
+    parts = [own if r == dist.rank else cache.features(View(shard(r)[1], view.transform, view.index, view.item_seed),
+                                                       shard(r)[0], forward, session.config.batch_size, 0,
+                                                       session.runtime.device)
              for r in range(dist.world)]
     first = next((p.features for p in parts if p.features.numel()), torch.zeros(0, 0))
     features = torch.zeros(len(images), *first.shape[1:])

@@ -16,7 +16,7 @@ import torch
 
 from .._version import __version__
 from ..config import RunConfig
-from ..data.sources import resolve_splits
+from ..data.sources import SourceOptions, resolve_splits
 from ..data.image_cache import cached_images
 from ..data.transforms import data_config_for, eval_transform
 from ..errors import UserError
@@ -172,8 +172,7 @@ def build(config: RunConfig, reporter: Reporter) -> Built:
     """Scan the data, create the model, restore its weights and choose what trains (train, lr-find)."""
     resolve_architecture(config.model, config.weights)  # a bad name fails before any data scan
     splits = resolve_splits(config.data, config.val_fraction, config.seed, config.val_data,
-                            crop_to_box=config.crop_to_box, drop_empty_classes=config.drop_empty_classes,
-                            quiet=config.quiet, allow_outside_paths=config.allow_outside_paths)
+                            options=SourceOptions.of(config))
     train_set, val_set = splits["train"], splits["val"]
     reporter.info(f"data: {len(train_set)} train / {len(val_set)} val images, {len(train_set.class_ids)} classes")
     for name in train_set.extra.get("dropped_classes", []):
@@ -264,7 +263,7 @@ def model_meta(run: Run) -> dict:
 
 def final_evaluation(run: Run, fitted: FitResult, runtime: Runtime) -> tuple[EvalResult, dict]:
     """Validation (from the training path's own outputs where it has them) and the test split."""
-    config, built, dist = run.config, run.built, run.dist
+    built = run.built
     class_names = built.splits["train"].class_names
     if fitted.val_logits is not None:
         evaluation = metrics_from_logits(fitted.val_logits, fitted.val_labels, class_names)

@@ -10,7 +10,7 @@ import torch
 from timm.models import group_parameters
 from timm.optim import create_optimizer_v2
 
-from ..data.loaders import class_weights, make_loader
+from ..data.loaders import EpochBatches, class_weights, make_loader
 from ..data.transforms import train_transform
 from ..errors import UserError
 from ..models.weights import classifier_names
@@ -78,9 +78,9 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
 def make_training_loader(train_set, data_config: dict, config, epochs: int, rank: int = 0, world: int = 1):
     """The training images as the run sees them: its augmentation, batch size, seeded order and
     balancing, this rank's share."""
-    return make_loader(train_set, train_transform(data_config, config.augment), config.batch_size, shuffle=True,
-                       seed=config.seed, workers=config.workers, balance=config.balance, epochs=epochs, rank=rank,
-                       world=world)
+    order = EpochBatches(train_set.labels, config.batch_size, config.seed, config.balance, rank, world)
+    return make_loader(train_set, train_transform(data_config, config.augment), config.batch_size, config.workers,
+                       order, epochs=epochs)
 
 
 def make_criterion(config, labels, num_classes: int, device) -> torch.nn.Module:

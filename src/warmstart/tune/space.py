@@ -85,7 +85,7 @@ def load_space(path: str | Path, base: dict[str, Any]) -> list[Parameter]:
         if name not in tunable:
             raise UserError(f"{where}: unknown parameter; tunable settings are {', '.join(tunable)}")
         parameter = _parameter(name, spec, where)
-        kind, is_list, _ = field_kind(name)
+        kind, is_list, _ = field_kind(next(f for f in fields(RunConfig) if f.name == name))
         if parameter.choices is None and (is_list or kind not in ("int", "float")):
             raise UserError(f"{where}: {name} is not a number: give {{choices: [...]}}")
         parameters.append(parameter)

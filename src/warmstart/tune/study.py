@@ -70,13 +70,28 @@ def _open_study(url: str, study_name: str, seed: int, optuna):
             time.sleep(0.5 + random.random() * (attempt + 1))
 
 
-def tune(base_config: str | Path, space_file: str | Path, trials: int, storage: str | None = None,
-         study_name: str | None = None, timeout: float | None = None, study_dir: str | Path | None = None,
-         seed: int = 0, processes: int = 1, quiet: bool = False) -> TuneResult:
+@dataclass
+class StudyOptions:
+    """Where a study lives and how it runs (the `warmstart tune` options of the same names)."""
+
+    storage: str | None = None  # an Optuna database URL (default: SQLite in the study folder)
+    study_name: str | None = None  # default: the base config's file name
+    study_dir: str | Path | None = None  # default: studies/<study>
+    timeout: float | None = None  # stop starting trials after this many seconds
+    seed: int = 0
+    processes: int = 1  # worker processes on this machine
+    quiet: bool = False
+
+
+def tune(base_config: str | Path, space_file: str | Path, trials: int,
+         options: StudyOptions | None = None) -> TuneResult:
     """Run (or resume, or join) a study until it holds `trials` finished trials or `timeout`
     seconds pass; then write the trials table, the best config and the plots."""
     import optuna
 
+    options = options or StudyOptions()
+    storage, study_name, study_dir, timeout = options.storage, options.study_name, options.study_dir, options.timeout
+    seed, processes, quiet = options.seed, options.processes, options.quiet
     if trials < 1:
         raise UserError(f"--trials {trials} is not valid: it must be >= 1")
     if processes < 1:
