@@ -4,9 +4,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from warmstart import RunConfig, train
 
 from conftest import require_shared
+
+pytestmark = pytest.mark.slow  # end-to-end runs: skipped by the inner loop (-m "not slow")
 
 
 def test_feature_extractor_on_imagewoof_mini_reaches_88_percent(tmp_path):

@@ -23,6 +23,7 @@ def _config(data, out, **kw):
     return RunConfig(**base)
 
 
+@pytest.mark.slow
 def test_a_shared_cache_dir_skips_extraction_the_second_time(color_tree, tmp_path):
     first = train(_config(color_tree, tmp_path / "a", cache_dir=str(tmp_path / "cache")))
     second = train(_config(color_tree, tmp_path / "b", cache_dir=str(tmp_path / "cache")))
@@ -151,6 +152,7 @@ def test_bf16_channels_last_and_synthetic_data(tmp_path):
                         out=str(tmp_path / "fp16")))
 
 
+@pytest.mark.slow
 def test_boundary_cache_trains_the_tail_like_the_whole_model(color_tree, tmp_path):
     kw = dict(strategy="partial", unfreeze_last=1, epochs=3, lr=0.05, seed=2)
     full = train(_config(color_tree, tmp_path / "full", **kw))

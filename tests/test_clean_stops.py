@@ -18,6 +18,8 @@ from warmstart.stop import Stopped
 
 from conftest import make_color_tree
 
+pytestmark = pytest.mark.slow  # end-to-end runs: skipped by the inner loop (-m "not slow")
+
 
 def _start(args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "warmstart", *args], stdout=subprocess.PIPE,

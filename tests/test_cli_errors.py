@@ -79,6 +79,7 @@ def test_config_file_with_unknown_setting(tmp_path, capsys, color_tree):
     assert code == 2 and "unknown setting(s) epoch" in err
 
 
+@pytest.mark.slow
 def test_error_in_a_real_process_has_no_traceback(tmp_path):
     out = subprocess.run([sys.executable, "-m", "warmstart", "train", "--data", str(tmp_path / "none")],
                          capture_output=True, text=True)

@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+pytestmark = pytest.mark.slow  # end-to-end runs: skipped by the inner loop (-m "not slow")
+
 BASE = ["--input-size", "64", "--workers", "0", "--quiet", "--epochs", "2", "--seed", "3"]
 
 

@@ -19,6 +19,8 @@ from warmstart.export import export_run
 
 from conftest import launch_chromium, require_browser, require_shared
 
+pytestmark = pytest.mark.slow  # end-to-end runs: skipped by the inner loop (-m "not slow")
+
 BREEDS = ["n02085936-Maltese_dog", "n02099601-golden_retriever", "n02106662-German_shepherd",
           "n02109525-Saint_Bernard"]
 

@@ -121,6 +121,7 @@ def test_mixer_mixes_pairs_and_leaves_an_odd_image_alone():
         RunConfig(data="x", mixup=0.2, balance="loss").validated()
 
 
+@pytest.mark.slow
 def test_ema_mixup_and_tta_run_together_and_the_saved_model_is_the_average(color_tree, tmp_path):
     result = train(RunConfig(data=str(color_tree), out=str(tmp_path / "run"), strategy="fine-tune", epochs=2,
                              batch_size=8, optimizer="adamw", lr=1e-3, mixup=0.2, cutmix=1.0, ema_decay=0.99,
@@ -145,6 +146,7 @@ def test_flip_tta_averages_the_image_and_its_mirror():
         assert torch.allclose(FlipTTA(model)(symmetric).softmax(1), model(symmetric).softmax(1), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_tta_on_cached_features_uses_the_mirrored_view(color_tree, tmp_path):
     result = train(RunConfig(data=str(color_tree), out=str(tmp_path / "run"), epochs=3, augment="none", tta=True,
                              **FAST))
@@ -162,6 +164,7 @@ def test_tta_on_cached_features_uses_the_mirrored_view(color_tree, tmp_path):
     assert any(node.op_type in ("Slice", "Flip", "ReverseSequence") for node in onnx.load(exported.path).graph.node)
 
 
+@pytest.mark.slow
 def test_recipes_fill_what_is_not_given_and_all_validate(tmp_path):
     for name in RECIPES:
         config = RunConfig.from_dict({"recipe": name, "data": "x"})

@@ -134,6 +134,7 @@ def _health_latencies(url: str, stop: threading.Event, out: list) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_service_memory_is_bounded_and_health_answers_while_decoding(server):
     thin = png(Image.new("L", (1, 50_000)))
     big = png(Image.new("1", (7000, 7000), 1))  # 49 Mpx in a few KB
@@ -158,6 +159,7 @@ def test_service_memory_is_bounded_and_health_answers_while_decoding(server):
     assert status == 413 and "together" in body["error"]
 
 
+@pytest.mark.slow
 def test_chunked_upload_is_stopped_at_the_limit(server):
     for content_type in (b"image/png", b"multipart/form-data; boundary=b"):
         before = server.reset_peak()
@@ -192,6 +194,7 @@ def test_chunked_upload_is_stopped_at_the_limit(server):
         assert server.peak() - before < 50 * MB
 
 
+@pytest.mark.slow
 def test_half_open_connections_are_closed_and_the_service_keeps_serving(server):
     sockets = []
     for i in range(30):
@@ -212,6 +215,7 @@ def test_half_open_connections_are_closed_and_the_service_keeps_serving(server):
     assert closed == 30
 
 
+@pytest.mark.slow
 def test_service_errors_share_one_shape_and_a_disconnect_is_one_info_line(color_run):
     server = Server(color_run[0])
     try:
@@ -305,6 +309,7 @@ def test_out_into_a_folder_of_the_users_is_refused(color_run, tmp_path, capsys):
         "config.yaml", "metrics.json"]
 
 
+@pytest.mark.slow
 def test_export_writes_one_onnx_file(color_run, tmp_path):
     from warmstart.export import export_run
 

@@ -14,6 +14,8 @@ from warmstart.run_dir import load_run
 
 from conftest import FAST
 
+pytestmark = pytest.mark.slow  # end-to-end runs: skipped by the inner loop (-m "not slow")
+
 
 def _config(data, out, **kw):
     base = dict(data=str(data), input_size=64, workers=0, quiet=True, out=str(out), epochs=2, batch_size=8)

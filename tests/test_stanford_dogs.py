@@ -111,6 +111,7 @@ def test_train_and_eval_on_stanford_dogs_layout(mini_dogs, tmp_path):
     assert test.num_images == 8 and test.split == "test"
 
 
+@pytest.mark.slow
 def test_data_stanford_dogs_downloads_on_first_use(mini_dogs, tmp_path):
     with ArchiveServer(mini_dogs["archives"]) as server:
         env = {"WARMSTART_DATA": str(tmp_path / "data"), "WARMSTART_STANFORD_DOGS_URL": server.url,
@@ -124,6 +125,7 @@ def test_data_stanford_dogs_downloads_on_first_use(mini_dogs, tmp_path):
     assert metrics["train_images"] == 16 and metrics["val_images"] == 4
 
 
+@pytest.mark.slow
 def test_cli_download_command(mini_dogs, tmp_path):
     with ArchiveServer(mini_dogs["archives"]) as server:
         out = subprocess.run([sys.executable, "-m", "warmstart", "data", "download", "stanford-dogs", "--dir",

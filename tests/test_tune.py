@@ -17,6 +17,8 @@ from warmstart.cli import main
 from warmstart.errors import UserError
 from warmstart.tune import StudyOptions, load_space, tune
 
+pytestmark = pytest.mark.slow  # end-to-end runs: skipped by the inner loop (-m "not slow")
+
 BASE = {"input_size": 64, "workers": 0, "epochs": 1, "augment": "none", "batch_size": 8, "optimizer": "adamw"}
 SPACE = {"lr": {"low": 1e-4, "high": 3e-2, "log": True}, "label_smoothing": {"low": 0.0, "high": 0.2},
          "epochs": {"low": 1, "high": 2}}

@@ -110,6 +110,7 @@ def test_restore_counts_unexpected_tensors():
     assert report.unexpected == ["extra.weight"] and len(report.restored) == len(state) - 1
 
 
+@pytest.mark.slow
 def test_hub_weights_come_from_the_local_hub_cache_offline(tmp_path, color_tree):
     """`--weights hub` goes through timm's hub loader; here it finds the weights in a hub cache laid
     out as huggingface_hub writes it (no network on this machine)."""
