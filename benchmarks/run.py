@@ -11,11 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import feature_extractor, fine_tune, image_path, recipes, serve_load
+from . import feature_extractor, fine_tune, hard_set, image_path, recipes, serve_load
 from .common import RESULTS, ROOT
 
 SUITES = {"feature_extractor": feature_extractor, "fine_tune": fine_tune, "image_path": image_path,
-          "serve_load": serve_load, "recipes": recipes}
+          "serve_load": serve_load, "recipes": recipes, "hard_set": hard_set}
 
 
 def _machine_line(m: dict) -> str:
@@ -121,8 +121,32 @@ def _recipes(r: dict) -> list[str]:
     return lines
 
 
+def _hard_set(r: dict) -> list[str]:
+    probe, targets = r["probe"], r["targets"]
+    lines = [f"### 7. The hard set: stanford-dogs-120-dev ({'quick: ' if r['quick'] else ''}{r['train_images']} "
+             f"train / {r['val_images']} val photos, 120 breeds)", "", f"Machine: {_machine_line(r['machine'])}", "",
+             f"Targets: the best Lite0-only recipe at least {targets['lite0_points']:.0f} points of val top-1 above "
+             f"the probe; the best offline recipe at least {targets['best_points']:.0f} points above it in at most "
+             f"{targets['best_time_ratio']:.0f}x its time. Recipes run bf16 autocast; the probe fp32.", "",
+             "| | backbone | val top-1 | vs probe (points) | wall time (s) | time vs probe |",
+             "| --- | --- | ---: | ---: | ---: | ---: |",
+             f"| logistic-regression probe (scikit-learn, fp32 features at 224 px) | efficientnet_lite0 | "
+             f"{100 * probe['top1']:.2f}% | | {probe['seconds']:.1f} | 1.0x |"]
+    for m in r["runs"]:
+        bold = "**" if m is r["best"] or m == r["best"] else ""
+        lines.append(f"| {bold}`--recipe {m['recipe']}`{bold} | {m['model']} | {bold}{100 * m['top1']:.2f}%{bold} | "
+                     f"{m['top1_minus_probe_points']:+.2f} | {m['seconds']:.1f} | {m['time_vs_probe']:.1f}x |")
+    lite0, best = r["best_lite0"], r["best"]
+    lines += ["", f"Lite0-only target: **{'met' if r['lite0_target_met'] else 'not met'}** (`{lite0['recipe']}`, "
+                  f"{lite0['top1_minus_probe_points']:+.2f} points). Best offline target: "
+                  f"**{'met' if r['best_target_met'] else 'not met'}** (`{best['recipe']}` on {best['model']}, "
+                  f"{best['top1_minus_probe_points']:+.2f} points in {best['time_vs_probe']:.1f}x the probe's time).",
+              ""]
+    return lines
+
+
 RENDER = {"feature_extractor": _feature_extractor, "fine_tune": _fine_tune, "image_path": _image_path,
-          "serve_load": _serve_load, "recipes": _recipes}
+          "serve_load": _serve_load, "recipes": _recipes, "hard_set": _hard_set}
 
 
 def write_markdown() -> None:
@@ -131,7 +155,7 @@ def write_markdown() -> None:
              "comparison runs warmstart and its baseline in the same process, on the same images and machine. "
              "Raw results: `benchmarks/results/`.", ""]
     notes = ROOT / "benchmarks" / "NOTES.md"
-    for name in ("feature_extractor", "fine_tune", "image_path", "serve_load", "recipes"):
+    for name in ("feature_extractor", "fine_tune", "image_path", "serve_load", "recipes", "hard_set"):
         for variant in (name, f"{name}_quick"):
             path = RESULTS / f"{variant}.json"
             if path.is_file():

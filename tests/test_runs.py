@@ -80,10 +80,11 @@ def test_eval_writes_per_class_and_confusion(color_tree, tmp_path):
     result = train(_config(color_tree, tmp_path / "run", augment="none", epochs=5, lr=0.05))
     (color_tree / "test").symlink_to(color_tree / "val")
     evaluation = evaluate(result.run_dir, str(color_tree), split="test")
-    data = json.loads((result.run_dir / "eval.json").read_text())
+    data = json.loads((result.run_dir / "eval_test.json").read_text())
     assert data["split"] == "test" and data["num_images"] == 12 and data["top1"] == evaluation.top1
     assert set(data["per_class_accuracy"]) == {"red thing", "green thing", "blue thing"}
-    rows = (result.run_dir / "eval_confusion_matrix.csv").read_text().splitlines()
+    assert json.loads((result.run_dir / "eval.json").read_text())["split"] == "val"  # val's stays
+    rows = (result.run_dir / "eval_test_confusion_matrix.csv").read_text().splitlines()
     assert len(rows) == 4 and sum(int(v) for r in rows[1:] for v in r.split(",")[1:]) == 12
 
 

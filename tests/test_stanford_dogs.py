@@ -104,7 +104,7 @@ def test_train_and_eval_on_stanford_dogs_layout(mini_dogs, tmp_path):
     result = train(RunConfig(data=str(mini_dogs["layout"]), crop_to_box=True, augment="none", epochs=3,
                              input_size=96, workers=0, quiet=True, out=str(tmp_path / "run")))
     assert result.metrics["crop_to_box"] and result.metrics["num_classes"] == 4
-    assert result.metrics["test_images"] == 8 and (result.run_dir / "test.json").is_file()
+    assert result.metrics["test_images"] == 8 and (result.run_dir / "eval_test.json").is_file()
     config = (result.run_dir / "config.yaml").read_text()
     assert "crop_to_box: true" in config
     test = evaluate(result.run_dir, split="test")

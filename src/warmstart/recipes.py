@@ -29,7 +29,7 @@ RECIPES = {r.name: r for r in [
         "The backbone runs once per image; the classifier then fits in about a second.",
         {"strategy": "feature-extractor", "augment": "none", "optimizer": "lbfgs", "lr": 1.0,
          "weight_decay": 1e-3, "schedule": "constant", "warmup_epochs": 0, "label_smoothing": 0.0, "epochs": 10,
-         "tta": False},
+         "tta": False, "refit": True},
     ),
     Recipe(
         "feature-extractor",
@@ -68,7 +68,19 @@ RECIPES = {r.name: r for r in [
         "validation image for the mirrored view; the head trains in seconds.",
         {"strategy": "feature-extractor", "input_scale": 1.3, "crop_pct": 1.0, "augment": "none",
          "optimizer": "lbfgs", "lr": 1.0, "weight_decay": 1e-3, "schedule": "constant", "warmup_epochs": 0,
-         "label_smoothing": 0.1, "epochs": 10, "tta": True},
+         "label_smoothing": 0.1, "epochs": 10, "tta": True, "refit": True},
+    ),
+    Recipe(
+        "lp-ft",
+        "LP-FT (Kumar et al., ICLR 2022): first the linear probe (a logistic-regression head on the frozen "
+        "network's features), then the whole network fine-tuned from that head with a small learning rate, "
+        "warm-up, layer-wise decay, label smoothing and an EMA of the weights; the best epoch on val (raw, EMA, "
+        "or the probe itself) is kept, so it never ends below its probe; then refit on train + val.",
+        "One forward pass per image for the probe, then forward + backward through the whole network every "
+        "epoch (a GPU's work), validation twice per epoch (raw and EMA), and the refit trains once more.",
+        {"strategy": "fine-tune", "probe_first": True, "keep_best": True, "refit": True, "optimizer": "adamw",
+         "lr": 2e-4, "weight_decay": 0.05, "schedule": "cosine", "warmup_epochs": 1, "layer_decay": 0.75,
+         "label_smoothing": 0.1, "ema_decay": 0.999, "augment": "standard", "epochs": 10, "tta": False},
     ),
 ]}
 

@@ -48,8 +48,10 @@ class RunDir:
     report_figures = property(lambda self: self.path / "report")
     samples = property(lambda self: self.path / "samples")
 
-    def evaluation(self, name: str = "eval") -> tuple[Path, Path, Path]:
-        """An evaluation's summary, confusion matrix and per-class accuracy files."""
+    def evaluation(self, split: str = "val") -> tuple[Path, Path, Path]:
+        """An evaluation's summary, confusion matrix and per-class accuracy files: one set per split
+        (`eval*` for val, the run's own evaluation; `eval_test*`, `eval_train*` for the others)."""
+        name = "eval" if split == "val" else f"eval_{split}"
         return (self.path / f"{name}.json", self.path / f"{name}_confusion_matrix.csv",
                 self.path / f"{name}_per_class.csv")
 

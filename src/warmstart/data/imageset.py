@@ -29,6 +29,13 @@ class ImageSet:
             self.class_ids, self.class_names, self.origin, dict(self.extra),
         )
 
+    def __add__(self, other: "ImageSet") -> "ImageSet":
+        """The images of both (same classes), e.g. train + val for a refit."""
+        if other.class_ids != self.class_ids:
+            raise ValueError("only image sets of the same classes add up")
+        return ImageSet(self.items + other.items, self.labels + other.labels, self.class_ids, self.class_names,
+                        self.origin, {"ignored": []})
+
     @property
     def ignored(self) -> list[tuple[str, str]]:
         """Files found beside the images that are not images: (path, reason)."""
@@ -58,7 +65,10 @@ def readable_class_name(folder: str) -> str:
 
 
 def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Seeded, stratified split into (keep, held_out) index lists; every class keeps >= 1 image."""
+    """Seeded, stratified split into (keep, held_out) index lists; every class keeps >= 1 image
+    (and gives >= 1 when it can, unless the fraction is 0: nothing held out)."""
+    if fraction <= 0:
+        return list(range(len(labels))), []
     rng = np.random.default_rng(seed)
     labels = np.asarray(labels)
     keep, held = [], []

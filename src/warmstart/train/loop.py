@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,24 +25,64 @@ from .mixing import BatchMixer
 from .paths import ACTIVATIONS, FEATURES, choose_training_path
 from .schedule import make_scheduler
 from .session import Session
+from ..evaluate import top1
+from ..recipes import recipe_settings
 from .steps import (FitResult, after_epoch, build_optimizer, current_lr, epoch_line, epoch_record, log_skipped,
                     make_criterion, make_training_loader, train_step)
 
 
 def fit(model, trainable: TrainableSet, splits: dict, session: Session, arch: str = "",
-        resume: dict | None = None) -> FitResult:
-    """Train as the run's settings say, on the path `choose_training_path` decides."""
+        resume: dict | None = None, include_val: bool = False) -> FitResult:
+    """Train as the run's settings say, on the path `choose_training_path` decides. `include_val`
+    (a refit): train on val's images too, with no validation."""
     path = choose_training_path(session.config, model, trainable, session.data_config["input_size"],
                                 session.dist.active)
     (session.reporter.warn if path.warning else session.reporter.info)(f"training on {path.kind}: {path.reason}")
     if path.kind == FEATURES:
         cache = FeatureCache(session.cache_dir, model_fingerprint(model, arch, session.runtime), session.reporter.warn)
-        return fit_head_on_features(model, splits, session, cache)
-    if path.kind == ACTIVATIONS:
+        result = fit_head_on_features(model, splits, session, cache, include_val)
+    elif include_val:  # the other paths simply train on the union
+        return fit(model, trainable, {"train": splits["train"] + splits["val"], "val": splits["val"].subset([])},
+                   session, arch)
+    elif path.kind == ACTIVATIONS:
         cache = FeatureCache(session.cache_dir, boundary_fingerprint(path.split[0], arch, session.runtime),
                              session.reporter.warn)
-        return fit_tail_on_activations(model, trainable, path.split, splits, session, cache)
-    return ImageTraining(model, trainable, splits["train"], session).fit(splits.get("val"), resume)
+        result = fit_tail_on_activations(model, trainable, path.split, splits, session, cache)
+    else:
+        probe = probe_head(model, splits, session, arch) if session.config.probe_first and resume is None else None
+        result = ImageTraining(model, trainable, splits["train"], session).fit(splits.get("val"), resume, probe)
+    result.path = path.kind + (" (L-BFGS)" if session.config.optimizer == "lbfgs" else "")
+    return result
+
+
+def probe_head(model, splits: dict, session: Session, arch: str = "", include_val: bool = False) -> float | None:
+    """LP-FT's first stage: the linear-probe recipe's head, fitted on the frozen network's cached
+    features (with `include_val`, val's too); the head is left in `model`. Returns its val top-1
+    (None without validation)."""
+    probe = session.config.replace(**{**recipe_settings("linear-probe"), "probe_first": False, "keep_best": False,
+                                      "refit": False, "ema_decay": 0.0, "mixup": 0.0, "cutmix": 0.0,
+                                      "layer_decay": None, "head_lr": None, "unfreeze_schedule": [],
+                                      "tta": session.config.tta})
+    session = replace(session, config=probe)
+    cache = FeatureCache(session.cache_dir, model_fingerprint(model, arch, session.runtime), session.reporter.warn)
+    fitted = fit_head_on_features(model, splits, session, cache, include_val)
+    if not len(fitted.val_labels):
+        return None
+    score = top1(fitted.val_logits, fitted.val_labels)
+    session.reporter.info(f"probe (LP-FT's first stage): val top-1 {score:.4f}; the network trains from this head")
+    return score
+
+
+class BestWeights:
+    """The weights with the best val top-1 seen so far (--keep-best), and where they came from."""
+
+    def __init__(self):
+        self.score, self.epoch, self.which, self.state = -1.0, None, "", None
+
+    def offer(self, epoch: int, which: str, score: float, module) -> None:
+        if score > self.score:
+            self.score, self.epoch, self.which = score, epoch, which
+            self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
 
 
 class ImageTraining:
@@ -161,19 +202,33 @@ class ImageTraining:
         self.result.images_processed += int(totals[2])
         return epoch_record(epoch, self.optimizer, (totals[0], int(totals[1]), int(totals[2])), start)
 
-    def fit(self, val_set, resume: dict | None = None) -> FitResult:
+    def validate(self, val_set) -> dict[str, tuple[float, object]]:
+        """Val top-1 of the weights that count: the EMA's (and with --keep-best the raw ones too)."""
+        config, session = self.session.config, self.session
+        candidates = {"EMA weights": self.ema.module} if self.ema is not None else {}
+        if self.ema is None or config.keep_best:
+            candidates["raw weights"] = self.model
+        return {which: (evaluate_model(module, val_set, eval_transform(session.data_config), session.runtime,
+                                       max(config.batch_size, 64), config.workers, tta=config.tta).top1, module)
+                for which, module in candidates.items()}
+
+    def fit(self, val_set, resume: dict | None = None, probe_top1: float | None = None) -> FitResult:
         session, config = self.session, self.session.config
+        keep = BestWeights() if config.keep_best else None
         if resume is not None:
             self.restore(resume)
+        elif keep is not None and probe_top1 is not None:
+            keep.offer(0, "the probe it started from", probe_top1, self.model)
         start, val_seconds = time.perf_counter(), 0.0
         for epoch in range(self.progress.epoch, config.epochs):
             record = self.run_epoch(epoch)
             if val_set is not None and len(val_set) and session.checkpoints is not None:
                 val_start = time.perf_counter()
-                record["val_top1"] = evaluate_model(
-                    self.ema.module if self.ema is not None else self.model, val_set,
-                    eval_transform(session.data_config), session.runtime, max(config.batch_size, 64), config.workers,
-                    tta=config.tta).top1
+                scores = self.validate(val_set)
+                record["val_top1"] = next(iter(scores.values()))[0]  # the EMA's where there is one
+                for which, (score, module) in scores.items():
+                    if keep is not None:
+                        keep.offer(epoch + 1, which, score, module)
                 val_seconds += time.perf_counter() - val_start
             self.result.history.append(record)
             session.reporter.info(epoch_line(record, config.epochs))
@@ -186,4 +241,9 @@ class ImageTraining:
         self.result.skipped = sorted(self.seen.items())
         if self.ema is not None:  # the averaged weights are the run's model
             self.model.load_state_dict(self.ema.module.state_dict())
+        self.result.best_epoch = config.epochs
+        if keep is not None and keep.state is not None:
+            self.model.load_state_dict(keep.state)
+            self.result.best_epoch = keep.epoch
+            session.reporter.info(f"kept epoch {keep.epoch} ({keep.which}): val top-1 {keep.score:.4f}")
         return self.result

@@ -26,11 +26,12 @@ class TrainingPath:
 
 def choose_training_path(config, model, trainable: TrainableSet, input_size, distributed: bool) -> TrainingPath:
     ruled_out = config.caching_ruled_out_by()
-    if ruled_out is None and hasattr(model, "forward_head") and only_head_trains(model, trainable):
+    head_only = hasattr(model, "forward_head") and only_head_trains(model, trainable)
+    if ruled_out is None and head_only:
         return TrainingPath(FEATURES, "only the head trains and the training views are fixed: the frozen network "
                                       "runs once per image and view")
     if not config.cache_boundary:
-        return TrainingPath(IMAGES, ruled_out or "layers before the head train")
+        return TrainingPath(IMAGES, "layers before the head train" if not head_only else ruled_out)
     if ruled_out is not None:
         why = ruled_out
     elif distributed:

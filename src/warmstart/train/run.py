@@ -7,7 +7,7 @@ import contextlib
 import json
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -16,7 +16,7 @@ import torch
 
 from .._version import __version__
 from ..config import RunConfig
-from ..data.sources import SourceOptions, resolve_splits
+from ..data.sources import SourceOptions, describe_splits, resolve_splits
 from ..data.image_cache import cached_images
 from ..data.transforms import data_config_for, eval_transform
 from ..errors import UserError
@@ -29,7 +29,7 @@ from ..stop import StopRequest, Stopped
 from .checkpoint import TrainingInterrupted, load_checkpoint
 from .distributed import Distributed, init_distributed, shutdown
 from .history import QuietLog, TrainingLog
-from .loop import fit
+from .loop import fit, probe_head
 from .runtime import Reporter, Runtime
 from .session import Session
 from .steps import FitResult
@@ -150,8 +150,12 @@ def _journey(run: Run, on_epoch) -> RunResult:
         session.log.close()
     if run.main:  # before evaluation: a failure there loses nothing trained
         save_model(run.directory, run.built.model, model_meta(run))
-    evaluation, test_metrics = final_evaluation(run, fitted, session.runtime)
-    metrics = write_artifacts(run, fitted, evaluation, test_metrics)
+    evaluation = validate(run, fitted, session.runtime)
+    refitted = refit(run, session, fitted)
+    if refitted is not None and run.main:
+        save_model(run.directory, run.built.model, model_meta(run))
+    test_metrics = test(run, fitted, session.runtime)
+    metrics = write_artifacts(run, fitted, evaluation, {**test_metrics, **(refitted or {})})
     run.reporter.info(summary_line(metrics, evaluation, run.directory))
     return RunResult(run.directory.path, metrics, evaluation, fitted.history)
 
@@ -173,8 +177,8 @@ def build(config: RunConfig, reporter: Reporter) -> Built:
     resolve_architecture(config.model, config.weights)  # a bad name fails before any data scan
     splits = resolve_splits(config.data, config.val_fraction, config.seed, config.val_data,
                             options=SourceOptions.of(config))
-    train_set, val_set = splits["train"], splits["val"]
-    reporter.info(f"data: {len(train_set)} train / {len(val_set)} val images, {len(train_set.class_ids)} classes")
+    train_set = splits["train"]
+    reporter.info(f"data: {describe_splits(splits)}")
     for name in train_set.extra.get("dropped_classes", []):
         reporter.warn(f"dropped class {name}: its folder has no images (--drop-empty-classes)")
     ignored = [entry for split in splits.values() for entry in split.ignored]
@@ -261,29 +265,60 @@ def model_meta(run: Run) -> dict:
     }
 
 
-def final_evaluation(run: Run, fitted: FitResult, runtime: Runtime) -> tuple[EvalResult, dict]:
-    """Validation (from the training path's own outputs where it has them) and the test split."""
-    built = run.built
-    class_names = built.splits["train"].class_names
+def validate(run: Run, fitted: FitResult, runtime: Runtime) -> EvalResult:
+    """Validation of the model as trained (from the training path's own outputs where it has them)."""
     if fitted.val_logits is not None:
-        evaluation = metrics_from_logits(fitted.val_logits, fitted.val_labels, class_names)
+        evaluation = metrics_from_logits(fitted.val_logits, fitted.val_labels, run.built.splits["train"].class_names)
         evaluation.seconds = fitted.val_seconds
         # validation features read back from the cache: nothing was computed, no rate to report
         evaluation.images_per_sec = evaluation.num_images / fitted.val_seconds if fitted.val_seconds > 0.01 else None
     else:
-        evaluation = _evaluate(run, built.splits["val"], runtime)
+        evaluation = _evaluate(run, run.built.splits["val"], runtime)
         fitted.skipped.extend(evaluation.skipped)
     if run.main:
         evaluation.write(run.directory)
-    if "test" not in built.splits:
-        return evaluation, {}
-    tested = _evaluate(run, built.splits["test"], runtime)  # e.g. Stanford Dogs' official test split
+    return evaluation
+
+
+def refit(run: Run, session: Session, fitted: FitResult) -> dict | None:
+    """--refit: validation was carved from train and has chosen the settings (and, with
+    --keep-best, the epochs): train a fresh model on train + val with them; it becomes the run's
+    model. Returns what metrics.json says of it (None when there is nothing to refit)."""
+    config, splits = run.config, run.built.splits
+    if not config.refit:
+        return None
+    if not splits["val"].extra.get("carved") or not len(splits["val"]):
+        run.reporter.info("refit: validation is a split of its own (not carved from train): the model stays as chosen")
+        return None
+    epochs = config.epochs if fitted.best_epoch is None else fitted.best_epoch
+    union = splits["train"] + splits["val"]
+    run.reporter.info(f"refit: training again on train + val ({len(union):,} images) for "
+                      f"{epochs or 'no'} epoch{'s' if epochs != 1 else ''}{' (the probe alone)' if not epochs else ''}")
+    seed_everything(config.seed)
+    model, _, _ = create_model(config.model, len(union.class_ids), config.weights, config.skip)
+    trainable = apply_strategy(model, config.strategy, config.trainable, config.unfreeze_last)
+    session.runtime.prepare(model)
+    chosen = config.replace(epochs=max(epochs, 1), keep_best=False, refit=False)
+    quiet = replace(session, config=chosen, log=QuietLog(), checkpoints=None)
+    if epochs:
+        fit(model, trainable, splits, quiet, run.built.arch, include_val=True)
+    else:
+        probe_head(model, splits, quiet, run.built.arch, include_val=True)
+    run.built.model = model
+    return {"refit": True, "refit_epochs": epochs, "refit_train_images": len(union)}
+
+
+def test(run: Run, fitted: FitResult, runtime: Runtime) -> dict:
+    """The test split, where the data has one (e.g. Stanford Dogs' official test split)."""
+    if "test" not in run.built.splits:
+        return {}
+    tested = _evaluate(run, run.built.splits["test"], runtime)
     tested.split = "test"
     if run.main:
-        tested.write(run.directory, "test")
+        tested.write(run.directory)
     fitted.skipped.extend(tested.skipped)
     run.reporter.info(f"test top-1 {tested.top1:.4f}, top-5 {tested.top5:.4f} on {tested.num_images} images")
-    return evaluation, {"test_top1": tested.top1, "test_top5": tested.top5, "test_images": tested.num_images}
+    return {"test_top1": tested.top1, "test_top5": tested.top5, "test_images": tested.num_images}
 
 
 def _evaluate(run: Run, images, runtime: Runtime) -> EvalResult:
@@ -297,13 +332,15 @@ def write_artifacts(run: Run, fitted: FitResult, evaluation: EvalResult, test_me
     config, built, directory = run.config, run.built, run.directory
     skipped = sorted(dict(built.ignored + fitted.skipped).items())
     train_set = built.splits["train"]
+    validated = evaluation.num_images > 0  # --val-fraction 0: no validation split
     metrics = {
-        "top1": evaluation.top1,
-        "top5": evaluation.top5,
+        "top1": evaluation.top1 if validated else None,
+        "top5": evaluation.top5 if validated else None,
         "num_classes": len(train_set.class_ids),
         "model": config.model,
         "architecture": built.arch,
         "strategy": config.strategy,
+        "training_path": fitted.path,
         "recipe": config.recipe,
         "tta": config.tta,
         "epochs": config.epochs,
@@ -335,6 +372,13 @@ def write_artifacts(run: Run, fitted: FitResult, evaluation: EvalResult, test_me
 
 
 def summary_line(metrics: dict, evaluation: EvalResult, directory: RunDir) -> str:
-    return (f"val top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f} on {evaluation.num_images} images; "
-            f"train {metrics['train_images_per_sec']:.1f} img/s, eval {_rate(metrics['eval_images_per_sec'])}; "
-            f"{metrics['wall_seconds']:.1f}s; saved {directory}")
+    """Val (and test, where there is a test split) top-1 and top-5, speed, time, where it is."""
+    scores = [f"val top-1 {metrics['top1']:.4f}, top-5 {metrics['top5']:.4f} on {evaluation.num_images} images"
+              if metrics["top1"] is not None else "no validation split (the last epoch is kept)"]
+    if metrics.get("refit"):
+        scores.append(f"saved: refit on train + val ({metrics['refit_train_images']:,} images)")
+    if "test_top1" in metrics:
+        scores.append(f"test top-1 {metrics['test_top1']:.4f}, top-5 {metrics['test_top5']:.4f} on "
+                      f"{metrics['test_images']} images")
+    return (f"{'; '.join(scores)}; train {metrics['train_images_per_sec']:.1f} img/s, eval "
+            f"{_rate(metrics['eval_images_per_sec'])}; {metrics['wall_seconds']:.1f}s; saved {directory}")

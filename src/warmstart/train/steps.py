@@ -30,6 +30,8 @@ class FitResult:
     val_labels: torch.Tensor | None = None
     val_seconds: float = 0.0
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    path: str = ""  # the training path taken (train.paths), as the run reports it
+    best_epoch: int | None = None  # the epoch whose weights were kept (0: the probe; None: the last)
 
 
 def layer_scales(model: torch.nn.Module, layer_decay: float) -> dict[str, float]:
