@@ -34,7 +34,7 @@ def _mistakes(tmp_path, color_tree):
         "empty data": (["train", "--data", str(empty)], "is empty"),
         "class without images": (["train", "--data", str(hollow)], "no images"),
         "unknown model": (["train", *data, "--model", "resnet5O", "--weights", "none"], "unknown model"),
-        "bundled for another model": (["train", *data, "--model", "resnet50"], "EfficientNet-Lite0 only"),
+        "bundled for another model": (["train", *data, "--model", "resnet50"], "only, not resnet50"),
         "weights file missing": (["train", *data, "--weights", str(tmp_path / "w.pth")], "does not exist"),
         "wrong architecture": (["train", *data, "--weights", str(other)], "do not fit"),
         "csv unknown paths": (["train", "--data", str(csv_bad)], "do not exist"),

@@ -14,6 +14,7 @@ def _with_test_split(color_tree):
     return color_tree
 
 
+@pytest.mark.slow
 def test_refit_trains_on_train_plus_val_reusing_the_cached_features(color_tree, tmp_path, capsys):
     root = _with_test_split(color_tree)
     base = dict(data=str(root), recipe="linear-probe", val_fraction=0.25, input_size=64, workers=0, quiet=True)

@@ -3,6 +3,8 @@ test split, runs listed with their recipe and how they trained, one evaluation f
 
 import json
 
+import pytest
+
 from warmstart import RunConfig, evaluate, train
 from warmstart.cli import main
 from warmstart.data.sources import describe_splits, resolve_splits
@@ -21,6 +23,7 @@ def test_the_data_line_names_all_three_splits_and_where_val_came_from(color_tree
         "36 train / no validation (--val-fraction 0: the last epoch is kept) / 12 test images, 3 classes"
 
 
+@pytest.mark.slow
 def test_test_top1_stands_beside_val_and_runs_show_recipe_and_path(color_tree, tmp_path, capsys):
     root = _train_and_test(color_tree)
     result = train(RunConfig(data=str(root), recipe="linear-probe", val_fraction=0.25, input_size=64, workers=0,
