@@ -13,7 +13,8 @@ HISTORY_FIELDS = ["epoch", "train_loss", "train_top1", "val_top1", "lr", "images
 
 class TrainingLog:
     """Scalars per step and per epoch (loss, top-1, learning rate, images/sec), and a grid of
-    sample predictions per epoch, in `RUN/tensorboard/`; the epoch scalars also in `RUN/history.csv`."""
+    sample predictions of the last epoch, in `RUN/tensorboard/`; the epoch scalars also in
+    `RUN/history.csv`."""
 
     def __init__(self, run_dir, samples=None, class_names: list[str] | None = None, transform=None,
                  append: bool = False, epochs: int = 0, on_epoch=None):
@@ -26,9 +27,8 @@ class TrainingLog:
             with self.csv_path.open("w", newline="") as handle:
                 csv.writer(handle).writerow(HISTORY_FIELDS)
         self.class_names = class_names or []
-        # a grid costs about a second, more than an epoch of a head on cached features: at most ~5
-        # of them (and the last epoch's) per run
-        self.grid_every = max(1, epochs // 5)
+        # a grid costs about half a second, more than an epoch of a head on cached features: one per
+        # run, of the last epoch
         self.epochs = epochs
         self.samples = []  # (thumbnail, model input, true label)
         for item, label in samples or []:
@@ -59,7 +59,7 @@ class TrainingLog:
     @torch.inference_mode()
     def predictions(self, epoch: int, forward) -> None:
         """A grid of sample validation images with their true and predicted classes."""
-        if not self.samples or (epoch % self.grid_every and epoch != self.epochs):
+        if not self.samples or epoch != self.epochs:
             return
         import matplotlib
 
