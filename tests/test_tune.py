@@ -83,10 +83,10 @@ def test_interrupted_study_resumes_where_it_stopped(color_tree, tmp_path):
     command = _tune_command(base, space, tmp_path / "study", storage, 3)
     first = subprocess.Popen(command, start_new_session=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not list((tmp_path / "study").glob("trials/*/metrics.json")):
-        time.sleep(0.5)
-    time.sleep(1.0)
-    os.killpg(first.pid, signal.SIGKILL)  # as a crash or a lost machine would
+    while time.time() < deadline and not (list((tmp_path / "study").glob("trials/*/metrics.json")) and any(
+            t.state.name == "COMPLETE" for t in _trials(storage, "shared"))):
+        time.sleep(0.1)
+    os.killpg(first.pid, signal.SIGKILL)  # as a crash or a lost machine would, right after the first trial
     first.wait()
     done_before = [t for t in _trials(storage, "shared") if t.state.name == "COMPLETE"]
     assert 1 <= len(done_before) < 3

@@ -43,8 +43,8 @@ def test_each_bundled_model_names_the_imagenet_class_of_real_photos(name):
     config = data_config_for(model)
     assert config["input_size"][-1] == {"efficientnet_lite0": 224, "efficientnet_lite1": 240,
                                         "efficientnet_lite2": 260}[name]
-    transform, info = eval_transform(config), ImageNetInfo()
-    photos = [(p, info.label_name_to_index(folder.name)) for folder in sorted(val.iterdir())
+    transform, wnids = eval_transform(config), ImageNetInfo().label_names()
+    photos = [(p, wnids.index(folder.name)) for folder in sorted(val.iterdir())
               for p in sorted(folder.glob("*.JPEG"))[:4]]
     batch = torch.stack([transform(Image.open(p).convert("RGB")) for p, _ in photos])
     with torch.inference_mode():
