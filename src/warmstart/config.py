@@ -8,6 +8,7 @@ saves it, resolved, as `config.yaml` in its run directory, and
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import InitVar, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -348,10 +349,10 @@ def _recording_given(init):
     """RunConfig(...) notes which settings were passed, so that its recipe fills in only the rest."""
     names = [f.name for f in fields(RunConfig)]
 
+    @functools.wraps(init)  # the same signature for help() and editors
     def __init__(self, *args, given: tuple | None = None, **kwargs):
         init(self, *args, given=tuple(names[:len(args)]) + tuple(kwargs) if given is None else given, **kwargs)
 
-    __init__.__doc__ = init.__doc__
     return __init__
 
 
