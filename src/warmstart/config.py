@@ -243,8 +243,6 @@ class RunConfig:
         if self.strategy == "partial":
             if not self.trainable and self.unfreeze_last is None:
                 raise UserError("--strategy partial needs --trainable PATTERN or --unfreeze-last N: say what trains")
-            if self.unfreeze_last is not None and self.unfreeze_last <= 0:
-                raise UserError(f"--unfreeze-last {self.unfreeze_last} is not valid: it must be > 0")
         elif self.trainable or self.unfreeze_last is not None:
             raise UserError(
                 f"--trainable/--unfreeze-last only apply to --strategy partial (got --strategy {self.strategy})"

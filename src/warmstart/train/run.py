@@ -291,11 +291,11 @@ def refit(run: Run, session: Session, fitted: FitResult) -> dict | None:
         run.reporter.info("refit: validation is a split of its own (not carved from train): the model stays as chosen")
         return None
     epochs = config.epochs if fitted.best_epoch is None else fitted.best_epoch
-    union = splits["train"] + splits["val"]
-    run.reporter.info(f"refit: training again on train + val ({len(union):,} images) for "
+    images = len(splits["train"]) + len(splits["val"])
+    run.reporter.info(f"refit: training again on train + val ({images:,} images) for "
                       f"{epochs or 'no'} epoch{'s' if epochs != 1 else ''}{' (the probe alone)' if not epochs else ''}")
     seed_everything(config.seed)
-    model, _, _ = create_model(config.model, len(union.class_ids), config.weights, config.skip)
+    model, _, _ = create_model(config.model, len(splits["train"].class_ids), config.weights, config.skip)
     trainable = apply_strategy(model, config.strategy, config.trainable, config.unfreeze_last)
     session.runtime.prepare(model)
     chosen = config.replace(epochs=max(epochs, 1), keep_best=False, refit=False)
@@ -305,7 +305,7 @@ def refit(run: Run, session: Session, fitted: FitResult) -> dict | None:
     else:
         probe_head(model, splits, quiet, run.built.arch, include_val=True)
     run.built.model = model
-    return {"refit": True, "refit_epochs": epochs, "refit_train_images": len(union)}
+    return {"refit": True, "refit_epochs": epochs, "refit_train_images": images}
 
 
 def test(run: Run, fitted: FitResult, runtime: Runtime) -> dict:
