@@ -82,7 +82,7 @@ def test_evaluation_stops_at_the_next_batch(color_tree, lite0):
     images = resolve_splits(str(color_tree), 0.2, 0)["train"]
     forward = _signal_self_after(2)
     with pytest.raises(Stopped) as stopped:
-        compute_outputs(lite0, images, eval_transform(data_config_for(lite0, 64)), 4, 0, "cpu",
+        compute_outputs(lite0, images, eval_transform(data_config_for(lite0, 64)), 4, 0,
                         forward=lambda x: forward(lite0(x)))
     assert stopped.value.signum == signal.SIGTERM
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers are put back

@@ -24,6 +24,7 @@ SCHEDULES = ("cosine", "piecewise", "constant")
 AUGMENTS = ("standard", "none")
 BALANCES = ("none", "sampler", "loss")
 PRECISIONS = ("fp32", "bf16", "fp16")
+PIPELINES = ("auto", "cpu", "gpu")
 # the command line's option groups, in the order `--help` shows them
 GROUPS = ("run", "data", "model and weights", "optimisation", "speed", "output", "several processes (torchrun)")
 
@@ -140,6 +141,9 @@ class RunConfig:
     cache_boundary: bool = setting(False, "with --strategy partial and un-augmented (or --cache-views) training: "
                                    "cache the frozen prefix's activations once and run only the trainable tail "
                                    "each epoch", group="speed")
+    pipeline: str = setting("auto", "where images are decoded and augmented: gpu (loader workers only read; a "
+                            "batch at a time on the GPU), cpu (each image in a loader worker), auto (default: gpu "
+                            "on a CUDA device, else cpu)", group="speed", choices=PIPELINES)
     precision: str = setting("fp32", "fp32 (default), bf16 (autocast; fast on recent CPUs and GPUs), fp16 (GPU)",
                              group="speed", choices=PRECISIONS)
     channels_last: bool = setting(True, "channels_last memory format (default, usually faster; "

@@ -93,12 +93,13 @@ class Outputs:
 
 
 @torch.inference_mode()
-def compute_outputs(model, images: ImageSet, transform, batch_size: int, workers: int | None, device,
-                    forward=None, progress=None) -> Outputs:
-    """Run `forward` (default: the model) over a split, in order."""
+def compute_outputs(model, images: ImageSet, transform, batch_size: int, workers: int | None,
+                    runtime: Runtime | None = None, forward=None, progress=None) -> Outputs:
+    """Run `forward` (default: the model) over a split, in order, on the runtime's device and pipeline."""
     forward = forward or model
+    device = runtime.device if runtime is not None else torch.device("cpu")
     model.eval()
-    loader = make_loader(images, transform, batch_size, workers)
+    loader = make_loader(images, transform, batch_size, workers, batched_on=runtime and runtime.batched_on)
     outputs, labels, indices, skipped = [], [], [], []
     start = time.perf_counter()
     with StopRequest():
@@ -126,11 +127,11 @@ def evaluate_model(model, images: ImageSet, transform, runtime: Runtime | None =
     runtime = runtime or Runtime(torch.device("cpu"), "fp32", False)
     forward = runtime.forward(FlipTTA(model) if tta else model)
     if dist is None or not dist.active:
-        out = compute_outputs(model, images, transform, batch_size, workers, runtime.device, forward=forward)
+        out = compute_outputs(model, images, transform, batch_size, workers, runtime, forward=forward)
         parts = [(out.outputs, out.labels, out.seconds, out.skipped)]
     else:
         shard = images.subset(range(dist.rank, len(images), dist.world))
-        out = compute_outputs(model, shard, transform, batch_size, workers, runtime.device, forward=forward)
+        out = compute_outputs(model, shard, transform, batch_size, workers, runtime, forward=forward)
         parts = dist.gather((out.outputs, out.labels, out.seconds, out.skipped))
     outputs = [p[0] for p in parts if len(p[1])]
     result = metrics_from_logits(torch.cat(outputs) if outputs else torch.empty(0), torch.cat([p[1] for p in parts]),

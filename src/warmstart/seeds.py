@@ -4,6 +4,11 @@ rely on it. Changing a formula here changes every cached view's key, so each liv
 
 from __future__ import annotations
 
+import random
+from contextlib import contextmanager
+
+import torch
+
 _PRIME = 1_000_003
 
 
@@ -15,6 +20,21 @@ def for_epoch(seed: int, epoch: int) -> int:
 def for_item(stream: int, index: int) -> int:
     """One image's random augmentation within a stream (an epoch, or a cached view)."""
     return (stream * _PRIME + index) % 2**63
+
+
+@contextmanager
+def item_random(stream: int, index: int):
+    """Python's and torch's random numbers seeded for one image's view (`for_item`), and restored
+    after: what a view draws depends on nothing else."""
+    state = random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        seed = for_item(stream, index)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(state)
 
 
 def for_view(seed: int, view: int) -> int:

@@ -27,6 +27,7 @@ from numpy.lib.format import open_memmap
 
 from ..stop import StopRequest, Stopped, requested
 from .fingerprint import fingerprint_items, fingerprint_json
+from .batched import runs_batched
 from .loaders import make_loader
 from .imageset import ImageSet
 
@@ -98,8 +99,9 @@ class FeatureCache:
         self.model_fingerprint = model_fingerprint
         self.warn = warn
 
-    def key(self, images: ImageSet, view: View) -> str:
-        return fingerprint_json({
+    def key(self, images: ImageSet, view: View, batched: bool = False) -> str:
+        batched_pipeline = {"pipeline": "batched"} if batched else {}  # other interpolation kernels
+        return fingerprint_json({**batched_pipeline,
             "version": FORMAT_VERSION,
             "model": self.model_fingerprint,
             "transform": repr(view.transform),
@@ -113,9 +115,10 @@ class FeatureCache:
         return self.root / f"{name}-{key[:20]}"
 
     def features(self, view: View, images: ImageSet, forward, batch_size: int, workers: int | None, device,
-                 progress=None) -> CachedFeatures:
-        """The features of every image, from the cache where complete, computing what is missing."""
-        key = self.key(images, view)
+                 progress=None, batched_on=None) -> CachedFeatures:
+        """The features of every image, from the cache where complete, computing what is missing
+        (decoded on `batched_on` where the run's pipeline is the batched one)."""
+        key = self.key(images, view, runs_batched(view.transform, batched_on))
         store = _Store(self, self.folder(view.name, key), key, len(images))
         todo = np.flatnonzero(store.status == PENDING)
         start = time.perf_counter()
@@ -123,7 +126,7 @@ class FeatureCache:
             if progress is not None:
                 progress(len(images) - len(todo))
             loader = make_loader(images.subset(todo.tolist()), view.transform, batch_size, workers,
-                                 item_seed=view.item_seed)
+                                 item_seed=view.item_seed, batched_on=batched_on)
             _extract(store, todo, loader, forward, device, progress)
         seconds = time.perf_counter() - start
         return store.result(torch.as_tensor(images.labels, dtype=torch.long), seconds, int(len(todo)))

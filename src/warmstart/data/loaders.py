@@ -5,24 +5,15 @@ from __future__ import annotations
 import math
 import os
 import random
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .. import seeds
+from .batch import Batch
+from .batched import DeviceBatches, DevicePipeline, RawImageDataset, TensorView, collate_raw, device_decodes_jpeg
 from .images import open_image
 from .imageset import ImageSet
-
-
-@dataclass
-class Batch:
-    images: torch.Tensor
-    labels: torch.Tensor
-    indices: torch.Tensor
-    skipped: list[tuple[str, str]]  # (item, reason) for images that could not be decoded
-    skipped_indices: list[int]
 
 
 class ImageDataset(Dataset):
@@ -40,15 +31,8 @@ class ImageDataset(Dataset):
     def _transform(self, image, index: int, item_seed: int | None):
         if item_seed is None:
             return self.transform(image)
-        state = random.getstate()
-        with torch.random.fork_rng(devices=[]):
-            seed = seeds.for_item(item_seed, index)
-            torch.manual_seed(seed)
-            random.seed(seed)
-            try:
-                return self.transform(image)
-            finally:
-                random.setstate(state)
+        with seeds.item_random(item_seed, index):
+            return self.transform(image)
 
     def __getitem__(self, key):
         # (augmentation seed, index) from EpochBatches, or a plain index
@@ -142,23 +126,32 @@ def class_weights(labels, num_classes: int) -> torch.Tensor:
 
 
 def make_loader(images: ImageSet, transform, batch_size: int, workers: int | None = None,
-                order: EpochBatches | None = None, item_seed: int | None = None, epochs: int = 1) -> DataLoader:
+                order: EpochBatches | None = None, item_seed: int | None = None, epochs: int = 1,
+                batched_on: torch.device | None = None):
     """Decoded, transformed batches that skip unreadable images. Training passes its `order` (an
-    EpochBatches: call loader.batch_sampler.set_epoch); evaluation and extraction go in order."""
+    EpochBatches: call loader.batch_sampler.set_epoch); evaluation and extraction go in order.
+    With `batched_on` (the batched pipeline), workers only read and the batches are decoded and
+    augmented there (data.batched), for every transform that pipeline runs."""
     workers = default_workers() if workers is None else workers
-    dataset = ImageDataset(images, transform, item_seed)
+    view = TensorView.of(transform) if batched_on is not None else None
+    if view is None:
+        dataset, collate = ImageDataset(images, transform, item_seed), collate_skipping
+    else:
+        jpeg_bytes = device_decodes_jpeg(str(batched_on))
+        dataset, collate = RawImageDataset(images, view, item_seed, jpeg_bytes), collate_raw
     num_workers = min(workers, max(1, len(images) // batch_size)) if len(images) else 0
     batching = {"batch_sampler": order} if order is not None else {"batch_size": batch_size}
     seed = order.seed if order is not None else 0
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         **batching,
         num_workers=num_workers,
-        collate_fn=collate_skipping,
+        collate_fn=collate,
         worker_init_fn=_seed_worker,
         generator=seeded_generator(seeds.for_loader(seed)),
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_available() and view is None,
         # workers live across epochs instead of restarting (and re-forking the dataset) each epoch
         persistent_workers=epochs > 1 and num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
     )
+    return loader if view is None else DeviceBatches(loader, DevicePipeline(view, batched_on))

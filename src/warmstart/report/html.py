@@ -64,7 +64,7 @@ def build_report(run_dir: str | Path, data: str | None = None, split: str = "val
     run, images = run_split(run_dir, data, split)
     metrics = json.loads(RunDir(run_dir).metrics.read_text())
     history = json.loads(RunDir(run_dir).history.read_text()) if RunDir(run_dir).history.is_file() else []
-    out = compute_outputs(run.model, images, eval_transform(run.data_config), batch_size, workers, "cpu")
+    out = compute_outputs(run.model, images, eval_transform(run.data_config), batch_size, workers)
     evaluation = metrics_from_logits(out.outputs, out.labels, run.class_names)
     probs = out.outputs.softmax(1) if len(out.outputs) else torch.empty(0, len(run.class_names))
     names = run.class_names

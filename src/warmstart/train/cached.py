@@ -53,7 +53,7 @@ def cached(cache: FeatureCache, images, view: View, forward, session: Session) -
     config, reporter = session.config, session.reporter
     with reporter.bar(len(images), f"features {view.label}") as bar:
         out = cache.features(view, images, forward, max(config.batch_size, 64), config.workers,
-                             session.runtime.device, progress=bar.update)
+                             session.runtime.device, progress=bar.update, batched_on=session.runtime.batched_on)
     if out.computed:
         reporter.info(f"features of {out.computed} {view.label} images in {out.seconds:.1f}s "
                       f"({out.computed / max(out.seconds, 1e-9):.1f} img/s)")
@@ -75,7 +75,7 @@ def _cached_sharded(cache, images, view: View, forward, session: Session) -> Cac
     dist.barrier()
     parts = [own if r == dist.rank else cache.features(View(shard(r)[1], view.transform, view.index, view.item_seed),
                                                        shard(r)[0], forward, session.config.batch_size, 0,
-                                                       session.runtime.device)
+                                                       session.runtime.device, batched_on=session.runtime.batched_on)
              for r in range(dist.world)]
     first = next((p.features for p in parts if p.features.numel()), torch.zeros(0, 0))
     features = torch.zeros(len(images), *first.shape[1:])

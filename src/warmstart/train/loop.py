@@ -94,7 +94,7 @@ class ImageTraining:
         config, runtime, dist = session.config, session.runtime, session.dist
         self.model, self.trainable, self.train_set, self.session = model, trainable, train_set, session
         self.loader = make_training_loader(train_set, session.data_config, config, config.epochs, dist.rank,
-                                           dist.world)
+                                           dist.world, runtime.batched_on)
         self.unfreezing = GradualUnfreezing(config) if config.unfreeze_schedule else None
         self.optimizer = build_optimizer(model, config, self.unfreezing.final_names(model) if self.unfreezing else None)
         self.scheduler = make_scheduler(self.optimizer, config, self.loader.batch_sampler.batches_per_epoch())

@@ -80,7 +80,8 @@ def lr_find(config: RunConfig, start_lr: float = 1e-7, end_lr: float = 10.0, ste
     criterion = make_criterion(config, train_set.labels, len(train_set.class_ids), runtime.device)
     mix = BatchMixer(config, len(train_set.class_ids))
     loader = make_training_loader(train_set, built.data_config, config,
-                                  epochs=math.ceil(steps * config.batch_size / max(len(train_set), 1)) + 1)
+                                  epochs=math.ceil(steps * config.batch_size / max(len(train_set), 1)) + 1,
+                                  batched_on=runtime.batched_on)
     scaler = runtime.grad_scaler()
     result, average, best = LrFindResult(out=out), 0.0, math.inf
     epoch = 0

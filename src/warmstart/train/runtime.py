@@ -30,6 +30,14 @@ class Reporter:
         return tqdm(total=total, desc=desc, unit=unit, disable=self.quiet, leave=False, dynamic_ncols=True)
 
 
+def resolve_pipeline(choice: str, device: torch.device) -> str:
+    """--pipeline as it runs on `device`: auto is the batched GPU pipeline on CUDA and the per-sample
+    one elsewhere (on a CPU the workers' PIL path is as fast: BENCHMARKS.md)."""
+    if choice == "gpu" and device.type != "cuda":
+        raise UserError("--pipeline gpu needs a CUDA GPU and none is visible: use --pipeline cpu (or auto)")
+    return "gpu" if choice == "gpu" or (choice == "auto" and device.type == "cuda") else "cpu"
+
+
 @dataclass
 class Runtime:
     """Where and how tensors are computed: device, precision, memory format, compilation."""
@@ -37,13 +45,19 @@ class Runtime:
     device: torch.device
     precision: str = "fp32"
     channels_last: bool = True
+    pipeline: str = "cpu"  # where images are decoded and augmented: "cpu" (workers) or "gpu" (batched)
 
     @classmethod
     def for_config(cls, config, local_rank: int = 0) -> "Runtime":
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
         if config.precision == "fp16" and device.type != "cuda":
             raise UserError("--precision fp16 needs a GPU: use --precision bf16 on the CPU")
-        return cls(device, config.precision, config.channels_last)
+        return cls(device, config.precision, config.channels_last, resolve_pipeline(config.pipeline, device))
+
+    @property
+    def batched_on(self) -> torch.device | None:
+        """The device that decodes and augments batches (the batched pipeline), or None: workers do."""
+        return self.device if self.pipeline == "gpu" else None
 
     def autocast(self):
         if self.precision == "fp32":

@@ -77,12 +77,13 @@ def current_lr(optimizer: torch.optim.Optimizer) -> float:
     return max(group["lr"] for group in optimizer.param_groups)
 
 
-def make_training_loader(train_set, data_config: dict, config, epochs: int, rank: int = 0, world: int = 1):
+def make_training_loader(train_set, data_config: dict, config, epochs: int, rank: int = 0, world: int = 1,
+                         batched_on: torch.device | None = None):
     """The training images as the run sees them: its augmentation, batch size, seeded order and
-    balancing, this rank's share."""
+    balancing, this rank's share, decoded where its pipeline says."""
     order = EpochBatches(train_set.labels, config.batch_size, config.seed, config.balance, rank, world)
     return make_loader(train_set, train_transform(data_config, config.augment), config.batch_size, config.workers,
-                       order, epochs=epochs)
+                       order, epochs=epochs, batched_on=batched_on)
 
 
 def make_criterion(config, labels, num_classes: int, device) -> torch.nn.Module:

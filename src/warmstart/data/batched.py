@@ -1,0 +1,295 @@
+"""The batched image pipeline (`--pipeline gpu`): loader workers only read; decoding and
+augmentation run for a whole batch at once on the run's device.
+
+A worker hands over each image's JPEG bytes when the GPU's decoder can be trusted with it (a JPEG
+whose header says RGB or grey and no EXIF rotation), otherwise its uint8 pixels (decoded on the CPU
+exactly as the per-sample path does: PNG, CMYK, 16-bit, rotated, boxed; pre-resized image-cache
+entries), with the random draws of its view. The draws are the per-sample path's own, replayed from
+the same (seed, index), so a view shows the same crop and flip on both paths; only the interpolation
+kernels differ (torch's antialiased resize against PIL's). On the device each image is decoded (nvJPEG,
+a batch at once), cropped and resized; the batch is then scaled, normalised and flipped in one go.
+Sizes are checked from the header before any byte is decoded, as on the per-sample path; an image
+the device cannot decode falls back to the CPU decoder on its own, and one nobody can decode is
+skipped with its reason, never the batch.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as F
+from PIL import ExifTags
+from timm.data.transforms import MaybeToTensor, RandomResizedCropAndInterpolation
+from torchvision import transforms as T
+from torchvision.io import ImageReadMode, decode_jpeg
+from torch.utils.data import Dataset
+
+from .. import seeds
+from .images import check_size, decode, open_image, open_lazily
+from .batch import Batch
+
+_GEOMETRY = (RandomResizedCropAndInterpolation, T.RandomResizedCrop, T.Resize, T.CenterCrop)
+_TO_TENSOR = (MaybeToTensor, T.ToTensor)
+_SUPPORTED = (*_GEOMETRY, *_TO_TENSOR, T.RandomHorizontalFlip, T.Normalize)
+
+
+@dataclass(frozen=True)
+class TensorView:
+    """A transform's steps (timm's and torchvision's crop, resize, flip, to-tensor, normalize),
+    run on uint8 image tensors: per image until the size is fixed, then on the whole batch."""
+
+    steps: tuple
+
+    @classmethod
+    def of(cls, transform) -> "TensorView | None":
+        """The transform as tensor steps, or None where it has a step this pipeline does not run
+        (colour jitter, auto-augment, …): such views stay on the per-sample path."""
+        steps = tuple(getattr(transform, "transforms", [transform]))
+        if not all(isinstance(step, _SUPPORTED) for step in steps):
+            return None
+        if sum(isinstance(step, _TO_TENSOR) for step in steps) != 1:
+            return None
+        return cls(steps)
+
+    def draw(self, width: int, height: int, item_seed: int | None, index: int) -> tuple:
+        """The view's random choices for an image of this size: the per-sample path's own draws,
+        in its order, from the same seeds (seeds.item_random)."""
+        def draws() -> tuple:
+            chosen, size = [], torch.empty((0, height, width))  # a size without pixels
+            for step in self.steps:
+                if isinstance(step, (RandomResizedCropAndInterpolation, T.RandomResizedCrop)):
+                    chosen.append(step.get_params(size, step.scale, step.ratio))
+                    size = torch.empty((0, *step.size))
+                elif isinstance(step, T.RandomHorizontalFlip):
+                    chosen.append(bool(torch.rand(1) < step.p))
+                else:
+                    chosen.append(None)
+                    if isinstance(step, (T.Resize, T.CenterCrop)):
+                        size = step(size) if isinstance(step, T.CenterCrop) else _resized(size, step)
+            return tuple(chosen)
+
+        if item_seed is None:
+            return draws()
+        with seeds.item_random(item_seed, index):
+            return draws()
+
+    def geometry(self, image: torch.Tensor, chosen: tuple) -> torch.Tensor:
+        """One uint8 CHW image cropped, resized and flipped to the view's size (still uint8)."""
+        for step, choice in zip(self.steps, chosen):
+            if isinstance(step, _TO_TENSOR):
+                break
+            if isinstance(step, (RandomResizedCropAndInterpolation, T.RandomResizedCrop)):
+                top, left, h, w = choice
+                image = F.resized_crop(image, top, left, h, w, list(step.size), _mode(step.interpolation),
+                                       antialias=True)
+            elif isinstance(step, T.RandomHorizontalFlip):
+                image = image.flip(-1) if choice else image
+            else:
+                image = step(image)  # Resize and CenterCrop run on tensors as they do on PIL images
+        return image
+
+    def finish(self, batch: torch.Tensor, chosen: list[tuple]) -> torch.Tensor:
+        """The steps from to-tensor on, for the whole uint8 NCHW batch at once."""
+        after = False
+        for i, step in enumerate(self.steps):
+            if isinstance(step, _TO_TENSOR):
+                after, batch = True, batch.float().div_(255)
+            elif after and isinstance(step, T.Normalize):
+                mean = torch.as_tensor(step.mean, device=batch.device).view(1, -1, 1, 1)
+                std = torch.as_tensor(step.std, device=batch.device).view(1, -1, 1, 1)
+                batch = batch.sub_(mean).div_(std)
+            elif after and isinstance(step, T.RandomHorizontalFlip):
+                flip = torch.tensor([c[i] for c in chosen], device=batch.device)
+                batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
+        return batch
+
+
+def _mode(interpolation):
+    return interpolation if isinstance(interpolation, T.InterpolationMode) else T.InterpolationMode(interpolation)
+
+
+def _resized(size: torch.Tensor, step: T.Resize) -> torch.Tensor:
+    h, w = size.shape[-2:]
+    if isinstance(step.size, int) or len(step.size) == 1:
+        short = step.size if isinstance(step.size, int) else step.size[0]
+        h, w = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+    else:
+        h, w = step.size
+    return torch.empty((0, h, w))
+
+
+# --- the workers' side: read, check, draw ---------------------------------------------------
+
+_ORIENTATION = next(k for k, v in ExifTags.TAGS.items() if v == "Orientation")
+
+
+def _as_tensor(pixels) -> torch.Tensor:
+    return torch.as_tensor(pixels).permute(2, 0, 1)  # HWC uint8 -> CHW (a view)
+
+
+def read(item, jpeg_bytes: bool = True) -> tuple[str, torch.Tensor, int, int]:
+    """("jpeg", file bytes, w, h) for what the GPU decoder may take, else ("pixels", uint8 CHW, w, h)."""
+    if jpeg_bytes and isinstance(item, (str, Path)):
+        with open_lazily(item) as header:
+            check_size(header.width, header.height)
+            plain = (header.format == "JPEG" and header.mode in ("RGB", "L")
+                     and header.getexif().get(_ORIENTATION, 1) == 1)
+            width, height = header.size
+        if plain:
+            return "jpeg", torch.frombuffer(bytearray(Path(item).read_bytes()), dtype=torch.uint8), width, height
+    tensor = _as_tensor(item.pixels() if hasattr(item, "pixels") else np.asarray(open_image(item)))
+    return "pixels", tensor, tensor.shape[-1], tensor.shape[-2]
+
+
+@dataclass
+class RawBatch:
+    """What the workers hand over: per image its payload kind and data, its draws, its label."""
+
+    kinds: list[str]
+    data: list[torch.Tensor]
+    chosen: list[tuple]
+    names: list[str]
+    labels: torch.Tensor
+    indices: torch.Tensor
+    skipped: list[tuple[str, str]]
+    skipped_indices: list[int]
+
+
+class RawImageDataset(Dataset):
+    """Each image read (not decoded where the device decodes it) with its view's draws; an image
+    that cannot be read is reported, as on the per-sample path."""
+
+    def __init__(self, images, view: TensorView, item_seed: int | None = None, jpeg_bytes: bool = True):
+        self.images, self.view, self.item_seed, self.jpeg_bytes = images, view, item_seed, jpeg_bytes
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, key):
+        seed, index = key if isinstance(key, tuple) else (self.item_seed, key)
+        item = self.images.items[index]
+        try:
+            kind, data, width, height = read(item, self.jpeg_bytes)
+            chosen = self.view.draw(width, height, seed, index)
+        except Exception as exc:  # any reading failure: report it, keep the run alive
+            return None, str(item), f"{exc.__class__.__name__}: {exc}", index
+        return (kind, data, chosen, str(item)), self.images.labels[index], index
+
+
+def collate_raw(samples) -> RawBatch:
+    good = [s for s in samples if s[0] is not None]
+    bad = [s for s in samples if s[0] is None]
+    return RawBatch([s[0][0] for s in good], [s[0][1] for s in good], [s[0][2] for s in good],
+                    [s[0][3] for s in good], torch.tensor([s[1] for s in good], dtype=torch.long),
+                    torch.tensor([s[2] for s in good], dtype=torch.long),
+                    [(s[1], s[2]) for s in bad], [s[3] for s in bad])
+
+
+# --- the device's side: decode, augment ------------------------------------------------------
+
+@lru_cache(maxsize=None)
+def device_decodes_jpeg(device: str) -> bool:
+    """Whether torchvision decodes JPEGs on `device` (nvJPEG on CUDA): tried once on a tiny image."""
+    if not device.startswith("cuda"):
+        return False
+    try:
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.new("RGB", (16, 16), (200, 30, 30)).save(buffer, format="JPEG")
+        data = torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8)
+        return nvjpeg_batch([data], torch.device(device))[0].shape == (3, 16, 16)
+    except Exception:  # no nvJPEG in this build, or no usable GPU: workers decode instead
+        return False
+
+
+def _decode_one(data: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One JPEG on the device, else on the CPU with PIL (what the per-sample path would decode)."""
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+    except Exception:
+        image = decode(io.BytesIO(data.numpy().tobytes()))
+        return _as_tensor(np.asarray(image)).to(device)
+
+
+def nvjpeg_batch(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """JPEGs decoded on the GPU as one batch (nvJPEG): one bad file fails the whole call."""
+    return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
+
+
+def decode_all(kinds: list[str], data: list[torch.Tensor], device: torch.device, batch_decode=None) -> list:
+    """Each payload as a uint8 CHW tensor on `device`, or the exception that stopped it. JPEGs go
+    through `batch_decode` as one batch where there is one; if that fails, one by one: a bad
+    file costs only itself."""
+    out: list = [None] * len(data)
+    jpegs = [i for i, kind in enumerate(kinds) if kind == "jpeg"]
+    if jpegs and batch_decode is not None:
+        try:
+            for i, image in zip(jpegs, batch_decode([data[i] for i in jpegs], device), strict=True):
+                out[i] = image
+        except Exception:
+            out = [None] * len(data)
+    for i, kind in enumerate(kinds):
+        if out[i] is not None:
+            continue
+        try:
+            out[i] = _decode_one(data[i], device) if kind == "jpeg" else data[i].to(device, non_blocking=True)
+        except Exception as exc:
+            out[i] = exc
+    return out
+
+
+def runs_batched(transform, batched_on: torch.device | None) -> bool:
+    """Whether a loader with this transform goes through the batched pipeline."""
+    return batched_on is not None and TensorView.of(transform) is not None
+
+
+class DevicePipeline:
+    """RawBatch -> Batch: decoded and augmented on `device`, channels_last, float32 (under bf16 or
+    fp16 autocast the first layer casts it, as it does the per-sample path's batches)."""
+
+    def __init__(self, view: TensorView, device: torch.device, channels_last: bool = True, batch_decode=None):
+        self.view, self.device, self.channels_last = view, torch.device(device), channels_last
+        self.batch_decode = batch_decode or (nvjpeg_batch if device_decodes_jpeg(str(self.device)) else None)
+
+    def __call__(self, raw: RawBatch) -> Batch:
+        skipped, skipped_indices = list(raw.skipped), list(raw.skipped_indices)
+        images, keep = [], []
+        for i, image in enumerate(decode_all(raw.kinds, raw.data, self.device, self.batch_decode)):
+            if isinstance(image, Exception):
+                skipped.append((raw.names[i], f"{image.__class__.__name__}: {image}"))
+                skipped_indices.append(int(raw.indices[i]))
+                continue
+            images.append(self.view.geometry(image, raw.chosen[i]))
+            keep.append(i)
+        if not images:
+            empty = torch.empty(0, dtype=torch.long)
+            return Batch(torch.empty(0), empty, empty, skipped, skipped_indices)
+        batch = self.view.finish(torch.stack(images), [raw.chosen[i] for i in keep])
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        keep_t = torch.tensor(keep, dtype=torch.long)
+        return Batch(batch, raw.labels[keep_t], raw.indices[keep_t], skipped, skipped_indices)
+
+
+class DeviceBatches:
+    """A DataLoader of RawBatches seen as Batches: each decoded and augmented as it is taken."""
+
+    def __init__(self, loader, pipeline: DevicePipeline):
+        self.loader, self.pipeline = loader, pipeline
+
+    @property
+    def batch_sampler(self):
+        return self.loader.batch_sampler
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for raw in self.loader:
+            yield self.pipeline(raw)

@@ -1,0 +1,199 @@
+"""The batched image pipeline (--pipeline gpu), run on CPU tensors: the same views as the per-sample
+path (same crops and flips from the same seeds; interpolation within a grey level), the GPU decoder's
+fallbacks, and whole runs through it."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from conftest import require_shared
+from warmstart.data.batched import (DevicePipeline, RawImageDataset, TensorView, collate_raw, decode_all,
+                                    device_decodes_jpeg, read)
+from warmstart.data.loaders import EpochBatches, ImageDataset, collate_skipping, make_loader
+from warmstart.data.sources import resolve_splits
+from warmstart.data.transforms import data_config_for, eval_transform, mirrored_eval_transform, train_transform
+
+CPU = torch.device("cpu")
+LEVEL = 1 / 255 / 0.5  # one grey level in the bundled models' normalisation (std 0.5)
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")  # torchvision 0.29
+
+
+def _woof(n: int = 24):
+    root = require_shared("imagewoof-mini")
+    val = resolve_splits(str(root), 0.0, 0)["val"]
+    return val.subset(range(0, len(val), max(1, len(val) // n))[:n])
+
+
+def _both(images, transform, seed):
+    """The per-sample path's batch and the batched pipeline's (JPEG bytes decoded here)."""
+    view = TensorView.of(transform)
+    pil = collate_skipping([ImageDataset(images, transform, seed)[i] for i in range(len(images))])
+    raw = collate_raw([RawImageDataset(images, view, seed)[i] for i in range(len(images))])
+    return pil, DevicePipeline(view, CPU, channels_last=False)(raw), raw
+
+
+@pytest.mark.parametrize("which", ["eval", "train", "mirror", "imagenet-bilinear-train"])
+def test_views_match_the_per_sample_path_on_real_photos(which):
+    images = _woof()
+    config = {"input_size": (3, 224, 224), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+              "crop_pct": 0.875}
+    transform = {"eval": lambda: eval_transform(config), "train": lambda: train_transform(config, "standard"),
+                 "mirror": lambda: mirrored_eval_transform(config),
+                 "imagenet-bilinear-train": lambda: train_transform(
+                     {**config, "interpolation": "bilinear", "mean": (0.485, 0.456, 0.406),
+                      "std": (0.229, 0.224, 0.225)}, "standard")}[which]()
+    pil, batched, raw = _both(images, transform, 1234 if "train" in which else None)
+    assert raw.kinds == ["jpeg"] * len(images)  # plain photos travel as bytes
+    assert batched.images.shape == pil.images.shape == (len(images), 3, 224, 224)
+    assert torch.equal(batched.labels, pil.labels)
+    std = torch.tensor(next(t for t in transform.transforms if isinstance(t, T.Normalize)).std).view(1, 3, 1, 1)
+    levels = (batched.images - pil.images).abs() * std * 255  # in grey levels of the 8-bit image
+    # the same crop and flip: what differs is torch's antialiased kernel against PIL's (and rounding)
+    assert float(levels.mean()) < 0.3, float(levels.mean())
+    assert float(levels.flatten().quantile(0.99)) <= 1.01
+
+
+def test_a_view_depends_only_on_seed_and_index():
+    images = _woof(16)
+    transform = train_transform(data_config_for_lite0(), "standard")
+    seen = {}
+    for workers, seed in ((0, 5), (2, 5)):
+        order = EpochBatches(images.labels, 4, seed)
+        order.set_epoch(1)
+        for batch in make_loader(images, transform, 4, workers, order, batched_on=CPU):
+            for index, image in zip(batch.indices.tolist(), batch.images):
+                if index in seen:
+                    assert torch.equal(seen[index], image)
+                seen[index] = image
+    assert len(seen) == len(images)
+    again = EpochBatches(images.labels, 4, 5)
+    again.set_epoch(2)  # another epoch: other crops
+    batch = next(iter(make_loader(images, transform, 4, 0, again, batched_on=CPU)))
+    assert not torch.equal(batch.images[0], seen[int(batch.indices[0])])
+
+
+def data_config_for_lite0():
+    return {"input_size": (3, 96, 96), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+            "crop_pct": 0.875}
+
+
+def _photo(path, mode="RGB", fmt="JPEG", orientation=None, size=(120, 90)):
+    rng = np.random.default_rng(len(str(path)))
+    image = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
+    kwargs = {}
+    if orientation:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        kwargs["exif"] = exif.tobytes()
+    image.save(path, format=fmt, **kwargs)
+    return str(path)
+
+
+@pytest.fixture()
+def odd_files(tmp_path):
+    from warmstart.data.imageset import ImageSet
+
+    good = _photo(tmp_path / "plain.jpg")
+    files = {
+        "plain": good, "grey": _photo(tmp_path / "grey.jpg", "L"), "cmyk": _photo(tmp_path / "cmyk.jpg", "CMYK"),
+        "png": _photo(tmp_path / "image.png", fmt="PNG"), "rotated": _photo(tmp_path / "rotated.jpg", orientation=6),
+    }
+    broken = tmp_path / "broken.jpg"  # a JPEG header, then noise: readable header, undecodable body
+    data = open(good, "rb").read()
+    broken.write_bytes(data[:600] + bytes(np.random.default_rng(0).integers(0, 255, 4000, dtype=np.uint8)))
+    (tmp_path / "text.jpg").write_text("not an image")
+    files["broken"], files["text"] = str(broken), str(tmp_path / "text.jpg")
+    names = list(files)
+    return names, ImageSet([files[n] for n in names], list(range(len(names))), [f"c{i}" for i in range(len(names))],
+                           names)
+
+
+def test_what_the_gpu_decoder_cannot_take_is_decoded_on_the_cpu(odd_files):
+    names, images = odd_files
+    view = TensorView.of(eval_transform(data_config_for_lite0()))
+    kinds = {}
+    for name, item in zip(names, images.items):
+        try:
+            kinds[name] = read(item)[0]
+        except Exception:
+            kinds[name] = "unreadable"
+    assert kinds == {"plain": "jpeg", "grey": "jpeg", "cmyk": "pixels", "png": "pixels", "rotated": "pixels",
+                     "broken": "jpeg", "text": "unreadable"}
+    assert read(images.items[names.index("rotated")])[1].shape == (3, 120, 90)  # EXIF rotation applied
+    pil = collate_skipping([ImageDataset(images, eval_transform(data_config_for_lite0()))[i] for i in range(len(names))])
+    batch = DevicePipeline(view, CPU, channels_last=False)(
+        collate_raw([RawImageDataset(images, view)[i] for i in range(len(names))]))
+    # every image PIL decodes is in the batch (the broken one too where PIL makes something of it)
+    assert batch.indices.tolist() == pil.indices.tolist()
+    assert sorted(i for i in batch.skipped_indices) == sorted(pil.skipped_indices)
+    assert names.index("text") in batch.skipped_indices
+    assert (batch.images - pil.images).abs().mean() < 0.3 * LEVEL
+
+
+def test_a_failing_batch_decode_falls_back_image_by_image(odd_files):
+    names, images = odd_files
+    jpegs = [i for i, n in enumerate(names) if n in ("plain", "grey", "broken")]
+    payloads = [read(images.items[i]) for i in jpegs]
+    kinds, data = [p[0] for p in payloads], [p[1] for p in payloads]
+    calls = []
+
+    def batch_decode(batch, device):  # as nvJPEG: one bad file fails the whole call
+        calls.append(len(batch))
+        return decode_jpeg(batch, mode=ImageReadMode.RGB, device=device)
+
+    decoded = decode_all(kinds, data, CPU, batch_decode)
+    assert calls == [3]
+    assert [d.shape if isinstance(d, torch.Tensor) else "error" for d in decoded][:2] == [(3, 90, 120)] * 2
+    assert torch.equal(decoded[0], decode_jpeg(data[0], mode=ImageReadMode.RGB))
+    good_only = decode_all(kinds[:2], data[:2], CPU, batch_decode)
+    assert calls == [3, 2] and all(isinstance(d, torch.Tensor) for d in good_only)
+
+
+def test_views_the_pipeline_cannot_run_stay_per_sample():
+    jitter = T.Compose([T.RandomResizedCrop(64), T.ColorJitter(0.4), T.ToTensor()])
+    assert TensorView.of(jitter) is None
+    assert isinstance(make_loader(_woof(4), jitter, 2, 0, batched_on=CPU), torch.utils.data.DataLoader)
+    assert not device_decodes_jpeg("cpu")  # a CPU's workers decode; bytes travel only to a GPU
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is visible: --pipeline gpu is no mistake")
+def test_pipeline_gpu_without_cuda_is_one_line(tmp_path, color_tree, capsys):
+    from warmstart.cli import main
+
+    code = main(["train", "--data", str(color_tree), "--out", str(tmp_path / "run"), "--pipeline", "gpu",
+                 "--epochs", "1", "--input-size", "64"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "--pipeline gpu needs a CUDA GPU" in err, err
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["feature-extractor", "fine-tune"])
+def test_runs_through_the_batched_pipeline(tmp_path, color_tree, monkeypatch, recipe):
+    """A whole run with the batched pipeline on CPU tensors (what --pipeline gpu runs on a GPU):
+    every loader goes through it, and the run matches the per-sample path's, epoch by epoch."""
+    import warmstart
+    from warmstart.data import batched
+    from warmstart.train import runtime
+
+    settings = {"data": str(color_tree), "recipe": recipe, "epochs": 2, "batch_size": 8, "input_size": 64,
+                "workers": 0, "quiet": True, "seed": 0, "lr": 0.01 if recipe == "feature-extractor" else 1e-3}
+    per_sample = warmstart.train(warmstart.RunConfig.from_dict({**settings, "out": str(tmp_path / "per-sample")}))
+    calls = []
+    original = batched.DevicePipeline.__call__
+    monkeypatch.setattr(batched.DevicePipeline, "__call__", lambda self, raw: calls.append(1) or original(self, raw))
+    monkeypatch.setattr(runtime, "resolve_pipeline", lambda choice, device: "gpu")
+    result = warmstart.train(warmstart.RunConfig.from_dict({**settings, "out": str(tmp_path / "batched")}))
+    # training views, validation and the final evaluation: 36 train + 12 val images, batches of 8 (64 to evaluate)
+    assert len(calls) >= (3 if recipe == "feature-extractor" else 2 * 5 + 2)
+    for ours, theirs in zip(result.history, per_sample.history, strict=True):
+        assert abs(ours["train_loss"] - theirs["train_loss"]) < 0.02 * max(1.0, theirs["train_loss"])
+    if recipe == "feature-extractor":  # (two epochs of fine-tuning leave val images on the fence: not compared)
+        assert result.metrics["top1"] == per_sample.metrics["top1"] == 1.0
