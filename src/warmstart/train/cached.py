@@ -179,11 +179,13 @@ class CachedBatches:
             check()
             idx = torch.as_tensor([i for _, i in keys])
             source = idx if self.rows is None else self.rows[idx]
-            if len(self.views) > 1:
+            x = self.views[0][source]
+            if len(self.views) > 1:  # one gather per view, not one copy per image
                 view = torch.randint(len(self.views), (len(idx),), generator=self.view_choice)
-                x = torch.stack([self.views[int(v)][int(r)] for v, r in zip(view, source)])
-            else:
-                x = self.views[0][source]
+                for v in range(1, len(self.views)):
+                    chosen = torch.nonzero(view == v).flatten()
+                    if len(chosen):
+                        x[chosen.to(x.device)] = self.views[v][source[chosen]].to(x.device)
             y = self.labels[idx]
             yield self.to_input(x), y, y
         self.epoch += 1
