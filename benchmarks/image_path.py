@@ -24,6 +24,21 @@ def images_per_sec(images, transform) -> float:
     return len(dataset) / timer.seconds
 
 
+def batched_per_sec(images, transform, batch: int = 32) -> float:
+    """The batched pipeline on CPU tensors (data.batched): JPEG bytes decoded by torchvision (cache
+    entries as they are), cropped and resized with torch's antialiased kernels, a batch at a time."""
+    import torch
+
+    from warmstart.data.batched import DevicePipeline, RawImageDataset, TensorView, collate_raw
+
+    view = TensorView.of(transform)
+    raw, pipeline = RawImageDataset(images, view, item_seed=0), DevicePipeline(view, torch.device("cpu"))
+    with Timer() as timer:
+        for start in range(0, len(images), batch):
+            pipeline(collate_raw([raw[i] for i in range(start, min(start + batch, len(images)))]))
+    return len(images) / timer.seconds
+
+
 def decoded_per_sec(images) -> float:
     """Decoding alone: original JPEG -> RGB image, or the store's pixels -> RGB image."""
     from warmstart.data.images import open_image
@@ -54,11 +69,19 @@ def run(quick: bool = False) -> dict:
             "cache_eval_images_per_sec": images_per_sec(cached, evaluation),
             "jpeg_train_images_per_sec": images_per_sec(images, training),
             "cache_train_images_per_sec": images_per_sec(cached, training),
+            "batched_jpeg_eval_images_per_sec": batched_per_sec(images, evaluation),
+            "batched_cache_eval_images_per_sec": batched_per_sec(cached, evaluation),
+            "batched_jpeg_train_images_per_sec": batched_per_sec(images, training),
+            "batched_cache_train_images_per_sec": batched_per_sec(cached, training),
         }
     finally:
         shutil.rmtree(work, ignore_errors=True)
     result["decode_ratio"] = result["cache_decode_images_per_sec"] / result["jpeg_decode_images_per_sec"]
     result["eval_ratio"] = result["cache_eval_images_per_sec"] / result["jpeg_eval_images_per_sec"]
     result["train_ratio"] = result["cache_train_images_per_sec"] / result["jpeg_train_images_per_sec"]
+    for view in ("eval", "train"):  # against the per-sample path on the original JPEGs
+        for source in ("jpeg", "cache"):
+            result[f"batched_{source}_{view}_ratio"] = (result[f"batched_{source}_{view}_images_per_sec"]
+                                                        / result[f"jpeg_{view}_images_per_sec"])
     save("image_path" + ("_quick" if quick else ""), result)
     return result

@@ -40,7 +40,7 @@ class PreResized:
     def pixels(self) -> np.ndarray:
         store = _STORES.get(self.store)
         if store is None:
-            store = _STORES[self.store] = np.memmap(self.store, dtype=np.uint8, mode="r")
+            store = _STORES[self.store] = np.memmap(self.store, dtype=np.uint8, mode="c")  # writable views, never written
         size = self.height * self.width * 3
         return np.asarray(store[self.offset:self.offset + size]).reshape(self.height, self.width, 3)
 
