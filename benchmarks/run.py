@@ -11,11 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import feature_extractor, fine_tune, hard_set, image_path, recipes, serve_load
+from . import ensembles, feature_extractor, fine_tune, gpu, hard_set, image_path, recipes, serve_load
 from .common import RESULTS, ROOT
 
 SUITES = {"feature_extractor": feature_extractor, "fine_tune": fine_tune, "image_path": image_path,
-          "serve_load": serve_load, "recipes": recipes, "hard_set": hard_set}
+          "serve_load": serve_load, "recipes": recipes, "hard_set": hard_set, "ensembles": ensembles}
+# benchmarks/gpu.py runs on its own, on a GPU; its results are rendered here like the others'
 
 
 def _machine_line(m: dict) -> str:
@@ -153,8 +154,33 @@ def _hard_set(r: dict) -> list[str]:
     return lines
 
 
+def _ensembles(r: dict) -> list[str]:
+    lines = [f"### 8. Feature ensembles on the hard set ({'quick: ' if r['quick'] else ''}{r['train_images']} train / "
+             f"{r['val_images']} val photos)", "", f"Machine: {_machine_line(r['machine'])}", "",
+             "`--recipe best`'s features and head (1.3x input, whole image, bf16, L-BFGS logistic regression, "
+             "flip TTA) on each bundled backbone, on their concatenation (what `--model a+b` would train), and as "
+             "separate heads with averaged probabilities. An ensemble costs the sum of its backbones' `best` "
+             "times (§7).", "", "| backbones | how | val top-1 |", "| --- | --- | ---: |"]
+    for row in r["rows"]:
+        lines.append(f"| {' + '.join(row['models'])} | {row['how']} | {100 * row['top1']:.2f}% |")
+    single, ensemble = r["best_single"], r["best_ensemble"]
+    verdict = ("an ensemble beats" if r["ensemble_wins"] else "no ensemble beats")
+    lines += ["", f"Result: {verdict} the best single backbone ({single['models'][0]}, {100 * single['top1']:.2f}%"
+              + (f"; best ensemble {100 * ensemble['top1']:.2f}%" if ensemble else "") + ").", ""]
+    return lines
+
+
+def _gpu(r: dict) -> list[str]:
+    from .gpu import table
+
+    return [f"### 9. One GPU kept busy ({'smoke: ' if r['smoke'] else ''}{r['train_rows']} train rows, "
+            f"{r['val_images']} val photos)", "", f"Machine: {_machine_line(r['machine'])}", "", table(r), "",
+            "Targets: " + ", ".join(f"{k} {'met' if v else 'not met'}" for k, v in r["targets"].items()) + ".", ""]
+
+
 RENDER = {"feature_extractor": _feature_extractor, "fine_tune": _fine_tune, "image_path": _image_path,
-          "serve_load": _serve_load, "recipes": _recipes, "hard_set": _hard_set}
+          "serve_load": _serve_load, "recipes": _recipes, "hard_set": _hard_set, "ensembles": _ensembles,
+          "gpu": _gpu}
 
 
 def write_markdown() -> None:
@@ -163,8 +189,8 @@ def write_markdown() -> None:
              "comparison runs warmstart and its baseline in the same process, on the same images and machine. "
              "Raw results: `benchmarks/results/`.", ""]
     notes = ROOT / "benchmarks" / "NOTES.md"
-    for name in ("feature_extractor", "fine_tune", "image_path", "serve_load", "recipes", "hard_set"):
-        for variant in (name, f"{name}_quick"):
+    for name in RENDER:
+        for variant in (name, f"{name}_quick") if name != "gpu" else ("gpu",):  # a smoke run is no result
             path = RESULTS / f"{variant}.json"
             if path.is_file():
                 lines += RENDER[name](json.loads(path.read_text()))

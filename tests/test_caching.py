@@ -168,3 +168,28 @@ def test_boundary_cache_trains_the_tail_like_the_whole_model(color_tree, tmp_pat
     # the frozen prefix really stayed frozen
     before, _, _ = create_model("efficientnet_lite0", 3, "bundled")
     assert all(torch.equal(before.state_dict()[k], b[k]) for k in b if k.startswith(("conv_stem", "blocks.0.")))
+
+
+def test_every_view_and_split_is_extracted_through_one_loader(color_tree, tmp_path, monkeypatch, lite0):
+    """One set of loader workers for all of a run's passes (no start-up per view), with the same
+    features as extracting each view on its own; a second call computes nothing."""
+    from warmstart.data import loaders
+
+    splits = resolve_splits(str(color_tree), 0.2, 0)
+    config = data_config_for(lite0, 64)
+    views = [(fc.View("train", eval_transform(config)), splits["train"]),
+             (fc.View("train", train_transform(config, "standard"), 1, 11), splits["train"]),
+             (fc.View("val", eval_transform(config)), splits["val"])]
+    made = []
+    original = loaders._data_loader
+    monkeypatch.setattr(loaders, "_data_loader", lambda *args, **kw: made.append(1) or original(*args, **kw))
+    forward = pre_logits(lite0)
+    together = fc.FeatureCache(tmp_path / "one", "lite0").features_of(views, forward, 8, 2, "cpu")
+    assert len(made) == 1 and [t.computed for t in together] == [len(splits["train"])] * 2 + [len(splits["val"])]
+    alone = [fc.FeatureCache(tmp_path / "each", "lite0").features(view, images, forward, 8, 0, "cpu")
+             for view, images in views]
+    assert len(made) == 4
+    for a, b in zip(together, alone):
+        assert torch.allclose(a.features, b.features, atol=1e-5) and bool(a.valid.all())
+    again = fc.FeatureCache(tmp_path / "one", "lite0").features_of(views, forward, 8, 2, "cpu")
+    assert len(made) == 4 and [a.computed for a in again] == [0, 0, 0]

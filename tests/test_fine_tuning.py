@@ -215,3 +215,26 @@ def test_lbfgs_head_is_the_l2_logistic_regression_scikit_learn_fits():
         RunConfig(data="x", optimizer="lbfgs", strategy="fine-tune").validated()
     with pytest.raises(UserError, match="lbfgs fits the head"):
         RunConfig(data="x", optimizer="lbfgs", augment="standard").validated()
+
+
+def test_the_printed_recipe_settings_are_a_command_line_that_runs_the_recipe():
+    """What `warmstart recipes` prints for each recipe, pasted after `train`, gives that recipe's config."""
+    from warmstart.cli import build_parser, config_from_args
+    from warmstart.recipes import command_line
+
+    for name, recipe in RECIPES.items():
+        argv = ["train", "--data", "x", *command_line(recipe.settings).split()]
+        pasted = config_from_args(build_parser().parse_args(argv))
+        assert pasted.replace(recipe=name) == RunConfig.from_dict({"recipe": name, "data": "x"}), name
+
+
+def test_recommendation_follows_the_measured_rule():
+    from warmstart.recipes import recommend
+
+    small = recommend(25, False, ["efficientnet_lite0"])
+    assert (small.recipe, small.model) == ("best", "efficientnet_lite0") and "warmstart[zoo]" in small.why
+    zoo = recommend(25, True, ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+    assert zoo.model == "efficientnet_lite2" and "lp-ft" not in zoo.why and "zoo" not in zoo.why
+    many = recommend(150, True, ["efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"])
+    assert many.recipe == "best" and "--recipe lp-ft" in many.why
+    assert "lp-ft" not in recommend(150, False, ["efficientnet_lite0"]).why  # a CPU: no whole-network epochs

@@ -11,7 +11,7 @@ from dataclasses import fields
 
 from .config import GROUPS, RunConfig, field_kind
 from .errors import UserError
-from .recipes import RECIPES
+from .recipes import RECIPES, command_line, recommend
 from .run_dir import RunDir
 from .stop import Stopped
 
@@ -100,7 +100,8 @@ def _add_training_commands(sub) -> None:
     sweep.add_argument("--end-lr", type=float, default=10.0)
     sweep.add_argument("--steps", type=int, default=100, help="optimizer steps in the sweep")
 
-    sub.add_parser("recipes", help="list the --recipe presets: what each does and costs")
+    rc = sub.add_parser("recipes", help="list the --recipe presets (what each does and costs) and recommend one")
+    rc.add_argument("--data", default=None, help="your data: the recommendation weighs its photos per class")
 
     tn = sub.add_parser("tune", help="hyper-parameter search (Optuna): each trial a training run, scored by val top-1")
     tn.add_argument("--config", required=True, help="base run config (YAML); the space's settings are drawn over it")
@@ -268,10 +269,23 @@ def _cmd_tune(args) -> int:
 
 
 def _cmd_recipes(args) -> int:
+    import torch
+
+    from .models.registry import installed_bundled
+
+    per_class = None
+    if args.data:
+        from .data.sources import resolve_splits
+
+        train = resolve_splits(args.data, 0.0, 0)["train"]
+        per_class = len(train) / max(1, len(train.class_ids))
+    gpu = torch.cuda.is_available()
+    advice = recommend(per_class, gpu, installed_bundled())
+    device = "a GPU" if gpu else "a CPU"
+    where = f"{per_class:.0f} photos per class on {device}" if per_class is not None else device
+    print(f"recommended ({where}): --recipe {advice.recipe} --model {advice.model}\n  why: {advice.why}\n")
     for recipe in RECIPES.values():
-        settings = " ".join(f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-                            for k, v in recipe.settings.items())
-        print(f"{recipe.name}\n  {recipe.summary}\n  cost: {recipe.cost}\n  settings: {settings}\n")
+        print(f"{recipe.name}\n  {recipe.summary}\n  cost: {recipe.cost}\n  settings: {command_line(recipe.settings)}\n")
     return 0
 
 

@@ -96,10 +96,15 @@ class Outputs:
 def compute_outputs(model, images: ImageSet, transform, batch_size: int, workers: int | None,
                     runtime: Runtime | None = None, forward=None, progress=None) -> Outputs:
     """Run `forward` (default: the model) over a split, in order, on the runtime's device and pipeline."""
-    forward = forward or model
     device = runtime.device if runtime is not None else torch.device("cpu")
     model.eval()
     loader = make_loader(images, transform, batch_size, workers, batched_on=runtime and runtime.batched_on)
+    return outputs_of(loader, forward or model, device, progress)
+
+
+@torch.inference_mode()
+def outputs_of(loader, forward, device, progress=None) -> Outputs:
+    """`forward` over every batch of a loader (its modules already in eval mode), in order."""
     outputs, labels, indices, skipped = [], [], [], []
     start = time.perf_counter()
     with StopRequest():

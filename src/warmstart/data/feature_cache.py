@@ -28,7 +28,7 @@ from numpy.lib.format import open_memmap
 from ..stop import StopRequest, Stopped, requested
 from .fingerprint import fingerprint_items, fingerprint_json
 from .batched import runs_batched
-from .loaders import make_loader
+from .loaders import Pass, passes_loader
 from .imageset import ImageSet
 
 FORMAT_VERSION = 2
@@ -118,18 +118,30 @@ class FeatureCache:
                  progress=None, batched_on=None) -> CachedFeatures:
         """The features of every image, from the cache where complete, computing what is missing
         (decoded on `batched_on` where the run's pipeline is the batched one)."""
-        key = self.key(images, view, runs_batched(view.transform, batched_on))
-        store = _Store(self, self.folder(view.name, key), key, len(images))
-        todo = np.flatnonzero(store.status == PENDING)
-        start = time.perf_counter()
-        if len(todo):
-            if progress is not None:
-                progress(len(images) - len(todo))
-            loader = make_loader(images.subset(todo.tolist()), view.transform, batch_size, workers,
-                                 item_seed=view.item_seed, batched_on=batched_on)
-            _extract(store, todo, loader, forward, device, progress)
-        seconds = time.perf_counter() - start
-        return store.result(torch.as_tensor(images.labels, dtype=torch.long), seconds, int(len(todo)))
+        return self.features_of([(view, images)], forward, batch_size, workers, device, progress, batched_on)[0]
+
+    def features_of(self, requests: list[tuple[View, ImageSet]], forward, batch_size: int, workers: int | None,
+                    device, progress=None, batched_on=None) -> list[CachedFeatures]:
+        """Each (view, images)'s features, as `features`; what is missing in all of them is computed
+        through one loader (one set of workers for every view and split)."""
+        stores, todos = [], []
+        for view, images in requests:
+            key = self.key(images, view, runs_batched(view.transform, batched_on))
+            stores.append(_Store(self, self.folder(view.name, key), key, len(images)))
+            todos.append(np.flatnonzero(stores[-1].status == PENDING))
+        if progress is not None:
+            progress(sum(len(images) - len(todo) for (_, images), todo in zip(requests, todos)))
+        seconds = [0.0] * len(requests)
+        missing = [k for k, todo in enumerate(todos) if len(todo)]
+        if missing:
+            passes = [Pass(requests[k][1].subset(todos[k].tolist()), requests[k][0].transform,
+                           requests[k][0].item_seed) for k in missing]
+            spent = _extract([stores[k] for k in missing], [todos[k] for k in missing],
+                             passes_loader(passes, batch_size, workers, batched_on), forward, device, progress)
+            for k, value in zip(missing, spent):
+                seconds[k] = value
+        return [store.result(torch.as_tensor(images.labels, dtype=torch.long), seconds[k], int(len(todos[k])))
+                for k, (store, (_, images)) in enumerate(zip(stores, requests))]
 
 
 class _Store:
@@ -252,24 +264,38 @@ class _Store:
         return CachedFeatures(values, valid, labels, seconds, computed, [tuple(v) for v in self.skipped.values()])
 
 
-def _extract(store: _Store, todo: np.ndarray, loader, forward, device, progress) -> None:
-    """Compute the `todo` rows, committing every FLUSH_EVERY batches; a stop request commits what
-    is done and stops (the next call continues from there)."""
-    pending: list[int] = []
+def _extract(stores: list[_Store], todos: list[np.ndarray], loader, forward, device, progress) -> list[float]:
+    """Compute the `todo` rows of each store from the loader's (pass number, batch), committing every
+    FLUSH_EVERY batches; a stop request commits what is done and stops (the next call continues from
+    there). Returns the seconds spent on each store's batches."""
+    pending: list[list[int]] = [[] for _ in stores]
+    seconds = [0.0] * len(stores)
+
+    def commit() -> None:
+        for store, rows in zip(stores, pending):
+            store.commit(rows)
+            rows.clear()
+
     with torch.inference_mode(), StopRequest():
-        for count, batch in enumerate(loader, start=1):
+        last = time.perf_counter()
+        for count, (number, batch) in enumerate(loader, start=1):
+            store, todo = stores[number], todos[number]
             for (item, reason), index in zip(batch.skipped, batch.skipped_indices):
                 store.unreadable(int(todo[index]), item, reason)
             if len(batch.labels):
                 rows = todo[batch.indices.numpy()]
                 store.write(rows, forward(batch.images.to(device)).float().cpu())
-                pending.extend(rows.tolist())
+                pending[number].extend(rows.tolist())
             if progress is not None:
                 progress(len(batch.labels) + len(batch.skipped))
             if count % FLUSH_EVERY == 0 or requested() is not None:
-                store.commit(pending)
-                pending = []
+                commit()
             if requested() is not None:
-                kept = int((store.status != PENDING).sum())
-                raise Stopped(requested(), f"{kept} of {store.n} rows kept in {store.folder}")
-    store.commit(pending)
+                kept = sum(int((s.status != PENDING).sum()) for s in stores)
+                raise Stopped(requested(), f"{kept} of {sum(s.n for s in stores)} rows kept in "
+                                           f"{', '.join(str(s.folder) for s in stores)}")
+            now = time.perf_counter()
+            seconds[number] += now - last
+            last = now
+    commit()
+    return seconds

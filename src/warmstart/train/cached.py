@@ -48,18 +48,26 @@ def boundary_fingerprint(prefix: torch.nn.Module, arch: str, runtime: Runtime) -
 
 def cached(cache: FeatureCache, images, view: View, forward, session: Session) -> CachedFeatures:
     """The outputs of `forward` for every image of a split, from the cache or computed now."""
+    return cached_views(cache, [(images, view)], forward, session)[0]
+
+
+def cached_views(cache: FeatureCache, requests: list[tuple], forward, session: Session) -> list[CachedFeatures]:
+    """`cached` for several (images, view): what is missing is computed through one loader."""
     if session.dist.active:
-        return _cached_sharded(cache, images, view, forward, session)
+        return [_cached_sharded(cache, images, view, forward, session) for images, view in requests]
     config, reporter = session.config, session.reporter
-    with reporter.bar(len(images), f"features {view.label}") as bar:
-        out = cache.features(view, images, forward, max(config.batch_size, 64), config.workers,
-                             session.runtime.device, progress=bar.update, batched_on=session.runtime.batched_on)
-    if out.computed:
-        reporter.info(f"features of {out.computed} {view.label} images in {out.seconds:.1f}s "
-                      f"({out.computed / max(out.seconds, 1e-9):.1f} img/s)")
-    else:
-        reporter.info(f"features of {len(images)} {view.label} images from the cache")
-    return out
+    labels = ", ".join(view.label for _, view in requests)
+    with reporter.bar(sum(len(images) for images, _ in requests), f"features {labels}") as bar:
+        outs = cache.features_of([(view, images) for images, view in requests], forward, max(config.batch_size, 64),
+                                 config.workers, session.runtime.device, progress=bar.update,
+                                 batched_on=session.runtime.batched_on)
+    for (images, view), out in zip(requests, outs):
+        if out.computed:
+            reporter.info(f"features of {out.computed} {view.label} images in {out.seconds:.1f}s "
+                          f"({out.computed / max(out.seconds, 1e-9):.1f} img/s)")
+        else:
+            reporter.info(f"features of {len(images)} {view.label} images from the cache")
+    return outs
 
 
 def _cached_sharded(cache, images, view: View, forward, session: Session) -> CachedFeatures:
@@ -122,13 +130,13 @@ class CachedSplits:
         """The splits' views from the cache (computing what is missing). With `include_val` (a
         refit) val's images become training rows: under their own names, so val's un-augmented
         view is the one validation already cached."""
-        train = [cached(cache, splits["train"], v, forward, session) for v in training_views(session, "train" + suffix)]
+        train_views = [(splits["train"], v) for v in training_views(session, "train" + suffix)]
+        views = training_views if include_val else validation_views
+        val_views = [(splits["val"], v) for v in views(session, "val" + suffix)]
+        outs = cached_views(cache, train_views + val_views, forward, session)  # one loader for them all
+        train, val = outs[:len(train_views)], outs[len(train_views):]
         if include_val:
-            more = [cached(cache, splits["val"], v, forward, session) for v in training_views(session, "val" + suffix)]
-            train, val = [_concat(t, m) for t, m in zip(train, more)], []
-        else:
-            val = [cached(cache, splits["val"], v, forward, session)
-                   for v in validation_views(session, "val" + suffix)]
+            train, val = [_concat(t, m) for t, m in zip(train, val)], []
         if result is not None:
             result.feature_seconds = sum(v.seconds for v in train)
             result.features_from_cache = not any(v.computed for v in train)

@@ -12,9 +12,11 @@ import torch
 from timm.utils import ModelEmaV3
 
 from ..data.feature_cache import FeatureCache
+from ..data.loaders import make_loader
 from ..data.transforms import eval_transform
 from ..errors import UserError
-from ..evaluate import evaluate_model
+from ..evaluate import outputs_of
+from ..models.tta import FlipTTA
 from ..models.trainable import TrainableSet, set_train_mode, with_frozen_norms
 from ..models.unfreeze import GradualUnfreezing
 from ..stop import requested
@@ -109,6 +111,7 @@ class ImageTraining:
             self.trainable = with_frozen_norms(self.model, trainable)  # the converted layers are new modules
         self.forward = self.wrap()
         self.result, self.best, self.seen = FitResult(), -1.0, {}
+        self.val_loader = None  # made at the first validation, kept for the run
         self.progress = Progress(0)
 
     def wrap(self):
@@ -203,14 +206,23 @@ class ImageTraining:
         return epoch_record(epoch, self.optimizer, (totals[0], int(totals[1]), int(totals[2])), start)
 
     def validate(self, val_set) -> dict[str, tuple[float, object]]:
-        """Val top-1 of the weights that count: the EMA's (and with --keep-best the raw ones too)."""
+        """Val top-1 of the weights that count: the EMA's (and with --keep-best the raw ones too), all
+        from one pass over val, through one loader that lives as long as the run (no start-up per epoch)."""
         config, session = self.session.config, self.session
         candidates = {"EMA weights": self.ema.module} if self.ema is not None else {}
         if self.ema is None or config.keep_best:
             candidates["raw weights"] = self.model
-        return {which: (evaluate_model(module, val_set, eval_transform(session.data_config), session.runtime,
-                                       max(config.batch_size, 64), config.workers, tta=config.tta).top1, module)
-                for which, module in candidates.items()}
+        if self.val_loader is None:
+            self.val_loader = make_loader(val_set, eval_transform(session.data_config), max(config.batch_size, 64),
+                                          config.workers, epochs=config.epochs,
+                                          batched_on=session.runtime.batched_on)
+        modules = [FlipTTA(m) if config.tta else m for m in candidates.values()]
+        for module in modules:
+            module.eval()
+        out = outputs_of(self.val_loader, session.runtime.forward(lambda x: torch.stack([m(x) for m in modules], 1)),
+                         session.runtime.device)
+        return {which: (top1(out.outputs[:, k], out.labels) if len(out.labels) else 0.0, module)
+                for k, (which, module) in enumerate(candidates.items())}
 
     def fit(self, val_set, resume: dict | None = None, probe_top1: float | None = None) -> FitResult:
         session, config = self.session, self.session.config
