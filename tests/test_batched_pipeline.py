@@ -197,3 +197,34 @@ def test_runs_through_the_batched_pipeline(tmp_path, color_tree, monkeypatch, re
         assert abs(ours["train_loss"] - theirs["train_loss"]) < 0.02 * max(1.0, theirs["train_loss"])
     if recipe == "feature-extractor":  # (two epochs of fine-tuning leave val images on the fence: not compared)
         assert result.metrics["top1"] == per_sample.metrics["top1"] == 1.0
+
+
+def test_batches_are_prepared_ahead_in_order_and_errors_reach_the_loop():
+    import threading
+    import time
+
+    from warmstart.data.batched import ahead_of_time
+
+    threads = set()
+
+    def prepare(i):
+        threads.add(threading.current_thread().name)
+        return i * i
+
+    assert list(ahead_of_time(range(20), prepare, 2)) == [i * i for i in range(20)]
+    assert threads == {"warmstart-batches"}  # not the consumer's thread
+
+    def broken(i):
+        if i == 3:
+            raise OSError("disk gone")
+        return i
+
+    with pytest.raises(OSError, match="disk gone"):
+        list(ahead_of_time(range(10), broken, 2))
+    # leaving early stops the producer: it never runs far ahead of what was taken
+    made = []
+    taken = ahead_of_time(range(1000), lambda i: made.append(i) or i, 2)
+    assert [next(taken) for _ in range(3)] == [0, 1, 2]
+    taken.close()
+    time.sleep(0.3)
+    assert len(made) <= 3 + 2 + 1

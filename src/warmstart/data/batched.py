@@ -16,6 +16,8 @@ skipped with its reason, never the batch.
 from __future__ import annotations
 
 import io
+import queue
+import threading
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -278,10 +280,11 @@ class DevicePipeline:
 
 
 class DeviceBatches:
-    """A DataLoader of RawBatches seen as Batches: each decoded and augmented as it is taken."""
+    """A DataLoader of RawBatches seen as Batches: each decoded and augmented by a background thread
+    (on a CUDA device, in its own stream) while the previous batch trains, up to `ahead` batches."""
 
-    def __init__(self, loader, pipeline: DevicePipeline):
-        self.loader, self.pipeline = loader, pipeline
+    def __init__(self, loader, pipeline: DevicePipeline, ahead: int = 2):
+        self.loader, self.pipeline, self.ahead = loader, pipeline, ahead
 
     @property
     def batch_sampler(self):
@@ -291,5 +294,60 @@ class DeviceBatches:
         return len(self.loader)
 
     def __iter__(self):
-        for raw in self.loader:
-            yield self.pipeline(raw)
+        cuda = self.pipeline.device.type == "cuda"
+        stream = torch.cuda.Stream(self.pipeline.device) if cuda else None
+
+        def prepare(raw):
+            if stream is None:
+                return self.pipeline(raw), None
+            with torch.cuda.stream(stream):
+                batch = self.pipeline(raw)
+                ready = torch.cuda.Event()
+                ready.record(stream)
+            return batch, ready
+
+        for batch, ready in ahead_of_time(self.loader, prepare, self.ahead):
+            if ready is not None:  # the training stream waits for the side stream's work, not the host
+                torch.cuda.current_stream(self.pipeline.device).wait_event(ready)
+                if batch.images.is_cuda:
+                    batch.images.record_stream(torch.cuda.current_stream(self.pipeline.device))
+            yield batch
+
+
+def ahead_of_time(items, prepare, ahead: int):
+    """prepare(item) for each item, by a background thread, at most `ahead` ready before they are
+    taken; in order. An error in the thread is raised here; leaving the loop early stops the thread."""
+    ready: queue.Queue = queue.Queue(maxsize=max(1, ahead))
+    done, stop = object(), threading.Event()
+
+    def put(value) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(value, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put(("ok", prepare(item))):
+                    return
+            put(("ok", done))
+        except BaseException as exc:  # handed to the consumer, raised there
+            put(("error", exc))
+
+    thread = threading.Thread(target=work, name="warmstart-batches", daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, value = ready.get()
+            if kind == "error":
+                raise value
+            if value is done:
+                return
+            yield value
+    finally:
+        stop.set()
+        thread.join(timeout=5)
