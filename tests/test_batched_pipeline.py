@@ -127,6 +127,10 @@ def test_what_the_gpu_decoder_cannot_take_is_decoded_on_the_cpu(odd_files):
     assert kinds == {"plain": "jpeg", "grey": "jpeg", "cmyk": "pixels", "png": "pixels", "rotated": "pixels",
                      "broken": "jpeg", "text": "unreadable"}
     assert read(images.items[names.index("rotated")])[1].shape == (3, 120, 90)  # EXIF rotation applied
+    padded = images.items[names.index("plain")] + ".padded.jpg"  # 20 MB behind a 120x90 JPEG: not read whole
+    with open(padded, "wb") as out:
+        out.write(open(images.items[names.index("plain")], "rb").read() + bytes(20 << 20))
+    assert read(padded)[0] == "pixels" and read(padded)[1].shape == (3, 90, 120)
     pil = collate_skipping([ImageDataset(images, eval_transform(data_config_for_lite0()))[i] for i in range(len(names))])
     batch = DevicePipeline(view, CPU, channels_last=False)(
         collate_raw([RawImageDataset(images, view)[i] for i in range(len(names))]))
@@ -159,6 +163,8 @@ def test_a_failing_batch_decode_falls_back_image_by_image(odd_files):
 def test_views_the_pipeline_cannot_run_stay_per_sample():
     jitter = T.Compose([T.RandomResizedCrop(64), T.ColorJitter(0.4), T.ToTensor()])
     assert TensorView.of(jitter) is None
+    assert TensorView.of(T.Compose([T.Resize(64), T.ToTensor()])) is None  # sizes vary: no batch
+    assert TensorView.of(T.Compose([T.Resize((64, 48)), T.ToTensor()])) is not None
     assert isinstance(make_loader(_woof(4), jitter, 2, 0, batched_on=CPU), torch.utils.data.DataLoader)
     assert not device_decodes_jpeg("cpu")  # a CPU's workers decode; bytes travel only to a GPU
 

@@ -16,6 +16,7 @@ skipped with its reason, never the batch.
 from __future__ import annotations
 
 import io
+import os
 import queue
 import threading
 from dataclasses import dataclass
@@ -56,7 +57,10 @@ class TensorView:
             return None
         if sum(isinstance(step, _TO_TENSOR) for step in steps) != 1:
             return None
-        return cls(steps)
+        geometry = [step for step in steps if isinstance(step, _GEOMETRY)]
+        fixed = geometry and (not isinstance(geometry[-1], T.Resize) or not isinstance(geometry[-1].size, int)
+                              and len(geometry[-1].size) == 2)
+        return cls(steps) if fixed else None  # a batch needs one size
 
     def draw(self, width: int, height: int, item_seed: int | None, index: int) -> tuple:
         """The view's random choices for an image of this size: the per-sample path's own draws,
@@ -142,7 +146,9 @@ def read(item, jpeg_bytes: bool = True) -> tuple[str, torch.Tensor, int, int]:
             plain = (header.format == "JPEG" and header.mode in ("RGB", "L")
                      and header.getexif().get(_ORIENTATION, 1) == 1)
             width, height = header.size
-        if plain:
+        # a file far larger than its pixels (data appended to a small JPEG) is not read whole: PIL
+        # decodes only what the image needs
+        if plain and os.path.getsize(item) <= width * height * 3 + (16 << 20):
             return "jpeg", torch.frombuffer(bytearray(Path(item).read_bytes()), dtype=torch.uint8), width, height
     tensor = _as_tensor(item.pixels() if hasattr(item, "pixels") else np.asarray(open_image(item)))
     return "pixels", tensor, tensor.shape[-1], tensor.shape[-2]
