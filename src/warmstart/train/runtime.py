@@ -32,7 +32,7 @@ class Reporter:
 
 def resolve_pipeline(choice: str, device: torch.device) -> str:
     """--pipeline as it runs on `device`: auto is the batched GPU pipeline on CUDA and the per-sample
-    one elsewhere (on a CPU the workers' PIL path is as fast: BENCHMARKS.md)."""
+    one elsewhere (on a CPU the workers' PIL path measured faster: BENCHMARKS.md §3)."""
     if choice == "gpu" and device.type != "cuda":
         raise UserError("--pipeline gpu needs a CUDA GPU and none is visible: use --pipeline cpu (or auto)")
     return "gpu" if choice == "gpu" or (choice == "auto" and device.type == "cuda") else "cpu"
