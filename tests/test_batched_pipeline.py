@@ -234,3 +234,41 @@ def test_batches_are_prepared_ahead_in_order_and_errors_reach_the_loop():
     taken.close()
     time.sleep(0.3)
     assert len(made) <= 3 + 2 + 1
+
+
+@pytest.mark.slow
+def test_exact_resume_through_the_batched_pipeline(tmp_path, color_tree, monkeypatch):
+    """Stopped mid-epoch and resumed, a run on the batched pipeline ends with the weights of an
+    uninterrupted one: its views depend only on (seed, epoch, index), as on the per-sample path."""
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    import warmstart
+    from warmstart.data import batched
+    from warmstart.train import runtime
+    from warmstart.train.checkpoint import TrainingInterrupted
+
+    monkeypatch.setattr(runtime, "resolve_pipeline", lambda choice, device: "gpu")
+    settings = {"data": str(color_tree), "strategy": "fine-tune", "augment": "standard", "epochs": 2, "batch_size": 4,
+                "input_size": 64, "workers": 0, "lr": 0.02, "seed": 5, "quiet": True}
+    reference = warmstart.train(warmstart.RunConfig.from_dict({**settings, "out": str(tmp_path / "reference")}))
+    calls, original = [], batched.DevicePipeline.__call__
+
+    def stop_at_sixth(self, raw):
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(self, raw)
+
+    monkeypatch.setattr(batched.DevicePipeline, "__call__", stop_at_sixth)
+    config = warmstart.RunConfig.from_dict({**settings, "out": str(tmp_path / "stopped")})
+    with pytest.raises(TrainingInterrupted) as stopped:
+        warmstart.train(config)
+    step = torch.load(stopped.value.checkpoint, weights_only=True)["global_step"]
+    assert 0 < step < 2 * 9  # stopped inside the first epoch's 9 batches or the second's
+    monkeypatch.setattr(batched.DevicePipeline, "__call__", original)
+    resumed = warmstart.train(config, resume=str(tmp_path / "stopped"))
+    ours, theirs = load_file(str(resumed.run_dir / "model.safetensors")), load_file(str(reference.run_dir / "model.safetensors"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
