@@ -36,7 +36,8 @@ from .. import seeds
 from .images import check_size, decode, open_image, open_lazily
 from .batch import Batch
 
-_GEOMETRY = (RandomResizedCropAndInterpolation, T.RandomResizedCrop, T.Resize, T.CenterCrop)
+_RANDOM_CROPS = (RandomResizedCropAndInterpolation, T.RandomResizedCrop)
+_GEOMETRY = (*_RANDOM_CROPS, T.Resize, T.CenterCrop)
 _TO_TENSOR = (MaybeToTensor, T.ToTensor)
 _SUPPORTED = (*_GEOMETRY, *_TO_TENSOR, T.RandomHorizontalFlip, T.Normalize)
 
@@ -57,6 +58,8 @@ class TensorView:
             return None
         if sum(isinstance(step, _TO_TENSOR) for step in steps) != 1:
             return None
+        if any(isinstance(step, _RANDOM_CROPS) for step in steps[1:]):
+            return None  # a random crop draws from the image's own size: only as the first step
         geometry = [step for step in steps if isinstance(step, _GEOMETRY)]
         fixed = geometry and (not isinstance(geometry[-1], T.Resize) or not isinstance(geometry[-1].size, int)
                               and len(geometry[-1].size) == 2)
@@ -66,18 +69,10 @@ class TensorView:
         """The view's random choices for an image of this size: the per-sample path's own draws,
         in its order, from the same seeds (seeds.item_random)."""
         def draws() -> tuple:
-            chosen, size = [], torch.empty((0, height, width))  # a size without pixels
-            for step in self.steps:
-                if isinstance(step, (RandomResizedCropAndInterpolation, T.RandomResizedCrop)):
-                    chosen.append(step.get_params(size, step.scale, step.ratio))
-                    size = torch.empty((0, *step.size))
-                elif isinstance(step, T.RandomHorizontalFlip):
-                    chosen.append(bool(torch.rand(1) < step.p))
-                else:
-                    chosen.append(None)
-                    if isinstance(step, (T.Resize, T.CenterCrop)):
-                        size = step(size) if isinstance(step, T.CenterCrop) else _resized(size, step)
-            return tuple(chosen)
+            size = torch.empty((0, height, width))  # the image's size, without its pixels
+            return tuple(step.get_params(size, step.scale, step.ratio) if isinstance(step, _RANDOM_CROPS)
+                         else bool(torch.rand(1) < step.p) if isinstance(step, T.RandomHorizontalFlip)
+                         else None for step in self.steps)
 
         if item_seed is None:
             return draws()
@@ -89,7 +84,7 @@ class TensorView:
         for step, choice in zip(self.steps, chosen):
             if isinstance(step, _TO_TENSOR):
                 break
-            if isinstance(step, (RandomResizedCropAndInterpolation, T.RandomResizedCrop)):
+            if isinstance(step, _RANDOM_CROPS):
                 top, left, h, w = choice
                 image = F.resized_crop(image, top, left, h, w, list(step.size), _mode(step.interpolation),
                                        antialias=True)
@@ -117,16 +112,6 @@ class TensorView:
 
 def _mode(interpolation):
     return interpolation if isinstance(interpolation, T.InterpolationMode) else T.InterpolationMode(interpolation)
-
-
-def _resized(size: torch.Tensor, step: T.Resize) -> torch.Tensor:
-    h, w = size.shape[-2:]
-    if isinstance(step.size, int) or len(step.size) == 1:
-        short = step.size if isinstance(step.size, int) else step.size[0]
-        h, w = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
-    else:
-        h, w = step.size
-    return torch.empty((0, h, w))
 
 
 # --- the workers' side: read, check, draw ---------------------------------------------------
