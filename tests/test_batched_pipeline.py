@@ -272,3 +272,18 @@ def test_exact_resume_through_the_batched_pipeline(tmp_path, color_tree, monkeyp
     resumed = warmstart.train(config, resume=str(tmp_path / "stopped"))
     ours, theirs = load_file(str(resumed.run_dir / "model.safetensors")), load_file(str(reference.run_dir / "model.safetensors"))
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_loader_batches_are_pinned_when_the_loader_pins(monkeypatch):
+    """DataLoader(pin_memory=True) pins what it knows how to: a Batch says how (alone, or tagged
+    with its pass number by passes_loader)."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from warmstart.data.batch import Batch
+
+    pinned = []
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args: pinned.append(self.shape) or self.clone())
+    batch = Batch(torch.zeros(2, 3, 8, 8), torch.tensor([0, 1]), torch.tensor([4, 5]), [], [])
+    number, out = pin_memory((3, batch))
+    assert number == 3 and isinstance(out, Batch) and torch.equal(out.images, batch.images)
+    assert pinned == [torch.Size([2, 3, 8, 8]), torch.Size([2])]

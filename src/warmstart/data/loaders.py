@@ -6,6 +6,7 @@ import math
 import os
 import random
 from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
