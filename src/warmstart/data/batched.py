@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 
 from .. import seeds
 from .images import check_size, decode, open_image, open_lazily
-from .batch import Batch
+from .batch import Batch, readable_and_skipped, reason, unreadable
 
 _RANDOM_CROPS = (RandomResizedCropAndInterpolation, T.RandomResizedCrop)
 _GEOMETRY = (*_RANDOM_CROPS, T.Resize, T.CenterCrop)
@@ -170,17 +170,15 @@ class RawImageDataset(Dataset):
             kind, data, width, height = read(item, self.jpeg_bytes)
             chosen = self.view.draw(width, height, seed, index)
         except Exception as exc:  # any reading failure: report it, keep the run alive
-            return None, str(item), f"{exc.__class__.__name__}: {exc}", index
+            return unreadable(item, exc, index)
         return (kind, data, chosen, str(item)), self.images.labels[index], index
 
 
 def collate_raw(samples) -> RawBatch:
-    good = [s for s in samples if s[0] is not None]
-    bad = [s for s in samples if s[0] is None]
+    good, skipped, skipped_indices = readable_and_skipped(samples)
     return RawBatch([s[0][0] for s in good], [s[0][1] for s in good], [s[0][2] for s in good],
                     [s[0][3] for s in good], torch.tensor([s[1] for s in good], dtype=torch.long),
-                    torch.tensor([s[2] for s in good], dtype=torch.long),
-                    [(s[1], s[2]) for s in bad], [s[3] for s in bad])
+                    torch.tensor([s[2] for s in good], dtype=torch.long), skipped, skipped_indices)
 
 
 # --- the device's side: decode, augment ------------------------------------------------------
@@ -255,7 +253,7 @@ class DevicePipeline:
         images, keep = [], []
         for i, image in enumerate(decode_all(raw.kinds, raw.data, self.device, self.batch_decode)):
             if isinstance(image, Exception):
-                skipped.append((raw.names[i], f"{image.__class__.__name__}: {image}"))
+                skipped.append((raw.names[i], reason(image)))
                 skipped_indices.append(int(raw.indices[i]))
                 continue
             images.append(self.view.geometry(image, raw.chosen[i]))

@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .. import seeds
-from .batch import Batch
+from .batch import Batch, readable_and_skipped, unreadable
 from .batched import DeviceBatches, DevicePipeline, RawImageDataset, TensorView, collate_raw, device_decodes_jpeg
 from .images import open_image
 from .imageset import ImageSet
@@ -43,14 +43,12 @@ class ImageDataset(Dataset):
         try:
             tensor = self._transform(open_image(item), index, seed)
         except Exception as exc:  # any decoding failure: report it, keep the run alive
-            return None, str(item), f"{exc.__class__.__name__}: {exc}", index
+            return unreadable(item, exc, index)
         return tensor, self.images.labels[index], index
 
 
 def collate_skipping(samples) -> Batch:
-    good = [s for s in samples if s[0] is not None]
-    bad = [s for s in samples if s[0] is None]
-    skipped, skipped_indices = [(s[1], s[2]) for s in bad], [s[3] for s in bad]
+    good, skipped, skipped_indices = readable_and_skipped(samples)
     if not good:
         empty = torch.empty(0, dtype=torch.long)
         return Batch(torch.empty(0), empty, empty, skipped, skipped_indices)
