@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .. import seeds
 from .batch import Batch, readable_and_skipped, unreadable
-from .batched import DeviceBatches, DevicePipeline, RawImageDataset, TensorView, collate_raw, device_decodes_jpeg
+from .batched import DeviceBatches, DevicePipeline, RawImageDataset, TensorView, collate_raw
 from .images import open_image
 from .imageset import ImageSet
 
@@ -140,8 +140,8 @@ def _dataset(images: ImageSet, transform, item_seed: int | None, batched_on: tor
     view = TensorView.of(transform) if batched_on is not None else None
     if view is None:
         return ImageDataset(images, transform, item_seed), collate_skipping, None
-    jpeg_bytes = device_decodes_jpeg(str(batched_on))
-    return RawImageDataset(images, view, item_seed, jpeg_bytes), collate_raw, DevicePipeline(view, batched_on)
+    pipeline = DevicePipeline(view, batched_on)  # workers send JPEG bytes only where it decodes them
+    return RawImageDataset(images, view, item_seed, pipeline.batch_decode is not None), collate_raw, pipeline
 
 
 def _worker_count(workers: int | None, images: int, batch_size: int) -> int:

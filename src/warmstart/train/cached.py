@@ -48,20 +48,19 @@ def boundary_fingerprint(prefix: torch.nn.Module, arch: str, runtime: Runtime) -
 
 def cached(cache: FeatureCache, images, view: View, forward, session: Session) -> CachedFeatures:
     """The outputs of `forward` for every image of a split, from the cache or computed now."""
-    return cached_views(cache, [(images, view)], forward, session)[0]
+    return cached_views(cache, [(view, images)], forward, session)[0]
 
 
 def cached_views(cache: FeatureCache, requests: list[tuple], forward, session: Session) -> list[CachedFeatures]:
-    """`cached` for several (images, view): what is missing is computed through one loader."""
+    """`cached` for several (view, images): what is missing is computed through one loader."""
     if session.dist.active:
-        return [_cached_sharded(cache, images, view, forward, session) for images, view in requests]
+        return [_cached_sharded(cache, images, view, forward, session) for view, images in requests]
     config, reporter = session.config, session.reporter
-    labels = ", ".join(view.label for _, view in requests)
-    with reporter.bar(sum(len(images) for images, _ in requests), f"features {labels}") as bar:
-        outs = cache.features_of([(view, images) for images, view in requests], forward, max(config.batch_size, 64),
-                                 config.workers, session.runtime.device, progress=bar.update,
-                                 batched_on=session.runtime.batched_on)
-    for (images, view), out in zip(requests, outs):
+    labels = ", ".join(view.label for view, _ in requests)
+    with reporter.bar(sum(len(images) for _, images in requests), f"features {labels}") as bar:
+        outs = cache.features_of(requests, forward, max(config.batch_size, 64), config.workers,
+                                 session.runtime.device, progress=bar.update, batched_on=session.runtime.batched_on)
+    for (view, images), out in zip(requests, outs):
         if out.computed:
             reporter.info(f"features of {out.computed} {view.label} images in {out.seconds:.1f}s "
                           f"({out.computed / max(out.seconds, 1e-9):.1f} img/s)")
@@ -130,9 +129,9 @@ class CachedSplits:
         """The splits' views from the cache (computing what is missing). With `include_val` (a
         refit) val's images become training rows: under their own names, so val's un-augmented
         view is the one validation already cached."""
-        train_views = [(splits["train"], v) for v in training_views(session, "train" + suffix)]
+        train_views = [(v, splits["train"]) for v in training_views(session, "train" + suffix)]
         views = training_views if include_val else validation_views
-        val_views = [(splits["val"], v) for v in views(session, "val" + suffix)]
+        val_views = [(v, splits["val"]) for v in views(session, "val" + suffix)]
         outs = cached_views(cache, train_views + val_views, forward, session)  # one loader for them all
         train, val = outs[:len(train_views)], outs[len(train_views):]
         if include_val:
