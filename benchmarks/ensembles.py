@@ -23,7 +23,8 @@ from warmstart.data.transforms import data_config_for, eval_transform, mirrored_
 from warmstart.evaluate import compute_outputs, top1
 from warmstart.models import create_model
 from warmstart.models.registry import installed_bundled
-from warmstart.train.cached import LogisticProbe, pre_logits
+from warmstart.train.cached import pre_logits
+from warmstart.train.head import LogisticProbe
 from warmstart.train.runtime import Runtime
 
 from .common import SHARED, _per_class, save

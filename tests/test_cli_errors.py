@@ -38,7 +38,7 @@ def _mistakes(tmp_path, color_tree):
         "weights file missing": (["train", *data, "--weights", str(tmp_path / "w.pth")], "does not exist"),
         "wrong architecture": (["train", *data, "--weights", str(other)], "do not fit"),
         "csv unknown paths": (["train", "--data", str(csv_bad)], "do not exist"),
-        "bad number": (["train", *data, "--epochs", "0"], "--epochs 0 is not valid"),
+        "bad number": (["train", *data, "--epochs", "-1"], "--epochs -1 is not valid"),
         "not a number": (["train", *data, "--lr", "fast"], "invalid float value"),
         "bad choice": (["train", *data, "--strategy", "everything"], "invalid choice"),
         "partial without target": (["train", *data, "--strategy", "partial"], "--trainable PATTERN"),

@@ -194,7 +194,7 @@ def test_input_scale_trains_and_evaluates_larger():
 def test_lbfgs_head_is_the_l2_logistic_regression_scikit_learn_fits():
     from sklearn.linear_model import LogisticRegression
 
-    from warmstart.train.cached import LogisticProbe
+    from warmstart.train.head import LogisticProbe
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(300, 16, generator=generator)

@@ -273,17 +273,22 @@ def _cmd_recipes(args) -> int:
 
     from .models.registry import installed_bundled
 
-    per_class = None
+    per_class, known = None, ""
     if args.data:
         from .data.sources import resolve_splits
+        from .models.pretrained_classes import imagenet_labels, match_classes
 
         train = resolve_splits(args.data, 0.0, 0)["train"]
         per_class = len(train) / max(1, len(train.class_ids))
+        matched = sum(m.row is not None for m in match_classes(train.class_ids, train.class_names,
+                                                                imagenet_labels("imagenet-1k")))
+        known = (f"\n  {matched} of {len(train.class_ids)} classes are ImageNet-1k classes (by WordNet id or name): "
+                 f"{'the head starts from the pretrained classifier and is pulled toward it' if matched else 'the head starts from zero'}")
     gpu = torch.cuda.is_available()
     advice = recommend(per_class, gpu, installed_bundled())
     device = "a GPU" if gpu else "a CPU"
     where = f"{per_class:.0f} photos per class on {device}" if per_class is not None else device
-    print(f"recommended ({where}): --recipe {advice.recipe} --model {advice.model}\n  why: {advice.why}\n")
+    print(f"recommended ({where}): --recipe {advice.recipe} --model {advice.model}\n  why: {advice.why}{known}\n")
     for recipe in RECIPES.values():
         print(f"{recipe.name}\n  {recipe.summary}\n  cost: {recipe.cost}\n  settings: {command_line(recipe.settings)}\n")
     return 0
@@ -344,12 +349,12 @@ def _cmd_predict(args) -> int:
 
 def _cmd_quickstart(args) -> int:
     from .quickstart import quickstart
+    from .train.run import describe_rates
 
     result = quickstart(args.out, args.quiet)
     m = result.metrics
-    print(f"quickstart: top-1 {m['top1']:.2%} on {m['val_images']} held-out digits; "
-          f"feature extraction + training {m['train_images_per_sec']:.1f} img/s, "
-          f"evaluation {m['eval_images_per_sec'] or 0:.1f} img/s, {m['wall_seconds']:.0f}s in all")
+    print(f"quickstart: top-1 {m['top1']:.2%} on {m['val_images']} held-out digits; {describe_rates(m)}, "
+          f"{m['wall_seconds']:.0f}s in all")
     print(f"try: warmstart predict {result.run_dir} {result.run_dir}/samples/digit_3.png")
     return 0
 

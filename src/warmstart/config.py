@@ -25,6 +25,7 @@ AUGMENTS = ("standard", "none")
 BALANCES = ("none", "sampler", "loss")
 PRECISIONS = ("fp32", "bf16", "fp16")
 PIPELINES = ("auto", "cpu", "gpu")
+HEAD_INITS = ("auto", "pretrained", "zero")
 # the command line's option groups, in the order `--help` shows them
 GROUPS = ("run", "data", "model and weights", "optimisation", "speed", "output", "several processes (torchrun)")
 
@@ -69,6 +70,22 @@ class RunConfig:
     skip: list[str] = setting([], "parameter-name pattern not to restore (repeatable); the old classifier is "
                               "skipped by default when the class count differs", group="model and weights",
                               metavar="PATTERN", repeat=True)
+    # the new head's start: the old classifier's rows for the classes it knows (matched by WordNet
+    # id or name), pulled back toward them while training (L2-SP)
+    head_init: str = setting("auto", "the new head's start: auto (default: the pretrained classifier's rows for the "
+                             "classes it knows, when any class matches), pretrained (the same, required), zero",
+                             group="model and weights", choices=HEAD_INITS)
+    head_prior: float = setting(30.0, "how strongly rows started from the pretrained classifier are pulled back to "
+                                "it (L2-SP: STRENGTH/2 x their squared distance from the start, on the loss summed "
+                                "over the training images)",
+                                group="model and weights", metavar="STRENGTH", bounds="[0, inf)")
+    pretrained_labels: str | None = setting(None, "the label set of the weights' classifier: imagenet-1k, "
+                                            "imagenet-12k, imagenet-22k, imagenet-21k-goog, … or a FILE with one label "
+                                            "per line (default: known for bundled and hub weights)",
+                                            group="model and weights", metavar="SET|FILE", tunable=False)
+    class_map: str | None = setting(None, "YAML or CSV file: class -> WordNet id, label name, or none, for classes "
+                                    "the names do not match", group="model and weights", metavar="FILE",
+                                    tunable=False)
     # how far the model may move from its pretrained state
     strategy: str = setting("feature-extractor", "feature-extractor (head only, default), partial, fine-tune",
                             group="model and weights", choices=STRATEGIES)
@@ -118,13 +135,17 @@ class RunConfig:
     tta: bool = setting(False, "evaluate (and predict, serve, export) on the image and its mirror image",
                         group="optimisation")
     # LP-FT: fit the head as a logistic regression first, then train from it; keep the best epoch
+    calibrate: bool = setting(True, "fit a temperature on the validation logits so that the probabilities shown "
+                              "match how often the model is right (default, whenever there is validation)",
+                              group="optimisation")
     probe_first: bool = setting(False, "before training the network, fit the new head as a logistic regression "
                                 "on the frozen network's features (LP-FT)", group="optimisation")
     keep_best: bool = setting(False, "keep the epoch with the best val top-1 (raw or EMA weights, or the probe "
                               "it started from) instead of the last", group="optimisation")
     refit: bool = setting(False, "when validation was carved from train: after the run chose its settings on it, "
                           "train again on train + val with them for the saved model", group="optimisation")
-    epochs: int = setting(10, "training epochs", group="optimisation", bounds="(0, inf)")
+    epochs: int = setting(10, "training epochs (0: the head as it starts, e.g. the pretrained classifier alone)",
+                          group="optimisation", bounds="[0, inf)")
     batch_size: int = setting(32, "batch size (per GPU/process)", group="optimisation", bounds="(0, inf)")
     seed: int = setting(0, "random seed (runs are reproducible on the CPU)", group="optimisation")
     # speed: when only the head trains, run the frozen backbone once per image (and view) and

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .calibration import expected_calibration_error, negative_log_likelihood
 from .data.loaders import make_loader
 from .data.imageset import ImageSet
 from .models.tta import FlipTTA
@@ -32,12 +33,26 @@ class EvalResult:
     images_per_sec: float = 0.0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     split: str = "val"
+    ece: float = 0.0  # expected calibration error of the probabilities (15 bins)
+    nll: float = 0.0  # their negative log-likelihood
+    logits: torch.Tensor | None = field(default=None, repr=False)
+    labels: torch.Tensor | None = field(default=None, repr=False)
+
+    def scaled(self, temperature: float) -> "EvalResult":
+        """The same evaluation of the probabilities softmax(logits / T): top-1 and top-5 unchanged."""
+        if self.logits is None or not self.num_images:
+            return self
+        logits = self.logits / temperature
+        return replace(self, logits=logits, ece=expected_calibration_error(logits, self.labels),
+                       nll=negative_log_likelihood(logits, self.labels))
 
     def to_dict(self) -> dict:
         return {
             "split": self.split,
             "top1": self.top1,
             "top5": self.top5,
+            "ece": self.ece,
+            "nll": self.nll,
             "num_images": self.num_images,
             "num_classes": len(self.class_names),
             "images_per_sec": self.images_per_sec,
@@ -80,7 +95,9 @@ def metrics_from_logits(logits: torch.Tensor, labels: torch.Tensor, class_names:
     per_class = [
         float(confusion[c, c] / confusion[c].sum()) if confusion[c].sum() else None for c in range(num_classes)
     ]
-    return EvalResult(top1(logits, labels), float(correct5.float().mean()), n, class_names, per_class, confusion)
+    return EvalResult(top1(logits, labels), float(correct5.float().mean()), n, class_names, per_class, confusion,
+                      ece=expected_calibration_error(logits, labels), nll=negative_log_likelihood(logits, labels),
+                      logits=logits, labels=labels)
 
 
 @dataclass

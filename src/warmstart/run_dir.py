@@ -157,6 +157,9 @@ class LoadedRun:
             "interpolation": config["interpolation"],
             "crop_pct": config["crop_pct"],
             "crop_mode": config.get("crop_mode", "center"),
+            # the graph divides the logits by it: its probabilities are the calibrated ones
+            "temperature": self.meta.get("temperature"),
+            "calibrated": bool(self.meta.get("temperature")),
             "warmstart_version": self.meta.get("warmstart_version"),
         }
 
@@ -184,6 +187,10 @@ def load_run(run_dir: str | Path | RunDir) -> LoadedRun:
         from .models.tta import FlipTTA
 
         model = FlipTTA(model)
+    if meta.get("temperature"):  # calibrated probabilities: softmax(logits / T)
+        from .models.temperature import Temperature
+
+        model = Temperature(model, meta["temperature"])
     return LoadedRun(model.eval(), meta)
 
 

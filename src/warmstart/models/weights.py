@@ -32,6 +32,10 @@ class RestoreReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     shape_mismatched: list[str] = field(default_factory=list)
+    pretrained_labels: str | None = None  # the label set of the old classifier, where known
+    classes: list[dict] = field(default_factory=list)  # each class: the pretrained row it starts from, and how
+    # the old classifier's tensors ("weight", "bias") when a new head replaced it: the head's possible start
+    old_head: dict = field(default_factory=dict, repr=False)
 
     def summary(self) -> str:
         return (
@@ -42,7 +46,8 @@ class RestoreReport:
 
     def save(self, path: str | Path) -> None:
         data = asdict(self)
-        data["counts"] = {k: len(v) for k, v in data.items() if isinstance(v, list)}
+        del data["old_head"]
+        data["counts"] = {k: len(v) for k, v in data.items() if isinstance(v, list) and k != "classes"}
         Path(path).write_text(json.dumps(data, indent=2))
 
 
@@ -198,8 +203,9 @@ def restore_weights(
             report.skipped.append(name)
             continue
         if tensor.shape != target[name].shape:
-            if name in head:  # a new head for the user's classes: never restore the old one
+            if name in head:  # a new head for the user's classes: never restore the old one as it is
                 report.skipped.append(name)
+                report.old_head[name.rsplit(".", 1)[-1]] = tensor
                 continue
             report.shape_mismatched.append(name)
             continue

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..calibration import BINS, reliability
 from ..data.images import open_image
 from ..data.transforms import eval_transform
 from ..evaluate import compute_outputs, metrics_from_logits, run_split
@@ -80,8 +81,10 @@ def build_report(run_dir: str | Path, data: str | None = None, split: str = "val
         files["curves"] = plots.curves(history, figures / "curves.png")
     confidence, predicted = (probs.max(1) if len(probs) else (torch.empty(0), torch.empty(0, dtype=torch.long)))
     correct = (predicted == out.labels).numpy()
-    calib = plots.calibration(confidence.numpy(), correct) if len(probs) else {"ece": 0.0, "bins": []}
-    files["calibration"] = plots.reliability_diagram(calib, figures / "reliability.png")
+    temperature = run.meta.get("temperature")  # the model's outputs are logits / T
+    calib = reliability(out.outputs, out.labels)
+    before = reliability(out.outputs * temperature, out.labels) if temperature else None
+    files["calibration"] = plots.reliability_diagram(calib, figures / "reliability.png", before)
     pairs = most_confused(names, evaluation.confusion)
 
     wrong = [i for i in range(len(out.labels)) if not correct[i]]
@@ -97,7 +100,8 @@ def build_report(run_dir: str | Path, data: str | None = None, split: str = "val
 
     summary = {
         "split": split, "images": evaluation.num_images, "top1": evaluation.top1, "top5": evaluation.top5,
-        "ece": calib["ece"], "misclassified": len(wrong), "most_confused": pairs,
+        "ece": calib["ece"], "ece_before_calibration": before["ece"] if before else None,
+        "temperature": temperature, "misclassified": len(wrong), "most_confused": pairs,
         "per_class_accuracy": dict(zip(names, evaluation.per_class_accuracy)),
     }
     (figures / "report.json").write_text(json.dumps(summary, indent=2))
@@ -129,9 +133,12 @@ def build_report(run_dir: str | Path, data: str | None = None, split: str = "val
         f"<div class='gallery'>{''.join(cards)}</div>" if cards else "<p>None.</p>",
         "<h2 id='calibration'>Calibration</h2>",
         f"<img class='figure' src='{_png_data(files['calibration'])}' alt='reliability diagram'>",
-        f"<p>Expected calibration error (10 bins): <b id='ece'>{calib['ece']:.4f}</b></p>",
+        f"<p>Expected calibration error ({BINS} bins): <b id='ece'>{calib['ece']:.4f}</b>"
+        + (f" (before calibration: {before['ece']:.4f}; temperature {temperature:.3f}, fitted on the run's "
+           f"validation images)" if before else " (not calibrated: the run had no validation split, or "
+           "--no-calibrate)") + "</p>",
         _table(["confidence", "images", "accuracy", "mean confidence"],
-               [[f"{b['low']:.1f}–{b['high']:.1f}", b["count"], f"{b['accuracy']:.3f}", f"{b['confidence']:.3f}"]
+               [[f"{b['low']:.2f}–{b['high']:.2f}", b["count"], f"{b['accuracy']:.3f}", f"{b['confidence']:.3f}"]
                 for b in calib["bins"]]),
     ]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>warmstart report</title>"

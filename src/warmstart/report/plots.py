@@ -77,29 +77,22 @@ def confusion_matrix(names: list[str], confusion: np.ndarray, path: Path) -> Pat
     return _save(figure, path)
 
 
-def calibration(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> dict:
-    """Reliability bins and the expected calibration error."""
-    edges = np.linspace(0, 1, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    table, ece = [], 0.0
-    for b in range(bins):
-        mask = which == b
-        if mask.any():
-            acc, conf = float(correct[mask].mean()), float(confidence[mask].mean())
-            ece += mask.mean() * abs(acc - conf)
-            table.append({"low": float(edges[b]), "high": float(edges[b + 1]), "count": int(mask.sum()),
-                          "accuracy": acc, "confidence": conf})
-    return {"ece": float(ece), "bins": table}
-
-
-def reliability_diagram(calib: dict, path: Path) -> Path:
+def reliability_diagram(calib: dict, path: Path, before: dict | None = None) -> Path:
+    """Accuracy against confidence per bin (calibration.reliability), and the uncalibrated
+    probabilities' bins beside them where the run fitted a temperature."""
     figure, ax = plt.subplots(figsize=(4.8, 4.5))
+    width = 0.9 / 15  # the bins of calibration.reliability
     centers = [(b["low"] + b["high"]) / 2 for b in calib["bins"]]
-    ax.bar(centers, [b["accuracy"] for b in calib["bins"]], width=0.09, color="#4c72b0", label="accuracy")
+    ax.bar(centers, [b["accuracy"] for b in calib["bins"]], width=width, color="#4c72b0", alpha=0.8,
+           label=f"accuracy{' (calibrated)' if before else ''}")
     ax.plot([0, 1], [0, 1], "--", color="gray", label="perfect calibration")
     ax.plot([b["confidence"] for b in calib["bins"]], [b["accuracy"] for b in calib["bins"]], "o", color="#dd8452",
-            label="mean confidence")
-    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
-           title=f"reliability (ECE {calib['ece']:.3f})")
-    ax.legend(loc="upper left", fontsize=8)
+            label="mean confidence" + (f" (calibrated, ECE {calib['ece']:.3f})" if before else ""))
+    title = f"reliability (ECE {calib['ece']:.3f})"
+    if before:
+        ax.plot([b["confidence"] for b in before["bins"]], [b["accuracy"] for b in before["bins"]], "x-",
+                color="#c44e52", label=f"before calibration (ECE {before['ece']:.3f})")
+        title = f"reliability: ECE {before['ece']:.3f} -> {calib['ece']:.3f}"
+    ax.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy", title=title)
+    ax.legend(loc="upper left", fontsize=7)
     return _save(figure, path)

@@ -47,7 +47,8 @@ def runs_table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-COMPARED_METRICS = ["top1", "top5", "test_top1", "epochs", "train_images_per_sec", "eval_images_per_sec",
+COMPARED_METRICS = ["top1", "top5", "test_top1", "ece", "epochs", "train_images_per_sec",
+                    "feature_extraction_images_per_sec", "head_training_images_per_sec", "eval_images_per_sec",
                     "trainable_params", "wall_seconds"]
 
 

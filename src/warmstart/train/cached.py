@@ -1,30 +1,23 @@
-"""Training on cached inputs: the head on frozen features, or the trainable tail on the frozen
-prefix's activations. The frozen part runs once per image (and view); epochs then take seconds."""
+"""Cached inputs: the frozen part's outputs for every view of a run's splits (computed once per
+image and view, through one loader, into the self-verifying feature cache), and epochs of
+batches drawn from them. The training loops on them are in `head.py`."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from .. import seeds
 from ..data.feature_cache import CachedFeatures, FeatureCache, View
 from ..data.fingerprint import fingerprint_tensors
 from ..data.loaders import EpochBatches, seeded_generator
 from ..data.transforms import eval_transform, mirrored_eval_transform, train_transform
-from ..evaluate import top1
-from ..models.tta import combine_views
-from ..models.trainable import set_train_mode
 from ..models.weights import classifier_names
 from ..stop import check
-from .epoch import Progress, step_logger, train_one_epoch
 from .runtime import Runtime
-from .schedule import make_scheduler
 from .session import Session
-from .steps import (FitResult, after_epoch, build_optimizer, current_lr, epoch_line, epoch_record, log_skipped,
-                    make_criterion, train_step)
+from .steps import FitResult, log_skipped
 
 
 def pre_logits(model: torch.nn.Module, runtime: Runtime | None = None):
@@ -129,7 +122,8 @@ class CachedSplits:
         """The splits' views from the cache (computing what is missing). With `include_val` (a
         refit) val's images become training rows: under their own names, so val's un-augmented
         view is the one validation already cached."""
-        train_views = [(v, splits["train"]) for v in training_views(session, "train" + suffix)]
+        train_views = [(v, splits["train"]) for v in training_views(session, "train" + suffix)
+                       if session.config.epochs or include_val]  # --epochs 0: nothing trains on them
         views = training_views if include_val else validation_views
         val_views = [(v, splits["val"]) for v in views(session, "val" + suffix)]
         outs = cached_views(cache, train_views + val_views, forward, session)  # one loader for them all
@@ -138,6 +132,7 @@ class CachedSplits:
             train, val = [_concat(t, m) for t, m in zip(train, val)], []
         if result is not None:
             result.feature_seconds = sum(v.seconds for v in train)
+            result.images_extracted = sum(v.computed for v in train)
             result.features_from_cache = not any(v.computed for v in train)
             result.skipped = sorted(dict([s for v in train + val for s in v.skipped]).items())
             log_skipped(session.reporter, result.skipped, {})
@@ -146,7 +141,7 @@ class CachedSplits:
 
     @property
     def labels(self) -> torch.Tensor:
-        return self.train[0].labels[self.rows]
+        return self.train[0].labels[self.rows] if self.train else torch.zeros(0, dtype=torch.long)
 
     @property
     def val_labels(self) -> torch.Tensor:
@@ -196,182 +191,3 @@ class CachedBatches:
             y = self.labels[idx]
             yield self.to_input(x), y, y
         self.epoch += 1
-
-
-def _train_epochs(model, step, batches: CachedBatches, val_logits, session: Session, optimizer, desc: str,
-                  before_epoch=lambda: None) -> list[dict]:
-    """Epochs over cached batches: each validated on the cached validation views."""
-    config, reporter = session.config, session.reporter
-    history, progress, images, seconds = [], Progress(0), 0, 0.0
-    log_step, log_last = step_logger(session.log, optimizer, current_lr)
-    with reporter.bar(config.epochs, desc, unit="epoch") as bar:
-        for epoch in range(config.epochs):
-            check()
-            before_epoch()
-            progress = Progress(epoch, step=progress.step)
-            start = time.perf_counter()
-            totals = train_one_epoch(batches, step, progress, [log_step])
-            log_last(progress)
-            record = epoch_record(epoch, optimizer, totals, start)
-            # an epoch on cached inputs lasts milliseconds: its own rate is noise, the run's so far is not
-            images, seconds = images + totals.count, seconds + record["seconds"]
-            record["images_per_sec"] = images / max(seconds, 1e-9)
-            logits, labels = val_logits()
-            if len(labels):
-                record["val_top1"] = top1(logits, labels)
-            history.append(record)
-            after_epoch(session.log, record, model, session.runtime)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['train_top1']:.3f}")
-            if reporter.quiet:
-                reporter.info(epoch_line(record, config.epochs))
-    return history
-
-
-def fit_head_on_features(model, splits, session: Session, cache: FeatureCache, include_val: bool = False) -> FitResult:
-    """Every rank trains the same head on the same (sharded, then shared) features: deterministic,
-    so rank 0's head is everyone's. `include_val`: train on val's images too (a refit)."""
-    config, runtime = session.config, session.runtime
-    result = FitResult(used_feature_cache=True)
-    model.eval()
-    start = time.perf_counter()
-    data = CachedSplits.extract(cache, splits, pre_logits(torch.compile(model) if config.compile else model, runtime),
-                                session, result=result, include_val=include_val)
-    feats = [v.features[data.rows].to(runtime.device) for v in data.train]
-    labels = data.labels.to(runtime.device)
-    val_feats = [v.features[data.val_rows].to(runtime.device) for v in data.val] if len(data.val_rows) else []
-    val_labels = data.val_labels.to(runtime.device)
-    head = model.get_classifier()
-
-    def val_logits():
-        head.eval()
-        with torch.inference_mode():
-            return (combine_views([head(f) for f in val_feats]) if len(val_labels) else torch.empty(0)), val_labels
-
-    train_start = time.perf_counter()
-    if config.optimizer == "lbfgs":
-        result.history = fit_head_lbfgs(model, torch.stack(feats), labels, val_logits, session)
-    else:
-        optimizer, scheduler, criterion = _plan(model, config, labels, len(splits["train"].class_ids), runtime)
-        drop_rate = float(getattr(model, "drop_rate", 0.0) or 0.0)
-
-        def step(x, y):
-            x = F.dropout(x, drop_rate, training=True) if drop_rate else x
-            return train_step(head, x, y, criterion, optimizer, scheduler)
-
-        batches = CachedBatches(feats, labels, config)
-        result.history = _train_epochs(model, step, batches, val_logits, session, optimizer, "training head",
-                                       head.train)
-    result.images_processed = len(labels) * config.epochs
-    result.seconds = time.perf_counter() - start - data.val_extraction_seconds()  # val features: evaluation's
-    session.reporter.info(f"trained the head for {config.epochs} epochs in {time.perf_counter() - train_start:.1f}s "
-                          f"on cached features ({len(feats)} view{'s' if len(feats) > 1 else ''})")
-    logits, _ = val_logits()
-    result.val_logits, result.val_labels = logits.cpu(), val_labels.cpu()
-    result.val_seconds = data.val_extraction_seconds()
-    return result
-
-
-def _plan(model, config, labels: torch.Tensor, num_classes: int, runtime: Runtime):
-    """Optimizer, schedule and loss for minibatch training on cached inputs."""
-    optimizer = build_optimizer(model, config)
-    scheduler = make_scheduler(optimizer, config, EpochBatches(labels.tolist(), config.batch_size, config.seed,
-                                                               config.balance).batches_per_epoch())
-    return optimizer, scheduler, make_criterion(config, labels.tolist(), num_classes, runtime.device)
-
-
-class LogisticProbe:
-    """--optimizer lbfgs: the head as an L2-regularised logistic regression fitted on all cached
-    features at once (as scikit-learn's LogisticRegression and CLIP's linear probes do), with
-    L-BFGS and a strong-Wolfe line search. One "epoch" is one L-BFGS step of up to 20 iterations.
-    The penalty is weight_decay/2 x |W|^2 on the mean loss (biases are not penalised)."""
-
-    def __init__(self, head, feats: torch.Tensor, labels: torch.Tensor, criterion, config):
-        self.head, self.criterion, self.penalty = head, criterion, config.weight_decay
-        self.x = feats.reshape(-1, feats.shape[-1])  # every stored view is a sample
-        self.y = labels.repeat(feats.shape[0])
-        self.views = feats.shape[0]
-        self.optimizer = torch.optim.LBFGS(head.parameters(), lr=config.resolved_lr(), max_iter=20,
-                                           history_size=20, line_search_fn="strong_wolfe")
-
-    def _objective(self):
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.criterion(self.head(self.x), self.y) + 0.5 * self.penalty * self.head.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    def step(self) -> tuple[float, int]:
-        """One L-BFGS step; after it, the objective it minimises (mean loss + the L2 penalty) and the
-        correct count over the training images."""
-        self.optimizer.step(self._objective)
-        with torch.no_grad():
-            logits = self.head(self.x)
-            loss = float(self.criterion(logits, self.y) + 0.5 * self.penalty * self.head.weight.pow(2).sum())
-        return loss, int((logits.argmax(1) == self.y).sum()) // self.views
-
-
-def fit_head_lbfgs(model, feats: torch.Tensor, labels: torch.Tensor, val_logits, session: Session) -> list[dict]:
-    """The head fitted as a logistic regression (LogisticProbe), one L-BFGS step an epoch."""
-    config = session.config
-    criterion = make_criterion(config, labels.tolist(), model.get_classifier().out_features, labels.device)
-    probe = LogisticProbe(model.get_classifier(), feats, labels, criterion, config)
-    history = []
-    for epoch in range(config.epochs):
-        check()
-        start = time.perf_counter()
-        probe.head.train()
-        loss, correct = probe.step()
-        record = epoch_record(epoch, probe.optimizer, (loss * len(labels), correct, len(labels)), start)
-        session.log.step(epoch + 1, loss, current_lr(probe.optimizer))
-        logits, val_labels = val_logits()
-        if len(val_labels):
-            record["val_top1"] = top1(logits, val_labels)
-        history.append(record)
-        after_epoch(session.log, record, model, session.runtime)
-        if session.reporter.quiet:
-            session.reporter.info(epoch_line(record, config.epochs))
-    return history
-
-
-def fit_tail_on_activations(model, trainable, split: tuple, splits, session: Session,
-                            cache: FeatureCache) -> FitResult:
-    """The frozen prefix runs once per image (and view); each epoch runs only the trainable tail."""
-    config, runtime = session.config, session.runtime
-    prefix, tail = split
-    result = FitResult(used_feature_cache=True)
-    model.eval()
-    start = time.perf_counter()
-    data = CachedSplits.extract(cache, splits, runtime.forward(prefix), session, "-boundary", result)
-    labels, val_labels = data.labels, data.val_labels
-
-    def run_tail(x):
-        return model.forward_head(tail(x))
-
-    val_seconds = [0.0]
-
-    def val_logits():
-        begin = time.perf_counter()
-        model.eval()
-        forward = runtime.forward(run_tail)
-        with torch.inference_mode():
-            per_view = [torch.cat([forward(v.features[data.val_rows[i:i + 64]]).float().cpu()
-                                   for i in range(0, len(data.val_rows), 64)]) for v in data.val] \
-                if len(data.val_rows) else []
-        val_seconds[0] += time.perf_counter() - begin
-        return (combine_views(per_view) if per_view else torch.empty(0)), val_labels
-
-    optimizer, scheduler, criterion = _plan(model, config, labels, len(splits["train"].class_ids), runtime)
-    scaler = runtime.grad_scaler()
-
-    def step(x, y):
-        return train_step(run_tail, x, y, criterion, optimizer, scheduler, runtime, scaler)
-
-    batches = CachedBatches([v.features for v in data.train], labels.to(runtime.device), config, runtime.inputs,
-                            data.rows)
-    result.history = _train_epochs(model, step, batches, val_logits, session, optimizer, "training (tail)",
-                                   lambda: set_train_mode(model, trainable))
-    result.images_processed = len(labels) * config.epochs
-    result.seconds = time.perf_counter() - start - data.val_extraction_seconds() - val_seconds[0]
-    result.val_logits, result.val_labels = val_logits()
-    result.val_seconds = data.val_extraction_seconds() + val_seconds[0] / max(config.epochs + 1, 1)
-    return result

@@ -17,12 +17,11 @@ class TrainingLog:
     `RUN/history.csv`."""
 
     def __init__(self, run_dir, samples=None, class_names: list[str] | None = None, transform=None,
-                 append: bool = False, epochs: int = 0, on_epoch=None):
+                 append: bool = False, epochs: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(run_dir.tensorboard))
         self.csv_path = run_dir.history_csv
-        self.on_epoch = on_epoch  # the caller's per-epoch callback (may raise to stop the run)
         if not (append and self.csv_path.is_file()):
             with self.csv_path.open("w", newline="") as handle:
                 csv.writer(handle).writerow(HISTORY_FIELDS)
@@ -53,8 +52,6 @@ class TrainingLog:
         with self.csv_path.open("a", newline="") as handle:
             csv.writer(handle).writerow([record.get(k, "") for k in HISTORY_FIELDS])
         self.writer.flush()
-        if self.on_epoch is not None:
-            self.on_epoch(record)
 
     @torch.inference_mode()
     def predictions(self, epoch: int, forward) -> None:
@@ -86,18 +83,13 @@ class TrainingLog:
 
 
 class QuietLog:
-    """A log that writes nothing (library calls without a run directory, ranks other than 0); the
-    caller's per-epoch callback still runs."""
-
-    def __init__(self, on_epoch=None):
-        self.on_epoch = on_epoch
+    """A log that writes nothing (library calls without a run directory, ranks other than 0)."""
 
     def step(self, *args) -> None:
         pass
 
     def epoch(self, record: dict) -> None:
-        if self.on_epoch is not None:
-            self.on_epoch(record)
+        pass
 
     def predictions(self, *args) -> None:
         pass

@@ -19,18 +19,21 @@ from ..evaluate import outputs_of
 from ..models.tta import FlipTTA
 from ..models.trainable import TrainableSet, set_train_mode, with_frozen_norms
 from ..models.unfreeze import GradualUnfreezing
-from ..stop import requested
-from .cached import boundary_fingerprint, fit_head_on_features, fit_tail_on_activations, model_fingerprint
-from .checkpoint import TrainingInterrupted, rng_state, save_checkpoint, set_rng_state
-from .epoch import Progress, Totals, step_logger, train_one_epoch
-from .mixing import BatchMixer
-from .paths import ACTIVATIONS, FEATURES, choose_training_path
-from .schedule import make_scheduler
-from .session import Session
 from ..evaluate import top1
 from ..recipes import recipe_settings
-from .steps import (FitResult, after_epoch, build_optimizer, current_lr, epoch_line, epoch_record, log_skipped,
-                    make_criterion, make_training_loader, train_step)
+from ..stop import requested
+from .cached import boundary_fingerprint, model_fingerprint
+from .checkpoint import TrainingInterrupted, rng_state, save_checkpoint, set_rng_state
+from .driver import Driven, Start, drive
+from .epoch import Progress, Totals, step_logger, train_one_epoch
+from .head import PRIOR_START, fit_head_on_features, fit_tail_on_activations
+from .mixing import BatchMixer
+from .paths import ACTIVATIONS, FEATURES, choose_training_path
+from .prior import anchored
+from .schedule import make_scheduler
+from .session import Session
+from .steps import (FitResult, build_optimizer, current_lr, epoch_record, log_skipped, make_criterion,
+                    make_training_loader, train_step)
 
 
 def fit(model, trainable: TrainableSet, splits: dict, session: Session, arch: str = "",
@@ -65,7 +68,7 @@ def probe_head(model, splits: dict, session: Session, arch: str = "", include_va
                                       "refit": False, "ema_decay": 0.0, "mixup": 0.0, "cutmix": 0.0,
                                       "layer_decay": None, "head_lr": None, "unfreeze_schedule": [],
                                       "tta": session.config.tta})
-    session = replace(session, config=probe)
+    session = replace(session, config=probe, on_epoch=None)
     cache = FeatureCache(session.cache_dir, model_fingerprint(model, arch, session.runtime), session.reporter.warn)
     fitted = fit_head_on_features(model, splits, session, cache, include_val)
     if not len(fitted.val_labels):
@@ -75,22 +78,12 @@ def probe_head(model, splits: dict, session: Session, arch: str = "", include_va
     return score
 
 
-class BestWeights:
-    """The weights with the best val top-1 seen so far (--keep-best), and where they came from."""
-
-    def __init__(self):
-        self.score, self.epoch, self.which, self.state = -1.0, None, "", None
-
-    def offer(self, epoch: int, which: str, score: float, module) -> None:
-        if score > self.score:
-            self.score, self.epoch, self.which = score, epoch, which
-            self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
 class ImageTraining:
-    """The whole (or partly frozen) model per batch of images. Checkpoints every epoch (and every
-    --checkpoint-every steps); from a checkpoint it continues exactly: same schedule, data order,
-    augmentation and random state."""
+    """The whole (or partly frozen) model per batch of images, an epoch loop for `drive`.
+    Checkpoints every epoch (and every --checkpoint-every steps); from a checkpoint it continues
+    exactly: same schedule, data order, augmentation and random state."""
+
+    fast = False
 
     def __init__(self, model, trainable: TrainableSet, train_set, session: Session):
         config, runtime, dist = session.config, session.runtime, session.dist
@@ -98,9 +91,11 @@ class ImageTraining:
         self.loader = make_training_loader(train_set, session.data_config, config, config.epochs, dist.rank,
                                            dist.world, runtime.batched_on)
         self.unfreezing = GradualUnfreezing(config) if config.unfreeze_schedule else None
-        self.optimizer = build_optimizer(model, config, self.unfreezing.final_names(model) if self.unfreezing else None)
+        self.optimizer = build_optimizer(model, config, self.unfreezing.final_names(model) if self.unfreezing else None,
+                                         head_decay=session.prior is None)
         self.scheduler = make_scheduler(self.optimizer, config, self.loader.batch_sampler.batches_per_epoch())
-        self.criterion = make_criterion(config, train_set.labels, len(train_set.class_ids), runtime.device)
+        self.criterion = anchored(make_criterion(config, train_set.labels, len(train_set.class_ids), runtime.device),
+                                  model, session.prior, config, len(train_set))
         self.mix = BatchMixer(config, len(train_set.class_ids))
         self.ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema_decay else None
         self.scaler = runtime.grad_scaler()
@@ -111,6 +106,7 @@ class ImageTraining:
             self.trainable = with_frozen_norms(self.model, trainable)  # the converted layers are new modules
         self.forward = self.wrap()
         self.result, self.best, self.seen = FitResult(), -1.0, {}
+        self.kept_into, self.val_set = self.model, None
         self.val_loader = None  # made at the first validation, kept for the run
         self.progress = Progress(0)
 
@@ -205,7 +201,7 @@ class ImageTraining:
         self.result.images_processed += int(totals[2])
         return epoch_record(epoch, self.optimizer, (totals[0], int(totals[1]), int(totals[2])), start)
 
-    def validate(self, val_set) -> dict[str, tuple[float, object]]:
+    def validate(self) -> dict[str, tuple[float, object]]:
         """Val top-1 of the weights that count: the EMA's (and with --keep-best the raw ones too), all
         from one pass over val, through one loader that lives as long as the run (no start-up per epoch)."""
         config, session = self.session.config, self.session
@@ -213,7 +209,7 @@ class ImageTraining:
         if self.ema is None or config.keep_best:
             candidates["raw weights"] = self.model
         if self.val_loader is None:
-            self.val_loader = make_loader(val_set, eval_transform(session.data_config), max(config.batch_size, 64),
+            self.val_loader = make_loader(self.val_set, eval_transform(session.data_config), max(config.batch_size, 64),
                                           config.workers, epochs=config.epochs,
                                           batched_on=session.runtime.batched_on)
         modules = [FlipTTA(m) if config.tta else m for m in candidates.values()]
@@ -224,38 +220,29 @@ class ImageTraining:
         return {which: (top1(out.outputs[:, k], out.labels) if len(out.labels) else 0.0, module)
                 for k, (which, module) in enumerate(candidates.items())}
 
-    def fit(self, val_set, resume: dict | None = None, probe_top1: float | None = None) -> FitResult:
-        session, config = self.session, self.session.config
-        keep = BestWeights() if config.keep_best else None
-        if resume is not None:
-            self.restore(resume)
-        elif keep is not None and probe_top1 is not None:
-            keep.offer(0, "the probe it started from", probe_top1, self.model)
-        start, val_seconds = time.perf_counter(), 0.0
-        for epoch in range(self.progress.epoch, config.epochs):
-            record = self.run_epoch(epoch)
-            if val_set is not None and len(val_set) and session.checkpoints is not None:
-                val_start = time.perf_counter()
-                scores = self.validate(val_set)
-                record["val_top1"] = next(iter(scores.values()))[0]  # the EMA's where there is one
-                for which, (score, module) in scores.items():
-                    if keep is not None:
-                        keep.offer(epoch + 1, which, score, module)
-                val_seconds += time.perf_counter() - val_start
-            self.result.history.append(record)
-            session.reporter.info(epoch_line(record, config.epochs))
-            after_epoch(session.log, record, self.model, session.runtime)
-            is_best = record.get("val_top1", -1.0) > self.best
-            self.best = max(self.best, record.get("val_top1", -1.0))
-            self.progress = Progress(epoch + 1, step=self.progress.step)
-            self.checkpoint(epoch + 1, 0, Totals(), is_best)
-        self.result.seconds = time.perf_counter() - start - val_seconds
-        self.result.skipped = sorted(self.seen.items())
+    def end_epoch(self, epoch: int, record: dict, is_best: bool) -> None:
+        self.best = max(self.best, record.get("val_top1", -1.0))
+        self.progress = Progress(epoch + 1, step=self.progress.step)
+        self.checkpoint(epoch + 1, 0, Totals(), is_best)
+
+    def finish(self) -> None:
         if self.ema is not None:  # the averaged weights are the run's model
             self.model.load_state_dict(self.ema.module.state_dict())
-        self.result.best_epoch = config.epochs
-        if keep is not None and keep.state is not None:
-            self.model.load_state_dict(keep.state)
-            self.result.best_epoch = keep.epoch
-            session.reporter.info(f"kept epoch {keep.epoch} ({keep.which}): val top-1 {keep.score:.4f}")
+
+    def fit(self, val_set, resume: dict | None = None, probe_top1: float | None = None) -> FitResult:
+        """Train from the start (or `resume`'s checkpoint); the start (the probe, or the head from the
+        pretrained classifier) counts as epoch 0 for --keep-best."""
+        session = self.session
+        if resume is not None:
+            self.restore(resume)
+        self.val_set = val_set
+        validating = val_set is not None and len(val_set) > 0 and session.checkpoints is not None
+        start = Start("the probe it started from", probe_top1) if probe_top1 is not None else \
+            Start(PRIOR_START) if session.prior is not None else None
+        began = time.perf_counter()
+        driven = drive(self, session, validating, self.progress.epoch, Driven(self.result.history, best_top1=self.best),
+                       start)
+        self.result.seconds = time.perf_counter() - began - driven.validation_seconds
+        self.result.skipped = sorted(self.seen.items())
+        self.result.best_epoch, self.result.start_top1 = driven.best_epoch, driven.start_top1
         return self.result

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
+from ..models.pretrained_classes import HeadPrior
 from .distributed import Distributed
 from .runtime import Reporter, Runtime
 from .history import QuietLog
@@ -21,3 +23,5 @@ class Session:
     dist: Distributed = field(default_factory=Distributed)
     cache_dir: Path = Path(".")
     checkpoints: Path | None = None  # where checkpoints go (None: not written, e.g. on ranks other than 0)
+    prior: HeadPrior | None = None  # the head's start from the pretrained classifier (None: from zero)
+    on_epoch: Callable[[dict], None] | None = None  # the caller's per-epoch callback (may raise to stop)

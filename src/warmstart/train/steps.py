@@ -22,7 +22,8 @@ class FitResult:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     images_processed: int = 0
-    feature_seconds: float = 0.0
+    feature_seconds: float = 0.0  # extracting the training views' features (cached paths)
+    images_extracted: int = 0  # how many of them were computed (not read from the cache)
     used_feature_cache: bool = False
     features_from_cache: bool = False
     # validation outputs when the head was trained on features (reused for the final evaluation)
@@ -31,7 +32,9 @@ class FitResult:
     val_seconds: float = 0.0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     path: str = ""  # the training path taken (train.paths), as the run reports it
-    best_epoch: int | None = None  # the epoch whose weights were kept (0: the probe; None: the last)
+    best_epoch: int | None = None  # the epoch whose weights were kept (0: the start; None: the last)
+    start_top1: float | None = None  # val top-1 of the weights training started from, where measured
+    head_seconds: float = 0.0  # on cached features: the head's training alone (extraction excluded)
 
 
 def layer_scales(model: torch.nn.Module, layer_decay: float) -> dict[str, float]:
@@ -44,9 +47,11 @@ def layer_scales(model: torch.nn.Module, layer_decay: float) -> dict[str, float]
     return {name: layer_decay ** (top - layers.get(name, top)) for name, _ in model.named_parameters()}
 
 
-def parameter_groups(model: torch.nn.Module, config, names: list[str] | None = None) -> list[dict]:
+def parameter_groups(model: torch.nn.Module, config, names: list[str] | None = None,
+                     head_decay: bool = True) -> list[dict]:
     """Optimizer groups over `names` (default: what trains now): each its own learning rate
-    (layer decay, the head's rate) and weight decay (none on biases and norms)."""
+    (layer decay, the head's rate) and weight decay (none on biases and norms; none on the head
+    without `head_decay`: its anchor's penalty regularises it)."""
     names = set(names) if names is not None else {n for n, p in model.named_parameters() if p.requires_grad}
     lr = config.resolved_lr()
     head = set(classifier_names(model))
@@ -55,7 +60,7 @@ def parameter_groups(model: torch.nn.Module, config, names: list[str] | None = N
     for name, param in model.named_parameters():
         if name not in names:
             continue
-        decay = config.weight_decay if param.ndim > 1 else 0.0
+        decay = config.weight_decay if param.ndim > 1 and (head_decay or name not in head) else 0.0
         rate = (config.head_lr or lr) if name in head else lr * scales.get(name, 1.0)
         key = (name in head, rate, decay)
         group = groups.setdefault(key, {"params": [], "param_names": [], "lr": rate, "weight_decay": decay})
@@ -64,12 +69,13 @@ def parameter_groups(model: torch.nn.Module, config, names: list[str] | None = N
     return list(groups.values())
 
 
-def build_optimizer(model: torch.nn.Module, config, names: list[str] | None = None) -> torch.optim.Optimizer:
+def build_optimizer(model: torch.nn.Module, config, names: list[str] | None = None,
+                    head_decay: bool = True) -> torch.optim.Optimizer:
     """SGD with (plain) momentum or AdamW over the trainable parameters (or `names`, for gradual
     unfreezing: parameters still frozen get no gradient, so the optimizer leaves them alone)."""
     opt = "momentum" if config.optimizer == "sgd" else "adamw"
     kwargs = {"momentum": config.momentum} if config.optimizer == "sgd" else {}
-    return create_optimizer_v2(parameter_groups(model, config, names), opt=opt, lr=config.resolved_lr(), **kwargs)
+    return create_optimizer_v2(parameter_groups(model, config, names, head_decay), opt=opt, lr=config.resolved_lr(), **kwargs)
 
 
 def current_lr(optimizer: torch.optim.Optimizer) -> float:

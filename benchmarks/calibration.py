@@ -1,0 +1,52 @@
+"""Benchmark 11: how honest the probabilities are, before and after the temperature each run fits
+on its validation logits. Train on imagewoof-mini train (1,000 photos), calibrate on its val
+(400), and measure on val and on imagewoof-clean-val (200 photos no ImageNet-1k network trained
+on): ECE (15 bins) and NLL before and after, and top-1 (a temperature cannot change it).
+
+The head-only recipes run here; the whole-network ones need a GPU's epochs (BENCHMARKS.md §6).
+Features are shared with benchmark 10 (.bench-data/), so only what is missing is extracted.
+
+    python -m benchmarks.calibration
+"""
+
+from __future__ import annotations
+
+import time
+
+import warmstart
+
+from .common import SHARED, save
+from .pretrained_prior import WORK, _link_tree
+
+RECIPES = ("linear-probe", "feature-extractor", "best")
+
+
+def run(quick: bool = False) -> dict:
+    woof = SHARED / "imagewoof-mini"
+    data = _link_tree("woof-10" if quick else "woof-all",
+                      {"train": woof / "train", "val": woof / "val", "test": SHARED / "imagewoof-clean-val"},
+                      10 if quick else None)
+    runs = []
+    for recipe in RECIPES:
+        out = WORK / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-calibration-{recipe}"
+        start = time.perf_counter()
+        result = warmstart.train(warmstart.RunConfig.from_dict({
+            "recipe": recipe, "data": str(data), "quiet": True, "workers": 2, "out": str(out),
+            "cache_dir": str(WORK / "cache")}))
+        m, c = result.metrics, result.metrics["calibration"]
+        runs.append({"recipe": recipe, "temperature": c["temperature"], "val_top1": m["top1"],
+                     "val_ece_before": c["ece_before"], "val_ece_after": c["ece_after"],
+                     "val_nll_before": c["nll_before"], "val_nll_after": c["nll_after"],
+                     "clean_top1": m["test_top1"], "clean_ece_before": m["test_ece_uncalibrated"],
+                     "clean_ece_after": m["test_ece"], "clean_nll_before": m["test_nll_uncalibrated"],
+                     "clean_nll_after": m["test_nll"], "seconds": time.perf_counter() - start})
+        print(runs[-1], flush=True)
+    result = {"quick": quick, "train_images": 100 if quick else 1000, "runs": runs}
+    save("calibration_quick" if quick else "calibration", result)
+    return result
+
+
+if __name__ == "__main__":
+    import sys
+
+    run("--quick" in sys.argv)

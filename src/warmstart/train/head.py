@@ -1,0 +1,248 @@
+"""Training on cached inputs: the head on the frozen network's features (minibatches, or the
+L-BFGS logistic probe), or the trainable tail on the frozen prefix's activations. The frozen
+part ran once per image and view (`cached.py`); each path here is an epoch loop for `drive`."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..data.feature_cache import FeatureCache
+from ..data.loaders import EpochBatches
+from ..evaluate import top1
+from ..models.pretrained_classes import HeadPrior
+from ..models.tta import combine_views
+from ..models.trainable import set_train_mode
+from .cached import CachedBatches, CachedSplits, pre_logits
+from .driver import Start, drive
+from .epoch import Progress, step_logger, train_one_epoch
+from .prior import HeadAnchor, anchored
+from .runtime import Runtime
+from .schedule import make_scheduler
+from .session import Session
+from .steps import FitResult, build_optimizer, current_lr, epoch_record, make_criterion, train_step
+
+PRIOR_START = "pretrained classifier alone"
+
+
+def prior_start(session: Session) -> Start | None:
+    """The head starts from the pretrained classifier: score it before training (epoch 0)."""
+    return Start(PRIOR_START) if session.prior is not None else None
+
+
+class CachedLoop:
+    """What the loops on cached inputs share: validation on the cached val views, whose weights
+    are kept (the head, or the model for a tail), and nothing to do between epochs."""
+
+    fast = True
+
+    def __init__(self, model, kept_into, val_logits, session: Session):
+        self.model, self.kept_into, self.val_logits, self.session = model, kept_into, val_logits, session
+
+    def validate(self) -> dict:
+        logits, labels = self.val_logits()
+        return {"trained weights": (top1(logits, labels), self.kept_into)}
+
+    def end_epoch(self, epoch: int, record: dict, is_best: bool) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class MinibatchLoop(CachedLoop):
+    """SGD/AdamW epochs over cached batches (`step`: one optimizer step on a batch)."""
+
+    def __init__(self, model, kept_into, val_logits, session: Session, plan: tuple, batches: CachedBatches,
+                 before_epoch):
+        super().__init__(model, kept_into, val_logits, session)
+        self.optimizer, self.step = plan
+        self.batches, self.before_epoch = batches, before_epoch
+        self.progress, self.images, self.seconds = Progress(0), 0, 0.0
+
+    def run_epoch(self, epoch: int) -> dict:
+        self.before_epoch()
+        self.progress = Progress(epoch, step=self.progress.step)
+        log_step, log_last = step_logger(self.session.log, self.optimizer, current_lr)
+        start = time.perf_counter()
+        totals = train_one_epoch(self.batches, self.step, self.progress, [log_step])
+        log_last(self.progress)
+        record = epoch_record(epoch, self.optimizer, totals, start)
+        # an epoch on cached inputs lasts milliseconds: its own rate is noise, the run's so far is not
+        self.images, self.seconds = self.images + totals.count, self.seconds + record["seconds"]
+        record["images_per_sec"] = self.images / max(self.seconds, 1e-9)
+        return record
+
+
+class LogisticProbe:
+    """--optimizer lbfgs: the head as an L2-regularised logistic regression fitted on all cached
+    features at once (as scikit-learn's LogisticRegression and CLIP's linear probes do), with
+    L-BFGS and a strong-Wolfe line search. One "epoch" is one L-BFGS step of up to 20 iterations.
+    The penalty is on the mean loss, each row's distance from its start (HeadAnchor): from zero,
+    weight_decay/2 x |W|^2; biases are not penalised."""
+
+    def __init__(self, head, feats: torch.Tensor, labels: torch.Tensor, criterion, config,
+                 prior: HeadPrior | None = None):
+        self.head, self.criterion = head, criterion
+        self.anchor = HeadAnchor.of(head, prior, config, len(labels))
+        self.x = feats.reshape(-1, feats.shape[-1])  # every stored view is a sample
+        self.y = labels.repeat(feats.shape[0])
+        self.views = feats.shape[0]
+        self.optimizer = torch.optim.LBFGS(head.parameters(), lr=config.resolved_lr(), max_iter=20,
+                                           history_size=20, line_search_fn="strong_wolfe")
+
+    def _objective(self):
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.criterion(self.head(self.x), self.y) + self.anchor.penalty()
+        loss.backward()
+        return loss
+
+    def step(self) -> tuple[float, int]:
+        """One L-BFGS step; after it, the objective it minimises (mean loss + the penalty) and the
+        correct count over the training images."""
+        self.optimizer.step(self._objective)
+        with torch.no_grad():
+            logits = self.head(self.x)
+            loss = float(self.criterion(logits, self.y) + self.anchor.penalty())
+        return loss, int((logits.argmax(1) == self.y).sum()) // self.views
+
+
+class ProbeLoop(CachedLoop):
+    """The logistic probe, one L-BFGS step an epoch."""
+
+    def __init__(self, model, feats: torch.Tensor, labels: torch.Tensor, val_logits, session: Session):
+        head = model.get_classifier()
+        super().__init__(model, head, val_logits, session)
+        criterion = make_criterion(session.config, labels.tolist(), head.out_features, labels.device)
+        self.probe = LogisticProbe(head, feats, labels, criterion, session.config, session.prior)
+        self.count = len(labels)
+
+    def run_epoch(self, epoch: int) -> dict:
+        start = time.perf_counter()
+        self.probe.head.train()
+        loss, correct = self.probe.step()
+        self.session.log.step(epoch + 1, loss, current_lr(self.probe.optimizer))
+        return epoch_record(epoch, self.probe.optimizer, (loss * self.count, correct, self.count), start)
+
+
+def feature_logits(head, views: list[torch.Tensor], labels: torch.Tensor):
+    """The head's val logits on cached feature views (combined as TTA combines them)."""
+    def val_logits():
+        head.eval()
+        with torch.inference_mode():
+            return (combine_views([head(f) for f in views]) if len(labels) else torch.empty(0)), labels
+
+    return val_logits
+
+
+def fit_head_on_features(model, splits, session: Session, cache: FeatureCache, include_val: bool = False) -> FitResult:
+    """Every rank trains the same head on the same (sharded, then shared) features: deterministic,
+    so rank 0's head is everyone's. `include_val`: train on val's images too (a refit)."""
+    config, runtime = session.config, session.runtime
+    result = FitResult(used_feature_cache=True)
+    model.eval()
+    start = time.perf_counter()
+    data = CachedSplits.extract(cache, splits, pre_logits(torch.compile(model) if config.compile else model, runtime),
+                                session, result=result, include_val=include_val)
+    feats = [v.features[data.rows].to(runtime.device) for v in data.train]
+    labels = data.labels.to(runtime.device)
+    val_labels = data.val_labels.to(runtime.device)
+    head = model.get_classifier()
+    val_logits = feature_logits(head, [v.features[data.val_rows].to(runtime.device) for v in data.val]
+                                if len(data.val_rows) else [], val_labels)
+    train_start = time.perf_counter()
+    if not config.epochs:
+        loop = CachedLoop(model, head, val_logits, session)
+    elif config.optimizer == "lbfgs":
+        loop = ProbeLoop(model, torch.stack(feats), labels, val_logits, session)
+    else:
+        loop = MinibatchLoop(model, head, val_logits, session, _head_plan(model, labels, session, len(head.weight)),
+                             CachedBatches(feats, labels, config), head.train)
+    driven = drive(loop, session, bool(len(val_labels)), start=prior_start(session))
+    result.history, result.best_epoch, result.start_top1 = driven.history, driven.best_epoch, driven.start_top1
+    result.images_processed = len(labels) * config.epochs
+    result.seconds = time.perf_counter() - start - data.val_extraction_seconds()  # val features: evaluation's
+    result.head_seconds = time.perf_counter() - train_start
+    session.reporter.info(f"trained the head for {config.epochs} epochs in {result.head_seconds:.1f}s "
+                          f"on cached features ({len(feats)} view{'s' if len(feats) != 1 else ''})")
+    logits, _ = val_logits()
+    result.val_logits, result.val_labels = logits.cpu(), val_labels.cpu()
+    result.val_seconds = data.val_extraction_seconds()
+    return result
+
+
+def _head_plan(model, labels: torch.Tensor, session: Session, num_classes: int) -> tuple:
+    """The head's optimizer and its step on a batch of features (dropout as the model's own)."""
+    optimizer, scheduler, criterion = _plan(model, session, labels, num_classes)
+    head, drop_rate = model.get_classifier(), float(getattr(model, "drop_rate", 0.0) or 0.0)
+
+    def step(x, y):
+        x = F.dropout(x, drop_rate, training=True) if drop_rate else x
+        return train_step(head, x, y, criterion, optimizer, scheduler)
+
+    return optimizer, step
+
+
+def _plan(model, session: Session, labels: torch.Tensor, num_classes: int):
+    """Optimizer, schedule and loss for minibatch training on cached inputs; with a head prior the
+    head's rows are pulled toward it (and get no plain weight decay)."""
+    config, runtime = session.config, session.runtime
+    optimizer = build_optimizer(model, config, head_decay=session.prior is None)
+    scheduler = make_scheduler(optimizer, config, EpochBatches(labels.tolist(), config.batch_size, config.seed,
+                                                               config.balance).batches_per_epoch())
+    criterion = make_criterion(config, labels.tolist(), num_classes, runtime.device)
+    return optimizer, scheduler, anchored(criterion, model, session.prior, config, len(labels))
+
+
+def tail_logits(model, run_tail, data: CachedSplits, runtime: Runtime, seconds: list):
+    """The tail's val logits on the cached activations, 64 at a time (the time spent added up)."""
+    def val_logits():
+        begin = time.perf_counter()
+        model.eval()
+        forward = runtime.forward(run_tail)
+        with torch.inference_mode():
+            per_view = [torch.cat([forward(v.features[data.val_rows[i:i + 64]]).float().cpu()
+                                   for i in range(0, len(data.val_rows), 64)]) for v in data.val] \
+                if len(data.val_rows) else []
+        seconds[0] += time.perf_counter() - begin
+        return (combine_views(per_view) if per_view else torch.empty(0)), data.val_labels
+
+    return val_logits
+
+
+def fit_tail_on_activations(model, trainable, split: tuple, splits, session: Session,
+                            cache: FeatureCache) -> FitResult:
+    """The frozen prefix runs once per image (and view); each epoch runs only the trainable tail."""
+    config, runtime = session.config, session.runtime
+    prefix, tail = split
+    result = FitResult(used_feature_cache=True)
+    model.eval()
+    start = time.perf_counter()
+    data = CachedSplits.extract(cache, splits, runtime.forward(prefix), session, "-boundary", result)
+    labels = data.labels
+
+    def run_tail(x):
+        return model.forward_head(tail(x))
+
+    val_seconds = [0.0]
+    val_logits = tail_logits(model, run_tail, data, runtime, val_seconds)
+    optimizer, scheduler, criterion = _plan(model, session, labels, len(splits["train"].class_ids))
+    scaler = runtime.grad_scaler()
+
+    def step(x, y):
+        return train_step(run_tail, x, y, criterion, optimizer, scheduler, runtime, scaler)
+
+    batches = CachedBatches([v.features for v in data.train], labels.to(runtime.device), config, runtime.inputs,
+                            data.rows)
+    loop = MinibatchLoop(model, model, val_logits, session, (optimizer, step), batches,
+                         lambda: set_train_mode(model, trainable))
+    driven = drive(loop, session, bool(len(data.val_rows)), start=prior_start(session))
+    result.history, result.best_epoch, result.start_top1 = driven.history, driven.best_epoch, driven.start_top1
+    result.images_processed = len(labels) * config.epochs
+    result.seconds = time.perf_counter() - start - data.val_extraction_seconds() - val_seconds[0]
+    result.head_seconds = result.seconds - result.feature_seconds
+    result.val_logits, result.val_labels = val_logits()
+    result.val_seconds = data.val_extraction_seconds() + val_seconds[0] / max(config.epochs + 1, 1)
+    return result
