@@ -25,7 +25,7 @@ from warmstart.models import create_model
 from warmstart.models.registry import installed_bundled
 from warmstart.train.cached import pre_logits
 from warmstart.train.head import LogisticProbe
-from warmstart.train.runtime import Runtime
+from warmstart.compute.runtime import Runtime
 
 from .common import SHARED, _per_class, save
 

@@ -3,8 +3,8 @@ training photos per class, four warmstart runs on the same images and caches:
 
 - the pretrained classifier alone (`--recipe best --epochs 0`: its rows for the matched classes);
 - the probe from zero (`--recipe linear-probe --head-init zero`, what linear-probe did before);
-- `best` today (`--recipe best --head-init zero`);
-- `best` with the pretrained start (`--recipe best`, the default now).
+- `best` as it was (`--recipe best --head-init zero --label-smoothing 0.1`);
+- `best` now (`--recipe best`: the pretrained start, no label smoothing).
 
 Sets: imagewoof-mini (val: its own val/, photos ImageNet-1k trained on; test: imagewoof-clean-val,
 photos no ImageNet-1k network trained on) and stanford-dogs-120-dev (val). Plus the digits, whose
@@ -29,7 +29,7 @@ WORK = ROOT / ".bench-data" / "prior"
 METHODS = {
     "pretrained classifier alone": {"recipe": "best", "epochs": 0},
     "probe from zero": {"recipe": "linear-probe", "head_init": "zero"},
-    "best today (head from zero)": {"recipe": "best", "head_init": "zero"},
+    "best today (head from zero)": {"recipe": "best", "head_init": "zero", "label_smoothing": 0.1},
     "best, pretrained start": {"recipe": "best"},
 }
 
@@ -52,7 +52,7 @@ def _link_tree(name: str, splits: dict[str, Path], per_class: int | None) -> Pat
     return root
 
 
-def data_sets(quick: bool) -> list[tuple[str, Path, int | None]]:
+def data_sets(quick: bool, only: tuple[str, ...] = ()) -> list[tuple[str, Path, int | None]]:
     woof, sd = SHARED / "imagewoof-mini", SHARED / "stanford-dogs-120-dev"
     woof_splits = {"train": woof / "train", "val": woof / "val", "test": SHARED / "imagewoof-clean-val"}
     sizes = (10,) if quick else (10, None)
@@ -60,7 +60,7 @@ def data_sets(quick: bool) -> list[tuple[str, Path, int | None]]:
     if not quick:
         sets += [("stanford-dogs-120-dev", _link_tree(f"sd120-{n or 'all'}", {"train": sd / "train", "val": sd / "val"},
                                                       n), n) for n in sizes]
-    return sets
+    return [s for s in sets if not only or s[0] in only]
 
 
 def one_run(settings: dict, model: str, data: Path | str, name: str) -> dict:
@@ -74,13 +74,14 @@ def one_run(settings: dict, model: str, data: Path | str, name: str) -> dict:
             "seconds": time.perf_counter() - start, "head_start": m["head_start"]}
 
 
-def run(quick: bool = False, models: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite2")) -> dict:
+def run(quick: bool = False, models: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite2"),
+        sets: tuple[str, ...] = (), digits: bool = True) -> dict:
     previous = RESULTS / "pretrained_prior.json"
     done = json.loads(previous.read_text())["runs"] if previous.is_file() and not quick else []
     key = lambda r: (r["set"], r["per_class"], r["model"], r["method"])  # noqa: E731
     runs = {key(r): r for r in done}
     for model in models:
-        for name, data, per_class in data_sets(quick):
+        for name, data, per_class in data_sets(quick, sets):
             for method in METHODS:
                 entry = {"set": name, "per_class": per_class, "model": model, "method": method}
                 if key(entry) in runs:
@@ -94,7 +95,8 @@ def run(quick: bool = False, models: tuple[str, ...] = ("efficientnet_lite0", "e
                                                                                   "runs": list(runs.values())})
     # the digits: no class is an ImageNet class, so --head-init auto (the default) must change nothing
     digits = [{"head_init": h, **one_run({"recipe": "linear-probe", "head_init": h}, "efficientnet_lite0",
-                                         "sklearn-digits", f"digits-{h}")} for h in ("zero", "auto")]
+                                         "sklearn-digits", f"digits-{h}")} for h in ("zero", "auto")] if digits \
+        else (json.loads(previous.read_text()).get("digits", []) if previous.is_file() else [])
     result = {"quick": quick, "runs": list(runs.values()), "digits": digits}
     save("pretrained_prior_quick" if quick else "pretrained_prior", result)
     return result
@@ -104,5 +106,7 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--models", nargs="+", default=["efficientnet_lite0", "efficientnet_lite2"])
+    parser.add_argument("--sets", nargs="+", default=[], help="imagewoof-mini, stanford-dogs-120-dev (default: both)")
+    parser.add_argument("--no-digits", action="store_true")
     args = parser.parse_args()
-    run(args.quick, tuple(args.models))
+    run(args.quick, tuple(args.models), tuple(args.sets), not args.no_digits)

@@ -36,6 +36,36 @@ def _graph() -> dict[str, set[str]]:
     return {_module_name(p): _imports(p) for p in PACKAGE.rglob("*.py")}
 
 
+# the layers, lowest first: a module imports only from its own layer's package or a layer below
+LAYERS = [
+    {"_version", "errors", "seeds", "stop", "progress", "recipes", "calibration"},  # what everything uses
+    {"data"},  # sources -> transforms -> loaders, caches
+    {"models"},  # create, restore, choose what trains
+    {"config", "run_dir"},  # the run's settings, and its directory
+    {"compute"},  # device, precision, pipeline and loaders; processes (below training AND evaluation)
+    {"evaluate"},
+    {"train"},
+    {"predict", "export"},
+    {"serve", "report", "tune", "quickstart"},
+    {"cli", "__main__"},
+    {"warmstart"},  # the package's own __init__: the library's front door
+]
+
+
+def _layer_of(module: str) -> int:
+    top = module.split(".")[1] if module.count(".") else module
+    found = [i for i, names in enumerate(LAYERS) if top in names]
+    assert found, f"{module}: place {top} in a layer of LAYERS"
+    return found[0]
+
+
+def test_modules_import_downward_only():
+    """No upward import: e.g. evaluation uses the runtime from compute/, never from train/."""
+    upward = sorted((m, d) for m, deps in _graph().items() for d in deps
+                    if m.split(".")[:2] != d.split(".")[:2] and _layer_of(d) > _layer_of(m))
+    assert upward == []
+
+
 def test_no_module_imports_the_package_itself():
     upward = sorted(m for m, deps in _graph().items() if "warmstart" in deps and m != "warmstart")
     assert upward == []
@@ -126,3 +156,41 @@ def test_functions_fit_on_a_screen():
                     wide.append((count, where))
     assert len(long) <= 3 and all(lines <= 100 for lines, _ in long), sorted(long)
     assert wide == []
+
+
+@pytest.mark.parametrize("command, settings_class", [("serve", "warmstart.serve.settings:ServeSettings"),
+                                                     ("tune", "warmstart.tune.study:StudyOptions")])
+def test_serve_and_tune_options_are_their_settings_declared_once(command, settings_class):
+    """Each field of ServeSettings / StudyOptions is exactly one option of its command, and back;
+    its bounds are checked by the dataclass (one line, exit 2 from the command)."""
+    import dataclasses
+    import importlib
+
+    from warmstart.cli import build_parser
+
+    module, name = settings_class.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    parser = build_parser()._subparsers._group_actions[0].choices[command]
+    extra = {"tune": {"config", "space", "trials"}}.get(command, set())
+    assert {a.dest for a in parser._actions} - {"help"} - extra == {f.name for f in dataclasses.fields(cls)}
+
+
+def test_fewer_than_60_options_are_written_by_hand():
+    source = (PACKAGE / "cli.py").read_text()
+    assert source.count(".add_argument(") < 60
+
+
+def test_a_new_data_source_is_one_module_and_one_line(tmp_path, monkeypatch):
+    """A source is a module with detect() and load(); listing it in SOURCES is all it takes."""
+    import types
+
+    from warmstart.data import sources
+    from warmstart.data.imageset import ImageSet
+
+    def load(data, class_ids, options):
+        return {"all": ImageSet([f"{data}/{i}.jpg" for i in range(6)], [0, 1] * 3, ["cat", "dog"], ["cat", "dog"])}
+
+    pets = types.SimpleNamespace(detect=lambda data: data.startswith("pets:"), load=load)
+    monkeypatch.setattr(sources, "SOURCES", [pets, *sources.SOURCES])
+    splits = sources.resolve_splits("pets:home", 0.5, 0)
+    assert splits["train"].class_names == ["cat", "dog"] and len(splits["train"]) + len(splits["val"]) == 6

@@ -187,7 +187,7 @@ def test_runs_through_the_batched_pipeline(tmp_path, color_tree, monkeypatch, re
     every loader goes through it, and the run matches the per-sample path's, epoch by epoch."""
     import warmstart
     from warmstart.data import batched
-    from warmstart.train import runtime
+    from warmstart.compute import runtime
 
     settings = {"data": str(color_tree), "recipe": recipe, "epochs": 2, "batch_size": 8, "input_size": 64,
                 "workers": 0, "quiet": True, "seed": 0, "lr": 0.01 if recipe == "feature-extractor" else 1e-3}
@@ -247,7 +247,7 @@ def test_exact_resume_through_the_batched_pipeline(tmp_path, color_tree, monkeyp
 
     import warmstart
     from warmstart.data import batched
-    from warmstart.train import runtime
+    from warmstart.compute import runtime
     from warmstart.train.checkpoint import TrainingInterrupted
 
     monkeypatch.setattr(runtime, "resolve_pipeline", lambda choice, device: "gpu")
@@ -287,3 +287,39 @@ def test_loader_batches_are_pinned_when_the_loader_pins(monkeypatch):
     number, out = pin_memory((3, batch))
     assert number == 3 and isinstance(out, Batch) and torch.equal(out.images, batch.images)
     assert pinned == [torch.Size([2, 3, 8, 8]), torch.Size([2])]
+
+
+def test_eval_and_report_compute_as_the_run_did(tmp_path, color_tree, monkeypatch):
+    """A run saved with bf16 and the batched pipeline: `warmstart eval` and `report` load its images
+    through that pipeline and compute under bf16 autocast (its saved config plus this machine),
+    and extraction prepares batches ahead in the background, as training does."""
+    import threading
+
+    import warmstart
+    from warmstart.cli import main
+    from warmstart.compute import runtime
+    from warmstart.data import batched
+
+    monkeypatch.setattr(runtime, "resolve_pipeline", lambda choice, device: "gpu")
+    threads = []
+    original = batched.DevicePipeline.__call__
+    monkeypatch.setattr(batched.DevicePipeline, "__call__",
+                        lambda self, raw: threads.append(threading.current_thread().name) or original(self, raw))
+    run = warmstart.train(warmstart.RunConfig(data=str(color_tree), precision="bf16", augment="none", epochs=1,
+                                              input_size=32, workers=0, quiet=True, out=str(tmp_path / "r")))
+    assert threads and set(threads) == {"warmstart-batches"}  # extraction's device stage ran ahead
+    seen = []
+
+    def first_conv(module, args):
+        if isinstance(module, torch.nn.Conv2d) and not seen:
+            seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+
+    for command in (["eval", str(run.run_dir)], ["report", str(run.run_dir)]):
+        threads.clear(), seen.clear()
+        hook = torch.nn.modules.module.register_module_forward_pre_hook(first_conv)
+        try:
+            assert main(command) == 0
+        finally:
+            hook.remove()
+        assert threads, f"{command[0]} did not load through the batched pipeline"
+        assert seen and all(seen), f"{command[0]} did not compute under the run's bf16 autocast"

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from warmstart import RunConfig, train
+from warmstart.compute.runtime import Runtime
 from warmstart.data import data_config_for, eval_transform, resolve_splits, train_transform
 from warmstart.data import feature_cache as fc
 from warmstart.data.image_cache import cached_images
@@ -14,6 +15,8 @@ from warmstart.data.images import BoxedImage, open_image
 from warmstart.errors import UserError
 from warmstart.models import create_model
 from warmstart.train.cached import pre_logits
+
+CPU = Runtime(torch.device("cpu"), "fp32", False)  # loads on the per-sample path, computes in fp32
 
 
 def _config(data, out, **kw):
@@ -70,8 +73,8 @@ def test_interrupted_extraction_resumes_and_is_never_taken_as_complete(color_tre
     images = resolve_splits(str(color_tree), 0.2, 0)["train"]
     transform = eval_transform(data_config_for(lite0, 64))
     forward = pre_logits(lite0)
-    reference = fc.FeatureCache(tmp_path / "ref", "m").features(fc.View("train", transform), images, forward, 8, 0,
-                                                                "cpu")
+    reference = fc.FeatureCache(tmp_path / "ref", "m").features(fc.View("train", transform), images, forward, CPU, 8,
+                                                                0)
     assert reference.computed == 36 and bool(reference.valid.all())
 
     calls = {"n": 0}
@@ -84,15 +87,15 @@ def test_interrupted_extraction_resumes_and_is_never_taken_as_complete(color_tre
 
     cache = fc.FeatureCache(tmp_path / "c", "m")
     with pytest.raises(KeyboardInterrupt):
-        cache.features(fc.View("train", transform), images, dies_on_third_batch, 8, 0, "cpu")
+        cache.features(fc.View("train", transform), images, dies_on_third_batch, CPU, 8, 0)
     folder = cache.folder("train", cache.key(images, fc.View("train", transform, 0, None)))
     assert '"complete": false' in (folder / "meta.json").read_text()
     assert int((np.load(folder / "status.npy") == fc.DONE).sum()) == 16
-    resumed = cache.features(fc.View("train", transform), images, forward, 8, 0, "cpu")
+    resumed = cache.features(fc.View("train", transform), images, forward, CPU, 8, 0)
     assert resumed.computed == 20  # only the rows that were not done
     assert torch.allclose(resumed.features, reference.features, atol=1e-5)
     assert '"complete": true' in (folder / "meta.json").read_text()
-    assert cache.features(fc.View("train", transform), images, forward, 8, 0, "cpu").computed == 0
+    assert cache.features(fc.View("train", transform), images, forward, CPU, 8, 0).computed == 0
 
 
 def test_cached_views_are_augmented_deterministic_and_trained_on(color_tree, lite0, tmp_path):
@@ -100,11 +103,11 @@ def test_cached_views_are_augmented_deterministic_and_trained_on(color_tree, lit
     augmented = train_transform(data_config_for(lite0, 64), "standard")
     forward = pre_logits(lite0)
     view, view2 = fc.View("train", augmented, 1, 11), fc.View("train", augmented, 2, 12)
-    one = fc.FeatureCache(tmp_path / "a", "m").features(view, images, forward, 8, 0, "cpu")
-    again = fc.FeatureCache(tmp_path / "b", "m").features(view, images, forward, 5, 2, "cpu")
-    other = fc.FeatureCache(tmp_path / "c", "m").features(view2, images, forward, 8, 0, "cpu")
+    one = fc.FeatureCache(tmp_path / "a", "m").features(view, images, forward, CPU, 8, 0)
+    again = fc.FeatureCache(tmp_path / "b", "m").features(view, images, forward, CPU, 5, 2)
+    other = fc.FeatureCache(tmp_path / "c", "m").features(view2, images, forward, CPU, 8, 0)
     plain = fc.FeatureCache(tmp_path / "d", "m").features(fc.View("train", eval_transform(data_config_for(lite0, 64))),
-                                                          images, forward, 8, 0, "cpu")
+                                                          images, forward, CPU, 8, 0)
     assert torch.allclose(one.features, again.features, atol=1e-5)  # whatever the batch size and workers
     assert not torch.allclose(one.features, other.features) and not torch.allclose(one.features, plain.features)
     result = train(_config(color_tree, tmp_path / "run", augment="standard", cache_views=3))
@@ -162,7 +165,7 @@ def test_boundary_cache_trains_the_tail_like_the_whole_model(color_tree, tmp_pat
     assert list((tail.run_dir / "cache").glob("train-boundary-*"))
     from warmstart.run_dir import load_run
 
-    a, b = (load_run(r.run_dir).model.state_dict() for r in (full, tail))
+    a, b = (load_run(r.run_dir).network.state_dict() for r in (full, tail))
     assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-4) for k in a)
     assert [h["train_loss"] for h in tail.history] == pytest.approx([h["train_loss"] for h in full.history], abs=1e-4)
     assert tail.metrics["top1"] == full.metrics["top1"]
@@ -185,12 +188,12 @@ def test_every_view_and_split_is_extracted_through_one_loader(color_tree, tmp_pa
     original = loaders._data_loader
     monkeypatch.setattr(loaders, "_data_loader", lambda *args, **kw: made.append(1) or original(*args, **kw))
     forward = pre_logits(lite0)
-    together = fc.FeatureCache(tmp_path / "one", "lite0").features_of(views, forward, 8, 2, "cpu")
+    together = fc.FeatureCache(tmp_path / "one", "lite0").features_of(views, forward, CPU, 8, 2)
     assert len(made) == 1 and [t.computed for t in together] == [len(splits["train"])] * 2 + [len(splits["val"])]
-    alone = [fc.FeatureCache(tmp_path / "each", "lite0").features(view, images, forward, 8, 0, "cpu")
+    alone = [fc.FeatureCache(tmp_path / "each", "lite0").features(view, images, forward, CPU, 8, 0)
              for view, images in views]
     assert len(made) == 4
     for a, b in zip(together, alone):
         assert torch.allclose(a.features, b.features, atol=1e-5) and bool(a.valid.all())
-    again = fc.FeatureCache(tmp_path / "one", "lite0").features_of(views, forward, 8, 2, "cpu")
+    again = fc.FeatureCache(tmp_path / "one", "lite0").features_of(views, forward, CPU, 8, 2)
     assert len(made) == 4 and [a.computed for a in again] == [0, 0, 0]

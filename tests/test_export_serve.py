@@ -80,7 +80,7 @@ def client(dog_run):
     from warmstart.serve.app import ServeSettings, create_app
 
     run_dir, _, _ = dog_run
-    app = create_app(ServeSettings(str(run_dir), max_upload_bytes=2_000_000, max_pixels=20_000_000))
+    app = create_app(ServeSettings(str(run_dir), max_upload_mb=2_000_000 / 2**20, max_pixels=20_000_000))
     with TestClient(app) as test_client:
         yield test_client
 

@@ -129,8 +129,8 @@ def test_ema_mixup_and_tta_run_together_and_the_saved_model_is_the_average(color
     assert result.metrics["tta"] is True and result.metrics["top1"] >= 2 / 3
     checkpoint = torch.load(result.run_dir / "checkpoints" / "last.pt", weights_only=True)
     run = load_run(result.run_dir)
-    assert isinstance(run.model, FlipTTA)
-    saved = run.model.model.state_dict()
+    assert isinstance(run.model.model, FlipTTA)  # inside the temperature
+    saved = run.network.state_dict()
     assert all(torch.equal(saved[k], checkpoint["ema"][k].cpu()) for k in saved)
     assert any(not torch.equal(saved[k], checkpoint["model"][k]) for k in saved if saved[k].is_floating_point())
 

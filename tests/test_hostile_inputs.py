@@ -24,6 +24,7 @@ import torch
 from PIL import Image
 
 from warmstart import RunConfig, train
+from warmstart.compute.runtime import Runtime
 from warmstart.cli import main
 from warmstart.config import RunConfig as Config
 from warmstart.data import feature_cache as fc
@@ -35,6 +36,8 @@ from warmstart.errors import UserError
 from warmstart.run_dir import RunLock
 
 from conftest import make_color_images, make_color_tree
+
+CPU = Runtime(torch.device("cpu"), "fp32", False)  # loads on the per-sample path, computes in fp32
 
 MB = 1024 * 1024
 
@@ -340,7 +343,7 @@ def test_a_damaged_feature_cache_is_recomputed_with_one_warning(color_tree, tmp_
     cache = fc.FeatureCache(tmp_path, "m", warn=warnings.append)
 
     def features():
-        return cache.features(fc.View("train", transform), images, _mean_colour, 8, 0, "cpu")
+        return cache.features(fc.View("train", transform), images, _mean_colour, CPU, 8, 0)
 
     reference = features()
     expected = reference.features.clone()  # the cache maps its file: damaging the file in place changes it

@@ -16,7 +16,7 @@ from warmstart.models.pretrained_classes import (HeadPrior, head_prior_for, imag
 from warmstart.train.head import LogisticProbe
 from warmstart.train.prior import AnchoredLoss, HeadAnchor
 
-from conftest import make_color_images, require_shared
+from conftest import require_shared
 
 FAST = dict(workers=0, quiet=True)
 

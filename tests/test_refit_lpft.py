@@ -27,7 +27,7 @@ def test_refit_trains_on_train_plus_val_reusing_the_cached_features(color_tree, 
     assert m["top1"] == chosen.metrics["top1"]  # val top-1 is the selection run's, not of a model trained on val
     assert "refit: training again on train + val (36 images)" in out and "saved: refit on train + val" in out
     assert "features of 9 val images from the cache" in out  # val's view was not computed again
-    a, b = (load_run(r.run_dir).model.get_classifier().weight for r in (chosen, refitted))
+    a, b = (load_run(r.run_dir).network.get_classifier().weight for r in (chosen, refitted))
     assert not torch.allclose(a, b)  # the saved head saw 9 more images
     assert m["test_top1"] == pytest.approx(evaluate(refitted.run_dir, split="test").top1)
     assert json.loads((refitted.run_dir / "metrics.json").read_text())["refit_train_images"] == 36

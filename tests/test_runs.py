@@ -30,7 +30,7 @@ def test_same_seed_same_metrics_and_weights(color_tree, tmp_path):
     c = train(_config(color_tree, tmp_path / "c", **{**kw, "seed": 4}))
     assert [h["train_loss"] for h in a.history] == [h["train_loss"] for h in b.history]
     assert a.metrics["top1"] == b.metrics["top1"]
-    wa, wb, wc = (load_run(r.run_dir).model.state_dict() for r in (a, b, c))
+    wa, wb, wc = (load_run(r.run_dir).network.state_dict() for r in (a, b, c))
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     assert not all(torch.equal(wa[k], wc[k]) for k in wa)
 
@@ -40,7 +40,7 @@ def test_feature_cache_gives_the_same_head_as_running_the_backbone(color_tree, t
     cached = train(_config(color_tree, tmp_path / "cached", **kw))
     full = train(_config(color_tree, tmp_path / "full", feature_cache=False, **kw))
     assert cached.metrics["feature_cache"] and not full.metrics["feature_cache"]
-    hc, hf = (load_run(r.run_dir).model.get_classifier().weight for r in (cached, full))
+    hc, hf = (load_run(r.run_dir).network.get_classifier().weight for r in (cached, full))
     assert torch.allclose(hc, hf, atol=1e-4)
     assert cached.metrics["top1"] == full.metrics["top1"]
 

@@ -57,7 +57,7 @@ def test_frozen_weights_and_bn_statistics_are_bit_identical_after_training(color
     before, _, _ = create_model("efficientnet_lite0", 3, "bundled")
     result = train(config)
     assert not result.metrics["feature_cache"]
-    after = load_run(result.run_dir).model.state_dict()
+    after = load_run(result.run_dir).network.state_dict()
     changed = {k for k, v in before.state_dict().items() if not torch.equal(v, after[k])}
     if strategy == "feature-extractor":
         assert changed == {"classifier.weight", "classifier.bias"}

@@ -55,7 +55,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
             return loss
 
         optimizer.step(objective)
-    return float(log_t.detach().clamp(-6.0, 6.0).exp())
+    return float(log_t.detach().clamp(-3.0, 3.0).exp())  # 0.05 < T < 20
 
 
 @dataclass
@@ -71,12 +71,19 @@ class Calibration:
 
     @classmethod
     def fit(cls, logits: torch.Tensor, labels: torch.Tensor) -> "Calibration":
+        """The temperature, kept only where it makes val's probabilities more honest (ECE): on a
+        handful of images, or a head that barely learned, the NLL's optimum can be extreme."""
         t = fit_temperature(logits, labels)
+        if expected_calibration_error(logits / t, labels) > expected_calibration_error(logits, labels):
+            t = 1.0
         return cls(t, len(labels), expected_calibration_error(logits, labels),
                    expected_calibration_error(logits / t, labels), negative_log_likelihood(logits, labels),
                    negative_log_likelihood(logits / t, labels))
 
     def line(self) -> str:
+        if self.temperature == 1.0:
+            return (f"calibration: no temperature made val's probabilities more honest (ECE {self.ece_before:.3f} "
+                    f"on {self.images} images): kept as they are")
         return (f"calibration: temperature {self.temperature:.3f} fitted on {self.images} val images: ECE "
                 f"{self.ece_before:.3f} -> {self.ece_after:.3f}, NLL {self.nll_before:.3f} -> {self.nll_after:.3f}")
 

@@ -29,6 +29,25 @@ class OneLineParser(argparse.ArgumentParser):
         raise UserError(f"{self.prog}: {message} (see '{self.prog} --help')")
 
 
+def add_declared_options(parser: argparse.ArgumentParser, settings_class, groups: dict | None = None,
+                         default=None) -> None:
+    """A flag (or positional argument) for every field of a dataclass of settings (RunConfig,
+    ServeSettings, StudyOptions), generated from its declaration: name, type, default, help,
+    choices; bounds are checked by the dataclass itself."""
+    for f in fields(settings_class):
+        target = (groups or {}).get(f.metadata["group"], parser)
+        if f.metadata.get("positional"):
+            target.add_argument(f.name, help=f.metadata["help"])
+            continue
+        value = f.default if default is None else default
+        target.add_argument(*_flag(f), **_flag_options(f), default=value)
+
+
+def settings_from_args(settings_class, args: argparse.Namespace):
+    """The dataclass of settings the parsed flags describe (its own checks run)."""
+    return settings_class(**{f.name: getattr(args, f.name) for f in fields(settings_class)})
+
+
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     """Every RunConfig setting as a flag, generated from its declaration; then the options of a
     training command that are not settings (where the config comes from, how many processes)."""
@@ -36,8 +55,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=S, help="YAML run config (e.g. RUN/config.yaml); other flags override it")
     groups = {name: parser.add_argument_group(name) for name in GROUPS if name != "run"}
     groups["run"] = parser
-    for f in fields(RunConfig):
-        groups[f.metadata["group"]].add_argument(*_flag(f), **_flag_options(f), default=S)
+    add_declared_options(parser, RunConfig, groups, default=S)
     dist = groups["several processes (torchrun)"]
     dist.add_argument("--nproc", type=int, default=S, metavar="N",
                       help="train on N processes (GPUs) of this machine through torchrun; for several machines "
@@ -108,15 +126,9 @@ def _add_training_commands(sub) -> None:
     tn.add_argument("--space", required=True, help="search space (YAML), e.g. examples/tune-space.yaml")
     tn.add_argument("--trials", type=int, required=True,
                     help="finished trials the study should hold (a resumed study runs only what is missing)")
-    tn.add_argument("--storage", default=None, help="Optuna database URL shared by workers (default: a SQLite "
-                    "file in the study folder)")
-    tn.add_argument("--study", default=None, help="study name (default: the base config's file name)")
-    tn.add_argument("--study-dir", default=None, help="study folder: trials, table, best config, plots "
-                    "(default studies/<study>)")
-    tn.add_argument("--timeout", type=float, default=None, help="stop starting trials after S seconds")
-    tn.add_argument("--processes", type=int, default=1, help="worker processes on this machine")
-    tn.add_argument("--seed", type=int, default=0, help="sampler seed")
-    tn.add_argument("--quiet", action="store_true", help="no table at the end")
+    from .tune.study import StudyOptions
+
+    add_declared_options(tn, StudyOptions)
 
 
 def _add_trained_model_commands(sub) -> None:
@@ -140,27 +152,10 @@ def _add_trained_model_commands(sub) -> None:
     ex.add_argument("--format", default="onnx", choices=("onnx", "torchscript", "safetensors"))
     ex.add_argument("--out", default=None, help="output file (default RUN/model.<format>)")
 
-    sv = sub.add_parser("serve", help="an HTTP breed-recognition service with a web page")
-    sv.add_argument("model", help="run directory or exported .onnx file")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--workers", type=int, default=1, help="server processes")
-    sv.add_argument("--max-batch", type=int, default=16, help="micro-batch size limit")
-    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for a batch to fill")
-    sv.add_argument("--no-batching", action="store_true", help="one forward pass per request")
-    sv.add_argument("--max-upload-mb", type=float, default=20.0, help="per-image upload limit (413 above it)")
-    sv.add_argument("--max-pixels", type=int, default=50_000_000,
-                    help="per-image pixel limit (decompression-bomb guard, 413), also the most pixels decoded at once")
-    sv.add_argument("--max-aspect-ratio", type=float, default=20.0,
-                    help="refuse more elongated images (413): resizing them would need huge memory")
-    sv.add_argument("--max-files", type=int, default=16, help="images per /predict/batch request")
-    sv.add_argument("--max-request-pixels", type=int, default=100_000_000,
-                    help="pixels of all the images of one request together (413 above it)")
-    sv.add_argument("--request-timeout", type=float, default=30.0,
-                    help="seconds for a request (headers and body) to arrive before the connection is closed")
-    sv.add_argument("--keep-alive", type=float, default=5.0, help="seconds an idle connection is kept open")
-    sv.add_argument("--max-connections", type=int, default=64,
-                    help="connections served at once (more are answered 503)")
+    from .serve.settings import ServeSettings
+
+    add_declared_options(sub.add_parser("serve", help="an HTTP breed-recognition service with a web page"),
+                         ServeSettings)
 
 
 def _add_data_and_report_commands(sub) -> None:
@@ -259,8 +254,7 @@ def _cmd_tune(args) -> int:
     from .tune import StudyOptions, tune
 
     try:
-        tune(args.config, args.space, args.trials, StudyOptions(args.storage, args.study, args.study_dir, args.timeout,
-                                                                args.seed, args.processes, args.quiet))
+        tune(args.config, args.space, args.trials, settings_from_args(StudyOptions, args))
     except Stopped as stop:
         print("interrupted: the finished trials are stored; run the same command again to resume the study",
               file=sys.stderr)
@@ -424,21 +418,10 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_serve(args) -> int:
-    from .serve.app import ServeSettings, serve
+    from .serve.app import serve
+    from .serve.settings import ServeSettings
 
-    for name in ("max_batch", "max_pixels", "max_files", "max_request_pixels", "max_connections"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} is not valid: it must be >= 1")
-    for name in ("max_upload_mb", "request_timeout", "keep_alive"):
-        if getattr(args, name) <= 0:
-            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)} is not valid: it must be > 0")
-    if args.max_aspect_ratio < 1:
-        raise UserError(f"--max-aspect-ratio {args.max_aspect_ratio} is not valid: it must be >= 1")
-    settings = ServeSettings(args.model, args.max_batch, args.max_wait_ms, not args.no_batching,
-                             int(args.max_upload_mb * 1024 * 1024), args.max_pixels, args.max_aspect_ratio,
-                             args.max_files, args.max_request_pixels, request_timeout=args.request_timeout,
-                             keep_alive=args.keep_alive, max_connections=args.max_connections)
-    serve(settings, args.host, args.port, args.workers)
+    serve(settings_from_args(ServeSettings, args))
     return 0
 
 

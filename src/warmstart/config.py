@@ -32,15 +32,26 @@ GROUPS = ("run", "data", "model and weights", "optimisation", "speed", "output",
 
 def setting(default: Any = None, help: str = "", *, group: str, choices: tuple | None = None,
             metavar: str | None = None, repeat: bool = False, bounds: str | None = None, tunable: bool = True):
-    """A run setting, declared once: its default, and what the command line and the checks need
-    (help, option group, choices, metavar, `repeat` for a list given one flag at a time instead of
-    as several values, `bounds` as an interval such as "(0, inf)" or "[0, 1)", and `tunable=False`
-    for settings a hyper-parameter search must not draw). A bool on by default gets `--no-NAME`."""
+    """A setting, declared once: its default, and what the command line and the checks need (help,
+    option group, choices, metavar, `repeat` for a list given one flag at a time instead of as
+    several values, `bounds` as an interval such as "(0, inf)" or "[0, 1)", `tunable=False` for run
+    settings a hyper-parameter search must not draw). A default of `...` makes it a command's
+    positional argument (it must be given). A bool gets `--NAME` and `--no-NAME`. RunConfig declares the run's; ServeSettings and StudyOptions
+    declare theirs the same way (`check_declared` checks any of them)."""
     metadata = {"help": help, "group": group, "choices": choices, "metavar": metavar, "repeat": repeat,
-                "bounds": bounds, "tunable": tunable}
+                "bounds": bounds, "tunable": tunable, "positional": default is ...}
+    if default is ...:
+        return field(metadata=metadata)
     if isinstance(default, list):
         return field(default_factory=list, metadata=metadata)
     return field(default=default, metadata=metadata)
+
+
+def check_declared(settings) -> None:
+    """Every field of a dataclass of settings against its declaration: choices and bounds."""
+    for f in fields(settings):
+        if "bounds" in f.metadata:
+            _check_declared(f, getattr(settings, f.name))
 
 
 @dataclass
@@ -240,8 +251,7 @@ class RunConfig:
             if field_kind(f)[1] and not isinstance(getattr(self, f.name), list):
                 value = getattr(self, f.name)
                 setattr(self, f.name, [] if value is None else [value])
-        for f in fields(self):
-            _check_declared(f, getattr(self, f.name))
+        check_declared(self)
         self.unfreeze_schedule = [str(step) for step in self.unfreeze_schedule]
         self._check_combinations()
         return self

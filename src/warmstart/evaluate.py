@@ -12,13 +12,12 @@ import numpy as np
 import torch
 
 from .calibration import expected_calibration_error, negative_log_likelihood
-from .data.loaders import make_loader
 from .data.imageset import ImageSet
 from .models.tta import FlipTTA
 from .run_dir import RunDir, load_run
 from .stop import StopRequest, check
-from .train.distributed import Distributed
-from .train.runtime import Runtime
+from .compute.distributed import Distributed
+from .compute.runtime import Runtime
 
 
 @dataclass
@@ -113,10 +112,10 @@ class Outputs:
 def compute_outputs(model, images: ImageSet, transform, batch_size: int, workers: int | None,
                     runtime: Runtime | None = None, forward=None, progress=None) -> Outputs:
     """Run `forward` (default: the model) over a split, in order, on the runtime's device and pipeline."""
-    device = runtime.device if runtime is not None else torch.device("cpu")
+    runtime = runtime or Runtime.for_machine()
     model.eval()
-    loader = make_loader(images, transform, batch_size, workers, batched_on=runtime and runtime.batched_on)
-    return outputs_of(loader, forward or model, device, progress)
+    return outputs_of(runtime.loader(images, transform, batch_size, workers), forward or model, runtime.device,
+                      progress)
 
 
 @torch.inference_mode()
@@ -146,7 +145,7 @@ def evaluate_model(model, images: ImageSet, transform, runtime: Runtime | None =
     """The model's metrics on a split, computed as the run computes (`runtime`: device, precision,
     memory format), on the image and its mirror image with `tta`. Under torchrun each rank takes
     every world-th image and the outputs are gathered: the same result on every rank."""
-    runtime = runtime or Runtime(torch.device("cpu"), "fp32", False)
+    runtime = runtime or Runtime.for_machine()
     forward = runtime.forward(FlipTTA(model) if tta else model)
     if dist is None or not dist.active:
         out = compute_outputs(model, images, transform, batch_size, workers, runtime, forward=forward)
@@ -186,7 +185,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "val
     from .data.transforms import eval_transform
 
     run, images = run_split(run_dir, data, split)
-    runtime = Runtime(torch.device("cuda" if torch.cuda.is_available() else "cpu"), "fp32", False)
+    runtime = Runtime.for_run(run_dir)  # as the run computed: device, precision, memory format, pipeline
     result = evaluate_model(runtime.prepare(run.model), images, eval_transform(run.data_config), runtime, batch_size,
                             workers)
     result.split = split

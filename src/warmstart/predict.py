@@ -82,11 +82,14 @@ class TorchBackend:
     def __init__(self, run_dir: str | Path):
         import torch
 
+        from .compute.runtime import Runtime
         from .data.transforms import eval_transform
         from .run_dir import load_run
 
         self.torch = torch
         self.run = load_run(run_dir)
+        self.runtime = Runtime.for_run(run_dir)  # as the run computed: device, precision, memory format
+        self.forward = self.runtime.forward(self.runtime.prepare(self.run.model))
         self.transform = eval_transform(self.run.data_config)
         self.meta = self.run.export_metadata()
         self.class_names = self.run.class_names
@@ -97,7 +100,7 @@ class TorchBackend:
     def probabilities(self, images: list[Image.Image]) -> np.ndarray:
         with self.torch.inference_mode():
             batch = self.torch.stack([self.transform(image) for image in images])
-            return self.run.model(batch).softmax(1).numpy()
+            return self.forward(batch).float().softmax(1).cpu().numpy()
 
 
 def load_backend(model: str | Path):

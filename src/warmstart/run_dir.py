@@ -125,8 +125,9 @@ def save_model(run_dir: str | Path | RunDir, model, meta: dict) -> None:
 
 @dataclass
 class LoadedRun:
-    model: object  # torch.nn.Module, in eval mode
+    model: object  # what answers: the network, with flip TTA and the temperature where the run has them
     meta: dict
+    network: object = None  # the trained network alone (its weights, as model.safetensors holds them)
 
     @property
     def class_names(self) -> list[str]:
@@ -183,6 +184,7 @@ def load_run(run_dir: str | Path | RunDir) -> LoadedRun:
         reason = str(exc).splitlines()[0][:160] if str(exc) else exc.__class__.__name__
         raise UserError(f"{weights} is damaged or does not match {META_FILE} ({reason}): restore the file from a "
                         f"backup, or train the run again") from None
+    network, model = model.eval(), model
     if meta.get("tta"):
         from .models.tta import FlipTTA
 
@@ -191,7 +193,7 @@ def load_run(run_dir: str | Path | RunDir) -> LoadedRun:
         from .models.temperature import Temperature
 
         model = Temperature(model, meta["temperature"])
-    return LoadedRun(model.eval(), meta)
+    return LoadedRun(model.eval(), meta, network)
 
 
 REQUIRED_META = ("architecture", "class_names", "class_ids", "data_config")

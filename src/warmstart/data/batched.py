@@ -33,7 +33,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torch.utils.data import Dataset
 
 from .. import seeds
-from .images import check_size, decode, open_image, open_lazily
+from .images import check_size, decode, open_image, open_lazily, stored_pixels, whole_file
 from .batch import Batch, readable_and_skipped, reason, unreadable
 
 _RANDOM_CROPS = (RandomResizedCropAndInterpolation, T.RandomResizedCrop)
@@ -125,17 +125,19 @@ def _as_tensor(pixels) -> torch.Tensor:
 
 def read(item, jpeg_bytes: bool = True) -> tuple[str, torch.Tensor, int, int]:
     """("jpeg", file bytes, w, h) for what the GPU decoder may take, else ("pixels", uint8 CHW, w, h)."""
-    if jpeg_bytes and isinstance(item, (str, Path)):
-        with open_lazily(item) as header:
+    path = whole_file(item) if jpeg_bytes else None
+    if path is not None:
+        with open_lazily(path) as header:
             check_size(header.width, header.height)
             plain = (header.format == "JPEG" and header.mode in ("RGB", "L")
                      and header.getexif().get(_ORIENTATION, 1) == 1)
             width, height = header.size
         # a file far larger than its pixels (data appended to a small JPEG) is not read whole: PIL
         # decodes only what the image needs
-        if plain and os.path.getsize(item) <= width * height * 3 + (16 << 20):
-            return "jpeg", torch.frombuffer(bytearray(Path(item).read_bytes()), dtype=torch.uint8), width, height
-    tensor = _as_tensor(item.pixels() if hasattr(item, "pixels") else np.asarray(open_image(item)))
+        if plain and os.path.getsize(path) <= width * height * 3 + (16 << 20):
+            return "jpeg", torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8), width, height
+    pixels = stored_pixels(item)
+    tensor = _as_tensor(pixels if pixels is not None else np.asarray(open_image(item)))
     return "pixels", tensor, tensor.shape[-1], tensor.shape[-2]
 
 
@@ -283,24 +285,33 @@ class DeviceBatches:
         return len(self.loader)
 
     def __iter__(self):
-        cuda = self.pipeline.device.type == "cuda"
-        stream = torch.cuda.Stream(self.pipeline.device) if cuda else None
+        return prepared_ahead(self.loader, self.pipeline, self.pipeline.device, self.ahead)
 
-        def prepare(raw):
-            if stream is None:
-                return self.pipeline(raw), None
-            with torch.cuda.stream(stream):
-                batch = self.pipeline(raw)
-                ready = torch.cuda.Event()
-                ready.record(stream)
-            return batch, ready
 
-        for batch, ready in ahead_of_time(self.loader, prepare, self.ahead):
-            if ready is not None:  # the training stream waits for the side stream's work, not the host
-                torch.cuda.current_stream(self.pipeline.device).wait_event(ready)
-                if batch.images.is_cuda:
-                    batch.images.record_stream(torch.cuda.current_stream(self.pipeline.device))
-            yield batch
+def prepared_ahead(items, prepare, device: torch.device, ahead: int = 2):
+    """prepare(item) for each item by a background thread, up to `ahead` ready before they are
+    taken (on a CUDA device in a side stream the consumer's stream then waits for): the device
+    stage of a loader overlaps the work on the previous batch. Items are Batches, or (number,
+    Batch) pairs of a loader of several passes."""
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def run(item):
+        if stream is None:
+            return prepare(item), None
+        with torch.cuda.stream(stream):
+            out = prepare(item)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        return out, ready
+
+    for out, ready in ahead_of_time(items, run, ahead):
+        if ready is not None:  # the consumer's stream waits for the side stream's work, not the host
+            current = torch.cuda.current_stream(device)
+            current.wait_event(ready)
+            batch = out[1] if isinstance(out, tuple) else out
+            if batch.images.is_cuda:
+                batch.images.record_stream(current)
+        yield out
 
 
 def ahead_of_time(items, prepare, ahead: int):

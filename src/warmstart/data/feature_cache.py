@@ -27,8 +27,7 @@ from numpy.lib.format import open_memmap
 
 from ..stop import StopRequest, Stopped, requested
 from .fingerprint import fingerprint_items, fingerprint_json
-from .batched import runs_batched
-from .loaders import Pass, passes_loader
+from .loaders import Pass
 from .imageset import ImageSet
 
 FORMAT_VERSION = 2
@@ -114,19 +113,19 @@ class FeatureCache:
     def folder(self, name: str, key: str) -> Path:
         return self.root / f"{name}-{key[:20]}"
 
-    def features(self, view: View, images: ImageSet, forward, batch_size: int, workers: int | None, device,
-                 progress=None, batched_on=None) -> CachedFeatures:
+    def features(self, view: View, images: ImageSet, forward, loading, batch_size: int, workers: int | None,
+                 progress=None) -> CachedFeatures:
         """The features of every image, from the cache where complete, computing what is missing
-        (decoded on `batched_on` where the run's pipeline is the batched one)."""
-        return self.features_of([(view, images)], forward, batch_size, workers, device, progress, batched_on)[0]
+        (`loading`: the run's Runtime, which loads the images its way and computes on its device)."""
+        return self.features_of([(view, images)], forward, loading, batch_size, workers, progress)[0]
 
-    def features_of(self, requests: list[tuple[View, ImageSet]], forward, batch_size: int, workers: int | None,
-                    device, progress=None, batched_on=None) -> list[CachedFeatures]:
+    def features_of(self, requests: list[tuple[View, ImageSet]], forward, loading, batch_size: int,
+                    workers: int | None, progress=None) -> list[CachedFeatures]:
         """Each (view, images)'s features, as `features`; what is missing in all of them is computed
         through one loader (one set of workers for every view and split)."""
         stores, todos = [], []
         for view, images in requests:
-            key = self.key(images, view, runs_batched(view.transform, batched_on))
+            key = self.key(images, view, loading.runs_batched(view.transform))
             stores.append(_Store(self, self.folder(view.name, key), key, len(images)))
             todos.append(np.flatnonzero(stores[-1].status == PENDING))
         if progress is not None:
@@ -137,7 +136,7 @@ class FeatureCache:
             passes = [Pass(requests[k][1].subset(todos[k].tolist()), requests[k][0].transform,
                            requests[k][0].item_seed) for k in missing]
             spent = _extract([stores[k] for k in missing], [todos[k] for k in missing],
-                             passes_loader(passes, batch_size, workers, batched_on), forward, device, progress)
+                             loading.passes(passes, batch_size, workers), forward, loading.device, progress)
             for k, value in zip(missing, spent):
                 seconds[k] = value
         return [store.result(torch.as_tensor(images.labels, dtype=torch.long), seconds[k], int(len(todos[k])))

@@ -6,10 +6,9 @@ import hashlib
 import json
 import os
 
-import numpy as np
 import torch
 
-from .images import BoxedImage
+from .images import item_key
 
 
 def _stat(path: str) -> tuple[int, int]:
@@ -25,13 +24,7 @@ def fingerprint_items(items) -> str:
     in-memory images. A file that changes, appears or disappears changes the fingerprint."""
     digest = hashlib.sha256()
     for item in items:
-        if isinstance(item, np.ndarray):
-            digest.update(hashlib.sha1(np.ascontiguousarray(item).tobytes()).digest())
-            digest.update(repr(item.shape).encode())
-        elif isinstance(item, BoxedImage):
-            digest.update(f"{item.path}|{item.box}|{_stat(item.path)}\n".encode())
-        else:
-            digest.update(f"{item}|{_stat(str(item))}\n".encode())
+        digest.update(item_key(item, _stat).encode())
     return digest.hexdigest()
 
 

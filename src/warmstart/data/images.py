@@ -6,6 +6,7 @@ an annotated box). Anything that cannot be decoded raises; callers skip it and s
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,6 +110,29 @@ def decode(source, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect_ratio: float
         if image.mode in ("1", "L"):  # three equal channels: resizing one is the same, at a third of the memory
             return shrink(image.convert("L")).convert("RGB")
         return shrink(to_rgb(image))
+
+
+def item_key(item, stat) -> str:
+    """What identifies an item's pixels for a cache key: an array's contents, a file's path with its
+    `stat` (size and modification time) and crop box."""
+    if isinstance(item, np.ndarray):
+        return f"{hashlib.sha1(np.ascontiguousarray(item).tobytes()).hexdigest()}|{item.shape}\n"
+    if isinstance(item, BoxedImage):
+        return f"{item.path}|{item.box}|{stat(item.path)}\n"
+    return f"{item}|{stat(str(item))}\n"
+
+
+def whole_file(item) -> str | None:
+    """The path of an item that is a whole image file as it is stored (not an array, a crop box or a
+    cache entry): what a loader may hand over as the file's bytes."""
+    return str(item) if isinstance(item, (str, Path)) else None
+
+
+def stored_pixels(item) -> np.ndarray | None:
+    """An item's pixels where they are already decoded (an array, an image-cache entry), else None."""
+    if isinstance(item, np.ndarray):
+        return item if item.ndim == 3 and item.shape[2] == 3 and item.dtype == np.uint8 else None
+    return item.pixels() if hasattr(item, "pixels") else None
 
 
 def open_image(item, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .. import seeds
 from .batch import Batch, readable_and_skipped, unreadable
-from .batched import DeviceBatches, DevicePipeline, RawImageDataset, TensorView, collate_raw
+from .batched import DeviceBatches, DevicePipeline, RawImageDataset, TensorView, collate_raw, prepared_ahead
 from .images import open_image
 from .imageset import ImageSet
 
@@ -207,7 +207,8 @@ class _CollatePasses:
 def passes_loader(passes: list[Pass], batch_size: int, workers: int | None = None,
                   batched_on: torch.device | None = None):
     """The batches of every pass, one pass after the other, from one set of loader workers (no
-    start-up cost per pass): yields (pass number, Batch)."""
+    start-up cost per pass): yields (pass number, Batch). On the batched pipeline the device stage
+    runs ahead in a background thread, as the training loaders' does."""
     parts = [_dataset(p.images, p.transform, p.item_seed, batched_on) for p in passes]
     batches = [[(number, i) for i in range(start, min(start + batch_size, len(p.images)))]
                for number, p in enumerate(passes) for start in range(0, len(p.images), batch_size)]
@@ -215,6 +216,12 @@ def passes_loader(passes: list[Pass], batch_size: int, workers: int | None = Non
                           _CollatePasses([collate for _, collate, _ in parts]),
                           _worker_count(workers, sum(len(p.images) for p in passes), batch_size), 0, 1,
                           pin=all(pipeline is None for _, _, pipeline in parts))
-    for number, batch in loader:
+    if batched_on is None or all(pipeline is None for _, _, pipeline in parts):
+        return iter(loader)
+
+    def prepare(item):
+        number, batch = item
         pipeline = parts[number][2]
-        yield number, (batch if pipeline is None else pipeline(batch))
+        return number, (batch if pipeline is None else pipeline(batch))
+
+    return prepared_ahead(loader, prepare, torch.device(batched_on))

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ..calibration import BINS, reliability
+from ..compute.runtime import Runtime
 from ..data.images import open_image
 from ..data.transforms import eval_transform
 from ..evaluate import compute_outputs, metrics_from_logits, run_split
@@ -65,7 +66,10 @@ def build_report(run_dir: str | Path, data: str | None = None, split: str = "val
     run, images = run_split(run_dir, data, split)
     metrics = json.loads(RunDir(run_dir).metrics.read_text())
     history = json.loads(RunDir(run_dir).history.read_text()) if RunDir(run_dir).history.is_file() else []
-    out = compute_outputs(run.model, images, eval_transform(run.data_config), batch_size, workers)
+    runtime = Runtime.for_run(run_dir)  # as the run computed: device, precision, memory format, pipeline
+    model = runtime.prepare(run.model)
+    out = compute_outputs(model, images, eval_transform(run.data_config), batch_size, workers, runtime,
+                          runtime.forward(model))
     evaluation = metrics_from_logits(out.outputs, out.labels, run.class_names)
     probs = out.outputs.softmax(1) if len(out.outputs) else torch.empty(0, len(run.class_names))
     names = run.class_names

@@ -16,7 +16,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
@@ -26,43 +26,13 @@ from PIL import Image
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from ..data.images import MAX_ASPECT_RATIO, ImageTooLarge, check_size, decode, open_lazily
+from ..data.images import ImageTooLarge, check_size, decode, open_lazily
 from ..predict import load_backend, top_k
+from .settings import ServeSettings
 
 PAGE = Path(__file__).with_name("page.html")
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and headers around the files
 log = logging.getLogger("uvicorn.error")  # uvicorn's own log (INFO and up), despite its name
-
-
-@dataclass
-class ServeSettings:
-    model: str
-    max_batch: int = 16
-    max_wait_ms: float = 5.0
-    batching: bool = True
-    max_upload_bytes: int = 20 * 1024 * 1024  # per image
-    max_pixels: int = 50_000_000  # per image; also how many pixels are decoded at once, at most
-    max_aspect_ratio: float = MAX_ASPECT_RATIO
-    max_files: int = 16  # per /predict/batch request
-    max_request_pixels: int = 100_000_000  # all images of one request together
-    decode_threads: int = 2
-    request_timeout: float = 30.0  # seconds for a whole request (headers and body) to arrive
-    keep_alive: float = 5.0  # seconds an idle connection is kept
-    max_connections: int = 64  # more at once are answered 503
-
-    @classmethod
-    def from_env(cls) -> "ServeSettings":
-        """For uvicorn worker processes, which import the app by name."""
-        values = {}
-        for f in fields(cls):
-            raw = os.environ.get(f"WARMSTART_SERVE_{f.name.upper()}")
-            if raw is not None:
-                values[f.name] = {"int": int, "float": float, "bool": lambda v: v == "1"}.get(f.type, str)(raw)
-        return cls(**values)
-
-    def to_env(self) -> dict[str, str]:
-        return {f"WARMSTART_SERVE_{k.upper()}": ("1" if v else "0") if isinstance(v, bool) else str(v)
-                for k, v in asdict(self).items()}
 
 
 class ClientError(Exception):
@@ -336,16 +306,17 @@ def app_from_env() -> FastAPI:
     return create_app(ServeSettings.from_env())
 
 
-def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
+def serve(settings: ServeSettings) -> None:
+    """Answer on settings.host:settings.port with settings.workers processes until stopped."""
     import uvicorn
 
     from .protocol import TimedH11Protocol
 
     load_backend(settings.model)  # a bad model path fails here, as one line, before any worker starts
     os.environ.update(settings.to_env())  # worker processes and the protocol read their settings here
-    options = dict(host=host, port=port, http=TimedH11Protocol, timeout_keep_alive=settings.keep_alive,
+    options = dict(host=settings.host, port=settings.port, http=TimedH11Protocol, timeout_keep_alive=settings.keep_alive,
                    limit_concurrency=settings.max_connections)
-    if workers > 1:
-        uvicorn.run("warmstart.serve.app:app_from_env", factory=True, workers=workers, **options)
+    if settings.workers > 1:
+        uvicorn.run("warmstart.serve.app:app_from_env", factory=True, workers=settings.workers, **options)
     else:
         uvicorn.run(create_app(settings), **options)

@@ -15,14 +15,14 @@ from ..data.loaders import EpochBatches, seeded_generator
 from ..data.transforms import eval_transform, mirrored_eval_transform, train_transform
 from ..models.weights import classifier_names
 from ..stop import check
-from .runtime import Runtime
+from ..compute.runtime import Runtime
 from .session import Session
 from .steps import FitResult, log_skipped
 
 
 def pre_logits(model: torch.nn.Module, runtime: Runtime | None = None):
     """The model's forward up to the classifier input (pooled features)."""
-    runtime = runtime or Runtime(torch.device("cpu"), "fp32", False)
+    runtime = runtime or Runtime.for_machine()
     return runtime.forward(lambda x: model.forward_head(model.forward_features(x), pre_logits=True))
 
 
@@ -51,8 +51,8 @@ def cached_views(cache: FeatureCache, requests: list[tuple], forward, session: S
     config, reporter = session.config, session.reporter
     labels = ", ".join(view.label for view, _ in requests)
     with reporter.bar(sum(len(images) for _, images in requests), f"features {labels}") as bar:
-        outs = cache.features_of(requests, forward, max(config.batch_size, 64), config.workers,
-                                 session.runtime.device, progress=bar.update, batched_on=session.runtime.batched_on)
+        outs = cache.features_of(requests, forward, session.runtime, max(config.batch_size, 64), config.workers,
+                                 progress=bar.update)
     for (view, images), out in zip(requests, outs):
         if out.computed:
             reporter.info(f"features of {out.computed} {view.label} images in {out.seconds:.1f}s "
@@ -74,8 +74,8 @@ def _cached_sharded(cache, images, view: View, forward, session: Session) -> Cac
                  Session(session.config, session.data_config, session.runtime, session.reporter))
     dist.barrier()
     parts = [own if r == dist.rank else cache.features(View(shard(r)[1], view.transform, view.index, view.item_seed),
-                                                       shard(r)[0], forward, session.config.batch_size, 0,
-                                                       session.runtime.device, batched_on=session.runtime.batched_on)
+                                                       shard(r)[0], forward, session.runtime, session.config.batch_size,
+                                                       0)
              for r in range(dist.world)]
     first = next((p.features for p in parts if p.features.numel()), torch.zeros(0, 0))
     features = torch.zeros(len(images), *first.shape[1:])

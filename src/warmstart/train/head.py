@@ -15,11 +15,12 @@ from ..evaluate import top1
 from ..models.pretrained_classes import HeadPrior
 from ..models.tta import combine_views
 from ..models.trainable import set_train_mode
-from .cached import CachedBatches, CachedSplits, pre_logits
+from .cached import CachedBatches, CachedSplits, boundary_fingerprint, model_fingerprint, pre_logits
 from .driver import Start, drive
 from .epoch import Progress, step_logger, train_one_epoch
+from .paths import FitRequest
 from .prior import HeadAnchor, anchored
-from .runtime import Runtime
+from ..compute.runtime import Runtime
 from .schedule import make_scheduler
 from .session import Session
 from .steps import FitResult, build_optimizer, current_lr, epoch_record, make_criterion, train_step
@@ -246,3 +247,20 @@ def fit_tail_on_activations(model, trainable, split: tuple, splits, session: Ses
     result.val_logits, result.val_labels = val_logits()
     result.val_seconds = data.val_extraction_seconds() + val_seconds[0] / max(config.epochs + 1, 1)
     return result
+
+
+def train_on_features(request: FitRequest) -> FitResult:
+    """The cached-features path: the frozen network's features from the cache, the head on them."""
+    session = request.session
+    cache = FeatureCache(session.cache_dir, model_fingerprint(request.model, request.arch, session.runtime),
+                         session.reporter.warn)
+    return fit_head_on_features(request.model, request.splits, session, cache, request.include_val)
+
+
+def train_on_activations(request: FitRequest) -> FitResult:
+    """The cached-activations path (--cache-boundary): the frozen prefix's outputs from the cache."""
+    session, split = request.session, request.path.split
+    cache = FeatureCache(session.cache_dir, boundary_fingerprint(split[0], request.arch, session.runtime),
+                         session.reporter.warn)
+    return fit_tail_on_activations(request.model, request.trainable, split, request.with_val_in_train(), session,
+                                   cache)

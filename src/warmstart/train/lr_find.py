@@ -19,8 +19,9 @@ from ..run_dir import RunDir
 from ..stop import check
 from .mixing import BatchMixer
 from .run import build
-from .runtime import Reporter, Runtime
-from .steps import build_optimizer, make_criterion, make_training_loader, train_step
+from ..compute.runtime import Runtime
+from ..progress import Reporter
+from .steps import build_optimizer, make_criterion, train_step
 
 SMOOTHING = 0.98  # exponential moving average of the loss, bias-corrected
 DIVERGED = 4.0  # stop once the smoothed loss exceeds this x its minimum
@@ -79,9 +80,8 @@ def lr_find(config: RunConfig, start_lr: float = 1e-7, end_lr: float = 10.0, ste
     ratios = [group["lr"] / config.resolved_lr() for group in optimizer.param_groups]  # head rate, layer decay
     criterion = make_criterion(config, train_set.labels, len(train_set.class_ids), runtime.device)
     mix = BatchMixer(config, len(train_set.class_ids))
-    loader = make_training_loader(train_set, built.data_config, config,
-                                  epochs=math.ceil(steps * config.batch_size / max(len(train_set), 1)) + 1,
-                                  batched_on=runtime.batched_on)
+    loader = runtime.training_loader(train_set, built.data_config, config,
+                                     epochs=math.ceil(steps * config.batch_size / max(len(train_set), 1)) + 1)
     scaler = runtime.grad_scaler()
     result, average, best = LrFindResult(out=out), 0.0, math.inf
     epoch = 0

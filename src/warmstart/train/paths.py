@@ -17,6 +17,27 @@ FEATURES, ACTIVATIONS, IMAGES = "cached features", "cached activations", "images
 
 
 @dataclass
+class FitRequest:
+    """What a path's trainer is given: the model and what trains, the splits, the session, and
+    whether it resumes from a checkpoint or trains on val's images too (a refit)."""
+
+    model: object
+    trainable: TrainableSet | None
+    splits: dict
+    session: object  # train.session.Session
+    arch: str = ""
+    path: "TrainingPath | None" = None
+    resume: dict | None = None
+    include_val: bool = False
+
+    def with_val_in_train(self) -> dict:
+        """The splits to train on: with `include_val`, train + val and no validation."""
+        if not self.include_val:
+            return self.splits
+        return {"train": self.splits["train"] + self.splits["val"], "val": self.splits["val"].subset([])}
+
+
+@dataclass
 class TrainingPath:
     kind: str
     reason: str

@@ -29,10 +29,12 @@ from ..models.trainable import apply_strategy
 from ..run_dir import RunDir, RunLock, new_run_dir, save_model
 from ..stop import StopRequest, Stopped
 from .checkpoint import TrainingInterrupted, load_checkpoint
-from .distributed import Distributed, init_distributed, shutdown
+from ..compute.distributed import Distributed, init_distributed, shutdown
 from .history import QuietLog, TrainingLog
-from .loop import fit, probe_head
-from .runtime import Reporter, Runtime
+from .fit import fit
+from .images import probe_head
+from ..compute.runtime import Runtime
+from ..progress import Reporter
 from .session import Session
 from .steps import FitResult
 

@@ -8,8 +8,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..models.pretrained_classes import HeadPrior
-from .distributed import Distributed
-from .runtime import Reporter, Runtime
+from ..compute.distributed import Distributed
+from ..compute.runtime import Runtime
+from ..progress import Reporter
 from .history import QuietLog
 
 

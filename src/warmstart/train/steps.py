@@ -10,11 +10,11 @@ import torch
 from timm.models import group_parameters
 from timm.optim import create_optimizer_v2
 
-from ..data.loaders import EpochBatches, class_weights, make_loader
-from ..data.transforms import train_transform
+from ..data.loaders import class_weights
 from ..errors import UserError
 from ..models.weights import classifier_names
-from .runtime import Reporter, Runtime
+from ..compute.runtime import Runtime
+from ..progress import Reporter
 
 
 @dataclass
@@ -81,15 +81,6 @@ def build_optimizer(model: torch.nn.Module, config, names: list[str] | None = No
 def current_lr(optimizer: torch.optim.Optimizer) -> float:
     """The highest group's rate (with layer decay the groups differ; the head's or top layer's)."""
     return max(group["lr"] for group in optimizer.param_groups)
-
-
-def make_training_loader(train_set, data_config: dict, config, epochs: int, rank: int = 0, world: int = 1,
-                         batched_on: torch.device | None = None):
-    """The training images as the run sees them: its augmentation, batch size, seeded order and
-    balancing, this rank's share, decoded where its pipeline says."""
-    order = EpochBatches(train_set.labels, config.batch_size, config.seed, config.balance, rank, world)
-    return make_loader(train_set, train_transform(data_config, config.augment), config.batch_size, config.workers,
-                       order, epochs=epochs, batched_on=batched_on)
 
 
 def make_criterion(config, labels, num_classes: int, device) -> torch.nn.Module:

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from ..config import RunConfig
+from ..config import RunConfig, check_declared, setting
 from ..errors import UserError
 from ..run_dir import RunDir
 from .space import load_space, trial_values
@@ -72,15 +72,23 @@ def _open_study(url: str, study_name: str, seed: int, optuna):
 
 @dataclass
 class StudyOptions:
-    """Where a study lives and how it runs (the `warmstart tune` options of the same names)."""
+    """Where a study lives and how it runs: each option declared once (its `warmstart tune` flag,
+    default, help and bounds come from here)."""
 
-    storage: str | None = None  # an Optuna database URL (default: SQLite in the study folder)
-    study_name: str | None = None  # default: the base config's file name
-    study_dir: str | Path | None = None  # default: studies/<study>
-    timeout: float | None = None  # stop starting trials after this many seconds
-    seed: int = 0
-    processes: int = 1  # worker processes on this machine
-    quiet: bool = False
+    storage: str | None = setting(None, "Optuna database URL shared by workers (default: a SQLite file in the study "
+                                  "folder)", group="study", metavar="URL")
+    study: str | None = setting(None, "study name (default: the base config's file name)", group="study",
+                                metavar="NAME")
+    study_dir: str | None = setting(None, "study folder: trials, table, best config, plots (default "
+                                    "studies/<study>)", group="study", metavar="DIR")
+    timeout: float | None = setting(None, "stop starting trials after S seconds", group="study", metavar="S",
+                                    bounds="(0, inf)")
+    seed: int = setting(0, "sampler seed", group="study")
+    processes: int = setting(1, "worker processes on this machine", group="study", bounds="[1, 256]")
+    quiet: bool = setting(False, "no table at the end", group="study")
+
+    def __post_init__(self) -> None:
+        check_declared(self)
 
 
 def tune(base_config: str | Path, space_file: str | Path, trials: int,
@@ -90,12 +98,10 @@ def tune(base_config: str | Path, space_file: str | Path, trials: int,
     import optuna
 
     options = options or StudyOptions()
-    storage, study_name, study_dir, timeout = options.storage, options.study_name, options.study_dir, options.timeout
+    storage, study_name, study_dir, timeout = options.storage, options.study, options.study_dir, options.timeout
     seed, processes, quiet = options.seed, options.processes, options.quiet
     if trials < 1:
         raise UserError(f"--trials {trials} is not valid: it must be >= 1")
-    if processes < 1:
-        raise UserError(f"--processes {processes} is not valid: it must be >= 1")
     base_path = Path(base_config)
     RunConfig.from_yaml(base_path)  # a broken base config fails here, as one line
     base = yaml.safe_load(base_path.read_text()) or {}
@@ -148,7 +154,7 @@ def _objective(trial, base: dict, space, study_dir: Path, quiet: bool) -> float:
     import optuna
 
     from ..train.run import train
-    from ..train.runtime import Reporter
+    from ..progress import Reporter
 
     params = {p.name: p.suggest(trial) for p in space}
     run_dir = study_dir / "trials" / f"trial-{trial.number:04d}"

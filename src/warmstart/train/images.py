@@ -1,5 +1,5 @@
-"""Training: choose the path (cached features, cached activations, or images), then train it.
-On images the whole model trains per batch, with checkpoints, exact resume and data parallelism."""
+"""The images path: the whole (or partly frozen) network per batch of images, with checkpoints,
+exact resume, mixup, EMA, gradual unfreezing and data parallelism; LP-FT's probe first."""
 
 from __future__ import annotations
 
@@ -11,8 +11,6 @@ from pathlib import Path
 import torch
 from timm.utils import ModelEmaV3
 
-from ..data.feature_cache import FeatureCache
-from ..data.loaders import make_loader
 from ..data.transforms import eval_transform
 from ..errors import UserError
 from ..evaluate import outputs_of
@@ -22,60 +20,17 @@ from ..models.unfreeze import GradualUnfreezing
 from ..evaluate import top1
 from ..recipes import recipe_settings
 from ..stop import requested
-from .cached import boundary_fingerprint, model_fingerprint
 from .checkpoint import TrainingInterrupted, rng_state, save_checkpoint, set_rng_state
 from .driver import Driven, Start, drive
 from .epoch import Progress, Totals, step_logger, train_one_epoch
-from .head import PRIOR_START, fit_head_on_features, fit_tail_on_activations
+from .head import PRIOR_START, train_on_features
 from .mixing import BatchMixer
-from .paths import ACTIVATIONS, FEATURES, choose_training_path
+from .paths import FitRequest
 from .prior import anchored
 from .schedule import make_scheduler
 from .session import Session
 from .steps import (FitResult, build_optimizer, current_lr, epoch_record, log_skipped, make_criterion,
-                    make_training_loader, train_step)
-
-
-def fit(model, trainable: TrainableSet, splits: dict, session: Session, arch: str = "",
-        resume: dict | None = None, include_val: bool = False) -> FitResult:
-    """Train as the run's settings say, on the path `choose_training_path` decides. `include_val`
-    (a refit): train on val's images too, with no validation."""
-    path = choose_training_path(session.config, model, trainable, session.data_config["input_size"],
-                                session.dist.active)
-    (session.reporter.warn if path.warning else session.reporter.info)(f"training on {path.kind}: {path.reason}")
-    if path.kind == FEATURES:
-        cache = FeatureCache(session.cache_dir, model_fingerprint(model, arch, session.runtime), session.reporter.warn)
-        result = fit_head_on_features(model, splits, session, cache, include_val)
-    elif include_val:  # the other paths simply train on the union
-        return fit(model, trainable, {"train": splits["train"] + splits["val"], "val": splits["val"].subset([])},
-                   session, arch)
-    elif path.kind == ACTIVATIONS:
-        cache = FeatureCache(session.cache_dir, boundary_fingerprint(path.split[0], arch, session.runtime),
-                             session.reporter.warn)
-        result = fit_tail_on_activations(model, trainable, path.split, splits, session, cache)
-    else:
-        probe = probe_head(model, splits, session, arch) if session.config.probe_first and resume is None else None
-        result = ImageTraining(model, trainable, splits["train"], session).fit(splits.get("val"), resume, probe)
-    result.path = path.kind + (" (L-BFGS)" if session.config.optimizer == "lbfgs" else "")
-    return result
-
-
-def probe_head(model, splits: dict, session: Session, arch: str = "", include_val: bool = False) -> float | None:
-    """LP-FT's first stage: the linear-probe recipe's head, fitted on the frozen network's cached
-    features (with `include_val`, val's too); the head is left in `model`. Returns its val top-1
-    (None without validation)."""
-    probe = session.config.replace(**{**recipe_settings("linear-probe"), "probe_first": False, "keep_best": False,
-                                      "refit": False, "ema_decay": 0.0, "mixup": 0.0, "cutmix": 0.0,
-                                      "layer_decay": None, "head_lr": None, "unfreeze_schedule": [],
-                                      "tta": session.config.tta})
-    session = replace(session, config=probe, on_epoch=None)
-    cache = FeatureCache(session.cache_dir, model_fingerprint(model, arch, session.runtime), session.reporter.warn)
-    fitted = fit_head_on_features(model, splits, session, cache, include_val)
-    if not len(fitted.val_labels):
-        return None
-    score = top1(fitted.val_logits, fitted.val_labels)
-    session.reporter.info(f"probe (LP-FT's first stage): val top-1 {score:.4f}; the network trains from this head")
-    return score
+                    train_step)
 
 
 class ImageTraining:
@@ -88,8 +43,7 @@ class ImageTraining:
     def __init__(self, model, trainable: TrainableSet, train_set, session: Session):
         config, runtime, dist = session.config, session.runtime, session.dist
         self.model, self.trainable, self.train_set, self.session = model, trainable, train_set, session
-        self.loader = make_training_loader(train_set, session.data_config, config, config.epochs, dist.rank,
-                                           dist.world, runtime.batched_on)
+        self.loader = runtime.training_loader(train_set, session.data_config, config, dist.rank, dist.world)
         self.unfreezing = GradualUnfreezing(config) if config.unfreeze_schedule else None
         self.optimizer = build_optimizer(model, config, self.unfreezing.final_names(model) if self.unfreezing else None,
                                          head_decay=session.prior is None)
@@ -209,9 +163,8 @@ class ImageTraining:
         if self.ema is None or config.keep_best:
             candidates["raw weights"] = self.model
         if self.val_loader is None:
-            self.val_loader = make_loader(self.val_set, eval_transform(session.data_config), max(config.batch_size, 64),
-                                          config.workers, epochs=config.epochs,
-                                          batched_on=session.runtime.batched_on)
+            self.val_loader = session.runtime.loader(self.val_set, eval_transform(session.data_config), max(config.batch_size, 64),
+                                                      config.workers, epochs=config.epochs)
         modules = [FlipTTA(m) if config.tta else m for m in candidates.values()]
         for module in modules:
             module.eval()
@@ -246,3 +199,29 @@ class ImageTraining:
         self.result.skipped = sorted(self.seen.items())
         self.result.best_epoch, self.result.start_top1 = driven.best_epoch, driven.start_top1
         return self.result
+
+
+def train_on_images(request: FitRequest) -> FitResult:
+    """The images path (LP-FT: the probe's head first, unless resuming)."""
+    model, splits, session = request.model, request.with_val_in_train(), request.session
+    probe = probe_head(model, splits, session, request.arch) \
+        if session.config.probe_first and request.resume is None else None
+    return ImageTraining(model, request.trainable, splits["train"], session).fit(splits.get("val"), request.resume,
+                                                                                   probe)
+
+
+def probe_head(model, splits: dict, session: Session, arch: str = "", include_val: bool = False) -> float | None:
+    """LP-FT's first stage: the linear-probe recipe's head, fitted on the frozen network's cached
+    features (with `include_val`, val's too); the head is left in `model`. Returns its val top-1
+    (None without validation)."""
+    probe = session.config.replace(**{**recipe_settings("linear-probe"), "probe_first": False, "keep_best": False,
+                                      "refit": False, "ema_decay": 0.0, "mixup": 0.0, "cutmix": 0.0,
+                                      "layer_decay": None, "head_lr": None, "unfreeze_schedule": [],
+                                      "tta": session.config.tta})
+    session = replace(session, config=probe, on_epoch=None)
+    fitted = train_on_features(FitRequest(model, None, splits, session, arch, include_val=include_val))
+    if not len(fitted.val_labels):
+        return None
+    score = top1(fitted.val_logits, fitted.val_labels)
+    session.reporter.info(f"probe (LP-FT's first stage): val top-1 {score:.4f}; the network trains from this head")
+    return score

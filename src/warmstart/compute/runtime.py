@@ -1,0 +1,118 @@
+"""Where and how a run computes, decided once from its config and the machine: the device,
+precision, memory format and image pipeline; and the loaders, built here so that every pass over
+images (training, extraction, validation, evaluation, lr-find) goes the same way."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ..data.batched import runs_batched
+from ..data.loaders import EpochBatches, Pass, make_loader, passes_loader
+from ..data.transforms import train_transform
+from ..errors import UserError
+
+
+def resolve_pipeline(choice: str, device: torch.device) -> str:
+    """--pipeline as it runs on `device`: auto is the batched GPU pipeline on CUDA and the per-sample
+    one elsewhere (on a CPU the workers' PIL path measured faster: BENCHMARKS.md §3)."""
+    if choice == "gpu" and device.type != "cuda":
+        raise UserError("--pipeline gpu needs a CUDA GPU and none is visible: use --pipeline cpu (or auto)")
+    return "gpu" if choice == "gpu" or (choice == "auto" and device.type == "cuda") else "cpu"
+
+
+@dataclass
+class Runtime:
+    """Where and how tensors are computed: device, precision, memory format, compilation."""
+
+    device: torch.device
+    precision: str = "fp32"
+    channels_last: bool = True
+    pipeline: str = "cpu"  # where images are decoded and augmented: "cpu" (workers) or "gpu" (batched)
+
+    @classmethod
+    def for_config(cls, config, local_rank: int = 0) -> "Runtime":
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        if config.precision == "fp16" and device.type != "cuda":
+            raise UserError("--precision fp16 needs a GPU: use --precision bf16 on the CPU")
+        return cls(device, config.precision, config.channels_last, resolve_pipeline(config.pipeline, device))
+
+    @property
+    def batched_on(self) -> torch.device | None:
+        """The device that decodes and augments batches (the batched pipeline), or None: workers do."""
+        return self.device if self.pipeline == "gpu" else None
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def prepare(self, model: torch.nn.Module) -> torch.nn.Module:
+        model.to(self.device)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return model
+
+    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last and images.ndim == 4 \
+            else images
+
+    def forward(self, module):
+        """`module` as the run computes it: inputs moved and formatted, under the run's precision."""
+        def run(images: torch.Tensor) -> torch.Tensor:
+            with self.autocast():
+                return module(self.inputs(images))
+
+        return run
+
+    @classmethod
+    def for_machine(cls) -> "Runtime":
+        """The default settings' runtime on this machine (library calls given no run's)."""
+        from ..config import RunConfig
+
+        return cls.for_config(RunConfig())
+
+    @classmethod
+    def for_run(cls, run_dir) -> "Runtime":
+        """A trained run's runtime on this machine, from its saved config (as it trained and
+        evaluated: precision, memory format, pipeline); a run without one computes in fp32."""
+        from ..config import RunConfig
+        from ..run_dir import RunDir
+
+        saved = RunDir(run_dir).config
+        if not saved.is_file():
+            return cls(torch.device("cuda" if torch.cuda.is_available() else "cpu"), "fp32", False)
+        config = RunConfig.from_yaml(saved)
+        if config.precision == "fp16" and not torch.cuda.is_available():
+            config = config.replace(precision="fp32")  # trained on a GPU, used on a CPU
+        return cls.for_config(config.replace(pipeline="cpu") if config.pipeline == "gpu" and
+                              not torch.cuda.is_available() else config)
+
+    # -- loaders: every pass over images is built here, with the run's pipeline --------------
+    def loader(self, images, transform, batch_size: int, workers: int | None = None, order=None,
+               item_seed: int | None = None, epochs: int = 1):
+        """Batches of `images` in `transform`'s view (in order, or in `order`'s: EpochBatches)."""
+        return make_loader(images, transform, batch_size, workers, order, item_seed, epochs, self.batched_on)
+
+    def training_loader(self, train_set, data_config: dict, config, rank: int = 0, world: int = 1,
+                        epochs: int | None = None):
+        """The training images as the run sees them: its augmentation, batch size, seeded order and
+        balancing, this rank's share (for `epochs`, default the run's: workers live that long)."""
+        order = EpochBatches(train_set.labels, config.batch_size, config.seed, config.balance, rank, world)
+        return self.loader(train_set, train_transform(data_config, config.augment), config.batch_size,
+                           config.workers, order, epochs=config.epochs if epochs is None else epochs)
+
+    def passes(self, passes: list[Pass], batch_size: int, workers: int | None = None):
+        """(pass number, Batch) for several passes through one set of workers (extraction)."""
+        return passes_loader(passes, batch_size, workers, self.batched_on)
+
+    def runs_batched(self, transform) -> bool:
+        """Whether this view goes through the batched pipeline (its pixels may differ slightly)."""
+        return runs_batched(transform, self.batched_on)
+
+    def grad_scaler(self):
+        return torch.amp.GradScaler("cuda") if self.precision == "fp16" else None
