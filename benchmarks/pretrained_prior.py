@@ -52,10 +52,10 @@ def _link_tree(name: str, splits: dict[str, Path], per_class: int | None) -> Pat
     return root
 
 
-def data_sets(quick: bool, only: tuple[str, ...] = ()) -> list[tuple[str, Path, int | None]]:
+def data_sets(quick: bool, only: tuple[str, ...] = (), sizes: tuple = (10, None)) -> list[tuple[str, Path, int | None]]:
     woof, sd = SHARED / "imagewoof-mini", SHARED / "stanford-dogs-120-dev"
     woof_splits = {"train": woof / "train", "val": woof / "val", "test": SHARED / "imagewoof-clean-val"}
-    sizes = (10,) if quick else (10, None)
+    sizes = (10,) if quick else sizes
     sets = [("imagewoof-mini", _link_tree(f"woof-{n or 'all'}", woof_splits, n), n) for n in sizes]
     if not quick:
         sets += [("stanford-dogs-120-dev", _link_tree(f"sd120-{n or 'all'}", {"train": sd / "train", "val": sd / "val"},
@@ -75,14 +75,15 @@ def one_run(settings: dict, model: str, data: Path | str, name: str) -> dict:
 
 
 def run(quick: bool = False, models: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite2"),
-        sets: tuple[str, ...] = (), digits: bool = True) -> dict:
+        sets: tuple[str, ...] = (), digits: bool = True, methods: tuple[str, ...] = tuple(METHODS),
+        sizes: tuple = (10, None)) -> dict:
     previous = RESULTS / "pretrained_prior.json"
     done = json.loads(previous.read_text())["runs"] if previous.is_file() and not quick else []
     key = lambda r: (r["set"], r["per_class"], r["model"], r["method"])  # noqa: E731
     runs = {key(r): r for r in done}
     for model in models:
-        for name, data, per_class in data_sets(quick, sets):
-            for method in METHODS:
+        for name, data, per_class in data_sets(quick, sets, sizes):
+            for method in methods:
                 entry = {"set": name, "per_class": per_class, "model": model, "method": method}
                 if key(entry) in runs:
                     continue
@@ -91,14 +92,24 @@ def run(quick: bool = False, models: tuple[str, ...] = ("efficientnet_lite0", "e
                 r = runs[key(entry)]
                 print(f"{name} {per_class or 'all'}/class {model} {method}: val {r['top1']:.4f} "
                       f"test {r['test_top1']} in {r['seconds']:.0f}s", flush=True)
-                save("pretrained_prior_quick" if quick else "pretrained_prior", {"quick": quick,
-                                                                                  "runs": list(runs.values())})
+                _save_merged(quick, runs)
     # the digits: no class is an ImageNet class, so --head-init auto (the default) must change nothing
     digits = [{"head_init": h, **one_run({"recipe": "linear-probe", "head_init": h}, "efficientnet_lite0",
                                          "sklearn-digits", f"digits-{h}")} for h in ("zero", "auto")] if digits \
-        else (json.loads(previous.read_text()).get("digits", []) if previous.is_file() else [])
-    result = {"quick": quick, "runs": list(runs.values()), "digits": digits}
-    save("pretrained_prior_quick" if quick else "pretrained_prior", result)
+        else None
+    return _save_merged(quick, runs, digits)
+
+
+def _save_merged(quick: bool, runs: dict, digits: list | None = None) -> dict:
+    """Save this process's runs over what the results file holds (several backbones may be measured
+    by processes running side by side)."""
+    name = "pretrained_prior_quick" if quick else "pretrained_prior"
+    path = RESULTS / f"{name}.json"
+    held = json.loads(path.read_text()) if path.is_file() else {}
+    merged = {(r["set"], r["per_class"], r["model"], r["method"]): r for r in held.get("runs", [])}
+    merged.update(runs)
+    result = {"quick": quick, "runs": list(merged.values()), "digits": digits or held.get("digits", [])}
+    save(name, result)
     return result
 
 
@@ -108,5 +119,8 @@ if __name__ == "__main__":
     parser.add_argument("--models", nargs="+", default=["efficientnet_lite0", "efficientnet_lite2"])
     parser.add_argument("--sets", nargs="+", default=[], help="imagewoof-mini, stanford-dogs-120-dev (default: both)")
     parser.add_argument("--no-digits", action="store_true")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--sizes", nargs="+", default=["10", "all"], help="photos per class: 10, all")
     args = parser.parse_args()
-    run(args.quick, tuple(args.models), tuple(args.sets), not args.no_digits)
+    run(args.quick, tuple(args.models), tuple(args.sets), not args.no_digits, tuple(args.methods),
+        tuple(None if s == "all" else int(s) for s in args.sizes))

@@ -11,11 +11,13 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import ensembles, feature_extractor, fine_tune, gpu, hard_set, image_path, recipes, serve_load
+from . import (calibration, ensembles, feature_extractor, fine_tune, gpu, hard_set, image_path, pretrained_prior,
+               recipes, serve_load, unmatched_rows)
 from .common import RESULTS, ROOT
 
 SUITES = {"feature_extractor": feature_extractor, "fine_tune": fine_tune, "image_path": image_path,
-          "serve_load": serve_load, "recipes": recipes, "hard_set": hard_set, "ensembles": ensembles}
+          "serve_load": serve_load, "recipes": recipes, "hard_set": hard_set, "ensembles": ensembles,
+          "pretrained_prior": pretrained_prior, "unmatched_rows": unmatched_rows, "calibration": calibration}
 # benchmarks/gpu.py runs on its own, on a GPU; its results are rendered here like the others'
 
 
@@ -178,9 +180,77 @@ def _gpu(r: dict) -> list[str]:
             "Targets: " + ", ".join(f"{k} {'met' if v else 'not met'}" for k, v in r["targets"].items()) + ".", ""]
 
 
+def _pct(value) -> str:
+    return "—" if value is None else f"{100 * value:.2f}%"
+
+
+def _pretrained_prior(r: dict) -> list[str]:
+    lines = ["### 10. Keeping what the pretrained network knows (the old classifier as the head's start and prior)",
+             "", f"Machine: {_machine_line(r['machine'])}", "",
+             "val: the set's own validation photos (ImageNet-1k training photos: the classifier has seen them); "
+             "clean: imagewoof-clean-val, 200 ImageNet validation photos no ImageNet-1k network trained on. "
+             "fp32, `--recipe` runs as a user would start them.", ""]
+    runs = r["runs"]
+    groups = sorted({(x["set"], x["model"]) for x in runs}, key=lambda g: (g[1], g[0]))
+    for name, model in groups:
+        sizes = sorted({x["per_class"] or 0 for x in runs if (x["set"], x["model"]) == (name, model)},
+                       key=lambda n: n or 10**9)  # 10 per class, then all
+        head = " | ".join(f"{'all' if n == 0 else n}/class val" + (f" | {'all' if n == 0 else n}/class clean"
+                                                                   if name == "imagewoof-mini" else "") for n in sizes)
+        lines += [f"**{name}, {model}**", "", f"| head | {head} |",
+                  "| --- |" + " ---: |" * (len(sizes) * (2 if name == "imagewoof-mini" else 1))]
+        for method in ("pretrained classifier alone", "probe from zero", "best today (head from zero)",
+                       "best, pretrained start"):
+            cells = []
+            for n in sizes:
+                hit = next((x for x in runs if (x["set"], x["model"], x["method"], x["per_class"] or 0)
+                            == (name, model, method, n)), None)
+                cells.append(_pct(hit and hit["top1"]))
+                if name == "imagewoof-mini":
+                    cells.append(_pct(hit and hit["test_top1"]))
+            label = {"best today (head from zero)": "`best` as it was (head from zero, label smoothing 0.1)",
+                     "best, pretrained start": "**`best` now** (pretrained start, L2-SP)",
+                     "probe from zero": "`linear-probe`, head from zero"}.get(method, method)
+            lines.append(f"| {label} | {' | '.join(cells)} |")
+        lines.append("")
+    if r.get("digits"):
+        d = {x["head_init"]: x for x in r["digits"]}
+        lines += [f"Digits (no class is an ImageNet class), `--recipe linear-probe`: `--head-init zero` "
+                  f"{_pct(d['zero']['top1'])}, `auto` (the default) {_pct(d['auto']['top1'])}; the run said "
+                  f"{d['auto']['head_start']['from']!r} for the head's start.", ""]
+    return lines
+
+
+def _unmatched_rows(r: dict) -> list[str]:
+    lines = [f"Rows of classes the classifier does not know (`benchmarks/unmatched_rows.py`: "
+             f"{', '.join(r['hidden_classes'])} renamed to match nothing; Lite0, 224 px, A = 30):", "",
+             "| photos per class | start of the renamed rows | val | val, renamed breeds | clean | clean, renamed breeds |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for x in r["runs"]:
+        lines.append(f"| {x['per_class'] or 'all'} | {x['start']} | {_pct(x['val_top1'])} | "
+                     f"{_pct(x['val_renamed_top1'])} | {_pct(x['clean_top1'])} | {_pct(x['clean_renamed_top1'])} |")
+    return lines + [""]
+
+
+def _calibration(r: dict) -> list[str]:
+    lines = [f"### 11. Calibration: the probabilities before and after the run's temperature ({r['train_images']} "
+             f"train photos of imagewoof-mini)", "", f"Machine: {_machine_line(r['machine'])}", "",
+             "| recipe | T | val top-1 | val ECE before → after | val NLL before → after | clean top-1 | "
+             "clean ECE before → after | clean NLL before → after |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for x in r["runs"]:
+        lines.append(f"| `{x['recipe']}` | {x['temperature']:.3f} | {_pct(x['val_top1'])} | {x['val_ece_before']:.3f} → "
+                     f"**{x['val_ece_after']:.3f}** | {x['val_nll_before']:.3f} → {x['val_nll_after']:.3f} | "
+                     f"{_pct(x['clean_top1'])} | {x['clean_ece_before']:.3f} → **{x['clean_ece_after']:.3f}** | "
+                     f"{x['clean_nll_before']:.3f} → {x['clean_nll_after']:.3f} |")
+    return lines + ["", "ECE: 15 equal-width confidence bins. Top-1 is the same before and after: a temperature "
+                        "divides every logit of an image by one positive number, which keeps their order.", ""]
+
+
 RENDER = {"feature_extractor": _feature_extractor, "fine_tune": _fine_tune, "image_path": _image_path,
           "serve_load": _serve_load, "recipes": _recipes, "hard_set": _hard_set, "ensembles": _ensembles,
-          "gpu": _gpu}
+          "gpu": _gpu, "pretrained_prior": _pretrained_prior, "unmatched_rows": _unmatched_rows,
+          "calibration": _calibration}
 
 
 def write_markdown() -> None:

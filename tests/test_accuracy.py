@@ -39,6 +39,12 @@ def test_quickstart_offline_reaches_93_percent_and_predicts(tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["top1"] >= 0.93 and metrics["wall_seconds"] < 600
     assert "quickstart: top-1" in out.stdout
+    # each rate named for the phase it measured: the backbone's extraction is far slower than the
+    # head's epochs on the stored features, and neither is called "training" of the whole
+    extraction, head = metrics["feature_extraction_images_per_sec"], metrics["head_training_images_per_sec"]
+    assert metrics["train_images_per_sec"] is None and 0 < extraction < head
+    assert (f"feature extraction {extraction:.1f} img/s, head training on the features {head:.1f} img/s, "
+            f"evaluation") in out.stdout
     predicted = subprocess.run([sys.executable, "-m", "warmstart", "predict", str(run), str(run / "samples" /
                                 "digit_3.png"), "--json"], capture_output=True, text=True, check=True)
     assert json.loads(predicted.stdout)[0]["top"][0]["class"] == "3"

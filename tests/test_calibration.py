@@ -78,6 +78,20 @@ def test_a_run_calibrates_on_val_and_every_output_is_softmax_of_logits_over_t(co
     assert onnx.meta["calibrated"] is True and onnx.meta["temperature"] == t
     assert np.allclose(onnx.probabilities([photo]), expected, atol=1e-4)
     assert load_run(run.run_dir).export_metadata()["temperature"] == t
+    # the service answers with the same calibrated probabilities, and says so
+    import io
+
+    from fastapi.testclient import TestClient
+
+    from warmstart.serve.app import ServeSettings, create_app
+
+    upload = io.BytesIO()
+    photo.save(upload, "PNG")
+    with TestClient(create_app(ServeSettings(str(run.run_dir)))) as client:
+        answer = client.post("/predict", files={"file": ("g.png", upload.getvalue(), "image/png")}).json()
+        assert client.get("/metadata").json()["calibrated"] is True
+    best = int(expected[0].argmax())
+    assert answer["predictions"][0]["probability"] == pytest.approx(float(expected[0, best]), abs=1e-4)
 
 
 def test_without_validation_the_probabilities_are_said_to_be_uncalibrated(color_tree, tmp_path, capsys):

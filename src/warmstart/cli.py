@@ -295,8 +295,9 @@ def _cmd_eval(args) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        print(f"{args.split}: top-1 {result.top1:.4f}, top-5 {result.top5:.4f} on {result.num_images} images "
-              f"({result.images_per_sec:.1f} img/s); per-class accuracy and confusion matrix in {args.run}")
+        print(f"{args.split}: top-1 {result.top1:.4f}, top-5 {result.top5:.4f}, ECE {result.ece:.3f}, NLL "
+              f"{result.nll:.3f} on {result.num_images} images ({result.images_per_sec:.1f} img/s); per-class "
+              f"accuracy and confusion matrix in {args.run}")
     return 0
 
 

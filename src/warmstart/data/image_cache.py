@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import DataLoader
+import torch
 
 from ..stop import check
 from .fingerprint import fingerprint_items, fingerprint_json
-from .loaders import ImageDataset, default_workers
+from .loaders import make_loader
 from .imageset import ImageSet
 
 FORMAT_VERSION = 1
@@ -47,22 +47,20 @@ class PreResized:
 
 def _decode_resized(resize):
     def transform(image):
-        return np.asarray(resize(image), dtype=np.uint8)
+        return torch.as_tensor(np.asarray(resize(image), dtype=np.uint8))
     return transform
 
 
-def _collate_one(samples):
-    return samples[0]
-
-
-def cached_images(images: ImageSet, resize, root: Path, workers: int | None = None, progress=None) -> ImageSet:
-    """`images` served from the pre-resized store (built on first use). Unreadable images keep their
-    original item, so the loader skips them with the decoder's reason as before."""
+def cached_images(images: ImageSet, resize, root: Path, workers: int | None = None, progress=None,
+                  make_loader=make_loader) -> ImageSet:
+    """`images` served from the pre-resized store (built on first use, read through `make_loader`:
+    a run passes its Runtime's). Unreadable images keep their original item, so the loader skips
+    them with the decoder's reason as before."""
     key = fingerprint_json({"version": FORMAT_VERSION, "images": fingerprint_items(images.items),
                             "resize": repr(resize)})
     folder = Path(root) / f"images-{key[:20]}"
     if not (folder / "index.json").is_file():
-        _build(images, resize, folder, workers, progress)
+        _build(images, resize, folder, make_loader(images, _decode_resized(resize), 1, workers), progress)
     elif progress is not None:
         progress(len(images))
     index = json.loads((folder / "index.json").read_text())
@@ -73,27 +71,23 @@ def cached_images(images: ImageSet, resize, root: Path, workers: int | None = No
                     dict(images.extra))
 
 
-def _build(images: ImageSet, resize, folder: Path, workers: int | None, progress) -> None:
-    """Written into a temporary folder and renamed: an interrupted build is never taken as complete."""
+def _build(images: ImageSet, resize, folder: Path, loader, progress) -> None:
+    """Written into a temporary folder and renamed: an interrupted build is never taken as complete.
+    `loader`: batches of one decoded, resized image (an unreadable one is skipped: it keeps its file)."""
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    dataset = ImageDataset(images, _decode_resized(resize))
-    workers = default_workers() if workers is None else workers
-    loader = DataLoader(dataset, batch_size=1, num_workers=workers, collate_fn=_collate_one,
-                        prefetch_factor=8 if workers else None)
     entries = [(-1, 0, 0)] * len(images)
     offset = 0
     with (tmp / "pixels.u8").open("wb") as out:
-        for sample in loader:
+        for batch in loader:
             check()  # an interrupted build is started again next time (its .partial folder is not used)
-            if sample[0] is not None:
-                array, _, index = sample
+            for array, index in zip(batch.images.numpy(), batch.indices.tolist()):
                 out.write(array.tobytes())
                 entries[index] = (offset, int(array.shape[0]), int(array.shape[1]))
                 offset += array.nbytes
             if progress is not None:
-                progress(1)
+                progress(len(batch.labels) + len(batch.skipped))
         out.flush()
         os.fsync(out.fileno())
     (tmp / "index.json").write_text(json.dumps({"entries": entries}))
