@@ -39,6 +39,9 @@ def _mistakes(tmp_path, color_tree):
         "wrong architecture": (["train", *data, "--weights", str(other)], "do not fit"),
         "csv unknown paths": (["train", "--data", str(csv_bad)], "do not exist"),
         "bad number": (["train", *data, "--epochs", "-1"], "--epochs -1 is not valid"),
+        "huge input size": (["train", *data, "--input-size", "20000"], "--input-size 20000 is not valid: it must be in [8, 2048]"),
+        "huge input scale": (["train", *data, "--input-scale", "100"], "--input-scale 100.0 is not valid: it must be in (0, 8]"),
+        "port out of range": (["serve", str(tmp_path), "--port", "99999"], "--port 99999 is not valid: it must be in [1, 65535]"),
         "not a number": (["train", *data, "--lr", "fast"], "invalid float value"),
         "bad choice": (["train", *data, "--strategy", "everything"], "invalid choice"),
         "partial without target": (["train", *data, "--strategy", "partial"], "--trainable PATTERN"),
@@ -57,7 +60,8 @@ def _mistakes(tmp_path, color_tree):
 
 
 CASES = ["missing data", "empty data", "class without images", "unknown model", "bundled for another model",
-         "weights file missing", "wrong architecture", "csv unknown paths", "bad number", "not a number",
+         "weights file missing", "wrong architecture", "csv unknown paths", "bad number", "huge input size",
+         "huge input scale", "port out of range", "not a number",
          "bad choice", "partial without target", "unknown option", "not a run", "missing config",
          "bad unfreeze schedule", "unknown recipe", "lbfgs on the whole network", "lr-find too few steps",
          "lr-find with lbfgs", "tune without a base config"]
@@ -66,7 +70,8 @@ CASES = ["missing data", "empty data", "class without images", "unknown model", 
 @pytest.mark.parametrize("case", CASES)
 def test_user_mistakes_exit_2_with_one_line(case, tmp_path, color_tree, capsys):
     argv, expected = _mistakes(tmp_path, color_tree)[case]
-    code, err = _run(capsys, argv + (FAST if argv[0] in ("train", "lr-find") else []))
+    code, err = _run(capsys, argv + (FAST[2:] if "--input-size" in argv else FAST if argv[0] in ("train", "lr-find")
+                                     else []))
     assert code == 2
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and expected in err, err
     assert "Traceback" not in err

@@ -108,9 +108,9 @@ class RunConfig:
                                            "'all') train too, e.g. 1:2 3:all", group="model and weights",
                                            metavar="EPOCH:N")
     # preprocessing (None: from the model's pretrained config)
-    input_size: int | None = setting(None, "input size in px (default: the model's)", group="data", bounds="(0, inf)")
+    input_size: int | None = setting(None, "input size in px (default: the model's)", group="data", bounds="[8, 2048]")
     input_scale: float | None = setting(None, "input size as FACTOR x the model's pretrained size (rounded to 32 "
-                                        "px)", group="data", metavar="FACTOR", bounds="(0, inf)")
+                                        "px)", group="data", metavar="FACTOR", bounds="(0, 8]")
     crop_pct: float | None = setting(None, "center-crop fraction at evaluation", group="data", bounds="(0, 1]")
     augment: str = setting("standard", "standard: random-resized-crop + flip (default); none", group="data",
                            choices=AUGMENTS)
