@@ -235,11 +235,12 @@ def _unmatched_rows(r: dict) -> list[str]:
 def _calibration(r: dict) -> list[str]:
     lines = [f"### 11. Calibration: the probabilities before and after the run's temperature ({r['train_images']} "
              f"train photos of imagewoof-mini)", "", f"Machine: {_machine_line(r['machine'])}", "",
-             "| recipe | T | val top-1 | val ECE before → after | val NLL before → after | clean top-1 | "
+             "| recipe | head start | T | val top-1 | val ECE before → after | val NLL before → after | clean top-1 | "
              "clean ECE before → after | clean NLL before → after |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for x in r["runs"]:
-        lines.append(f"| `{x['recipe']}` | {x['temperature']:.3f} | {_pct(x['val_top1'])} | {x['val_ece_before']:.3f} → "
+        start = {"auto": "pretrained classifier", "zero": "zero"}.get(x.get("head_init", "auto"))
+        lines.append(f"| `{x['recipe']}` | {start} | {x['temperature']:.3f} | {_pct(x['val_top1'])} | {x['val_ece_before']:.3f} → "
                      f"**{x['val_ece_after']:.3f}** | {x['val_nll_before']:.3f} → {x['val_nll_after']:.3f} | "
                      f"{_pct(x['clean_top1'])} | {x['clean_ece_before']:.3f} → **{x['clean_ece_after']:.3f}** | "
                      f"{x['clean_nll_before']:.3f} → {x['clean_nll_after']:.3f} |")

@@ -41,8 +41,8 @@ def _start(init: str, W0, b0, old, x, y):
         if init == "zero":
             W[c], b[c] = 0, 0
         elif init == "soft":
-            p = (x[y == c] @ old.weight.T + old.bias).softmax(1).mean(0)
-            W[c], b[c] = p @ old.weight, p @ old.bias
+            p = (x[y == c] @ old.weight.detach().T + old.bias.detach()).softmax(1).mean(0)
+            W[c], b[c] = p @ old.weight.detach(), p @ old.bias.detach()
         else:  # imprinting
             f = torch.nn.functional.normalize(x[y == c], dim=1).mean(0)
             W[c], b[c] = f * W0.norm(dim=1).mean() / f.norm(), b0.mean()
