@@ -215,9 +215,11 @@ def _pretrained_prior(r: dict) -> list[str]:
         lines.append("")
     if r.get("digits"):
         d = {x["head_init"]: x for x in r["digits"]}
+        start = d["auto"]["head_start"]
         lines += [f"Digits (no class is an ImageNet class), `--recipe linear-probe`: `--head-init zero` "
-                  f"{_pct(d['zero']['top1'])}, `auto` (the default) {_pct(d['auto']['top1'])}; the run said "
-                  f"{d['auto']['head_start']['from']!r} for the head's start.", ""]
+                  f"{_pct(d['zero']['top1'])}, `auto` (the default) {_pct(d['auto']['top1'])}; the run found "
+                  f"{start.get('classes_matched', 0)} of {start.get('classes', '?')} classes in "
+                  f"{start.get('labels', 'the label set')} and started the head from {start['from']}.", ""]
     return lines
 
 
