@@ -106,19 +106,19 @@ def test_a_signal_during_a_tune_trial_exits_143_and_the_study_resumes(color_tree
     import yaml
 
     from warmstart.cli import main
-    from warmstart.train import cached
+    from warmstart.train import head
 
     (tmp_path / "base.yaml").write_text(yaml.safe_dump({"data": str(color_tree), "input_size": 64, "workers": 0,
                                                         "epochs": 2, "augment": "none", "batch_size": 8}))
     (tmp_path / "space.yaml").write_text(yaml.safe_dump({"lr": {"low": 1e-3, "high": 1e-1, "log": True}}))
     command = ["tune", "--config", str(tmp_path / "base.yaml"), "--space", str(tmp_path / "space.yaml"),
                "--trials", "2", "--study-dir", str(tmp_path / "study"), "--quiet"]
-    record = cached.epoch_record
+    record = head.epoch_record
     signal_once = _signal_self_after(1)
-    monkeypatch.setattr(cached, "epoch_record", lambda *a: signal_once(record(*a)))
+    monkeypatch.setattr(head, "epoch_record", lambda *a: signal_once(record(*a)))
     assert main(command) == 143
     assert "run the same command again to resume" in capsys.readouterr().err
-    monkeypatch.setattr(cached, "epoch_record", record)
+    monkeypatch.setattr(head, "epoch_record", record)
     assert main(command) == 0
     table = (tmp_path / "study" / "trials.csv").read_text()
     assert table.count("complete") == 2 and table.count("fail") == 1
