@@ -162,7 +162,7 @@ def fit_head_on_features(model, splits, session: Session, cache: FeatureCache, i
         loop = MinibatchLoop(model, head, val_logits, session, _head_plan(model, labels, session, len(head.weight)),
                              CachedBatches(feats, labels, config), head.train)
     driven = drive(loop, session, bool(len(val_labels)), start=prior_start(session))
-    result.history, result.best_epoch, result.start_top1 = driven.history, driven.best_epoch, driven.start_top1
+    result.took(driven)
     result.images_processed = len(labels) * config.epochs
     result.seconds = time.perf_counter() - start - data.val_extraction_seconds()  # val features: evaluation's
     result.head_seconds = time.perf_counter() - train_start
@@ -240,7 +240,7 @@ def fit_tail_on_activations(model, trainable, split: tuple, splits, session: Ses
     loop = MinibatchLoop(model, model, val_logits, session, (optimizer, step), batches,
                          lambda: set_train_mode(model, trainable))
     driven = drive(loop, session, bool(len(data.val_rows)), start=prior_start(session))
-    result.history, result.best_epoch, result.start_top1 = driven.history, driven.best_epoch, driven.start_top1
+    result.took(driven)
     result.images_processed = len(labels) * config.epochs
     result.seconds = time.perf_counter() - start - data.val_extraction_seconds() - val_seconds[0]
     result.head_seconds = result.seconds - result.feature_seconds

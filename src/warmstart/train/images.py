@@ -23,7 +23,7 @@ from ..stop import requested
 from .checkpoint import TrainingInterrupted, rng_state, save_checkpoint, set_rng_state
 from .driver import Driven, Start, drive
 from .epoch import Progress, Totals, step_logger, train_one_epoch
-from .head import PRIOR_START, train_on_features
+from .head import prior_start, train_on_features
 from .mixing import BatchMixer
 from .paths import FitRequest
 from .prior import anchored
@@ -190,14 +190,13 @@ class ImageTraining:
             self.restore(resume)
         self.val_set = val_set
         validating = val_set is not None and len(val_set) > 0 and session.checkpoints is not None
-        start = Start("the probe it started from", probe_top1) if probe_top1 is not None else \
-            Start(PRIOR_START) if session.prior is not None else None
+        start = Start("the probe it started from", probe_top1) if probe_top1 is not None else prior_start(session)
         began = time.perf_counter()
         driven = drive(self, session, validating, self.progress.epoch, Driven(self.result.history, best_top1=self.best),
                        start)
         self.result.seconds = time.perf_counter() - began - driven.validation_seconds
         self.result.skipped = sorted(self.seen.items())
-        self.result.best_epoch, self.result.start_top1 = driven.best_epoch, driven.start_top1
+        self.result.took(driven)
         return self.result
 
 

@@ -115,9 +115,8 @@ def sample_items(images, count: int = 8) -> list:
     return [(images.items[i], images.labels[i]) for i in picked]
 
 
-def _with_image_cache(splits: dict, data_config: dict, cache_dir: Path, session_parts: tuple) -> dict:
+def _with_image_cache(splits: dict, data_config: dict, cache_dir: Path, config, reporter, runtime) -> dict:
     """Serve every split from the pre-resized image store (built on first use, through the run's loaders)."""
-    config, reporter, runtime = session_parts
     resize = eval_transform(data_config).transforms[0]
     out = {}
     for name, images in splits.items():
@@ -298,7 +297,7 @@ def start_session(run: Run, on_epoch) -> Session:
     runtime.prepare(built.model)
     cache_dir = Path(config.cache_dir) if config.cache_dir else run.directory.cache
     if config.image_cache:
-        built.splits = _with_image_cache(built.splits, built.data_config, cache_dir, (config, reporter, runtime))
+        built.splits = _with_image_cache(built.splits, built.data_config, cache_dir, config, reporter, runtime)
     train_set, val_set = built.splits["train"], built.splits["val"]
     log = TrainingLog(run.directory, sample_items(val_set), train_set.class_names, eval_transform(built.data_config),
                       append=run.resume_state is not None, epochs=config.epochs) if run.main else QuietLog()

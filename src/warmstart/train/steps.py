@@ -36,6 +36,10 @@ class FitResult:
     start_top1: float | None = None  # val top-1 of the weights training started from, where measured
     head_seconds: float = 0.0  # on cached features: the head's training alone (extraction excluded)
 
+    def took(self, driven) -> None:
+        """What the epoch driver (train.driver.drive) recorded: history, kept epoch, the start's score."""
+        self.history, self.best_epoch, self.start_top1 = driven.history, driven.best_epoch, driven.start_top1
+
 
 def layer_scales(model: torch.nn.Module, layer_decay: float) -> dict[str, float]:
     """Layer-wise learning-rate decay (BEiT, timm): the top layer x1, each layer below x layer_decay
