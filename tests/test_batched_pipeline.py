@@ -323,3 +323,73 @@ def test_eval_and_report_compute_as_the_run_did(tmp_path, color_tree, monkeypatc
             hook.remove()
         assert threads, f"{command[0]} did not load through the batched pipeline"
         assert seen and all(seen), f"{command[0]} did not compute under the run's bf16 autocast"
+
+
+def test_a_tiny_image_is_cropped_sensibly_not_the_end_of_the_run(tmp_path):
+    """timm's random-resized crop can draw a 0-pixel side on a 1- or 2-pixel image: the batched
+    pipeline crops at least one pixel inside the image and the batch goes on; an image whose shape
+    nothing can resize is skipped with its reason, the others kept."""
+    from warmstart.data.imageset import ImageSet
+
+    transform = train_transform(data_config_for_lite0(), "standard")
+    view = TensorView.of(transform)
+    files = [_photo(tmp_path / "plain.jpg")]
+    for side in (1, 2):
+        Image.new("RGB", (side, side), (255, 0, 0)).save(tmp_path / f"tiny{side}.png")
+        files.append(str(tmp_path / f"tiny{side}.png"))
+    images = ImageSet(files, [0, 1, 1], ["a", "b"], files)
+    zero_box = (0, 0, 0, 1)  # what timm draws for a 1x1 image with a small scale
+    assert view.geometry(torch.zeros(3, 1, 1, dtype=torch.uint8), (zero_box, False, None, None)).shape == (3, 96, 96)
+    for seed in range(20):  # many draws: none ends the batch
+        batch = DevicePipeline(view, CPU, channels_last=False)(
+            collate_raw([RawImageDataset(images, view, seed)[i] for i in range(3)]))
+        assert batch.indices.tolist() == [0, 1, 2] and batch.images.shape == (3, 3, 96, 96)
+    raw = collate_raw([RawImageDataset(images, view, 0)[i] for i in range(3)])
+    raw.data[1] = torch.zeros(3, 0, 5, dtype=torch.uint8)  # no pixels at all: nothing resizes it
+    batch = DevicePipeline(view, CPU, channels_last=False)(raw)
+    assert batch.indices.tolist() == [0, 2] and batch.skipped_indices == [1]
+
+
+def test_pixels_decoded_on_workers_cross_shared_memory_at_the_views_size(tmp_path):
+    """What the GPU decoder does not take (a PNG, an EXIF-rotated phone photo) is decoded by the
+    worker and, when large, cropped and resized there: it crosses shared memory at most
+    SHAPE_ON_WORKER_ABOVE times the view's pixels, and the batch equals the per-sample path's."""
+    from warmstart.data import batched
+    from warmstart.data.imageset import ImageSet
+
+    files = [_photo(tmp_path / "big.png", fmt="PNG", size=(1200, 900)),
+             _photo(tmp_path / "portrait.jpg", orientation=6, size=(1600, 1200)),
+             _photo(tmp_path / "small.png", fmt="PNG", size=(120, 90))]
+    images = ImageSet(files, [0, 1, 0], ["a", "b"], files)
+    for name, transform, seed in (("train", train_transform(data_config_for_lite0(), "standard"), 3),
+                                  ("eval", eval_transform(data_config_for_lite0()), None)):
+        view = TensorView.of(transform)
+        samples = [RawImageDataset(images, view, seed)[i] for i in range(3)]
+        raw = collate_raw(samples)
+        assert raw.kinds == ["shaped", "shaped", "pixels"], name
+        bound = 3 * batched.SHAPE_ON_WORKER_ABOVE * view.out_pixels
+        assert all(d.numel() <= bound for d in raw.data), name
+        pil = collate_skipping([ImageDataset(images, transform, seed)[i] for i in range(3)])
+        batch = DevicePipeline(view, CPU, channels_last=False)(raw)
+        assert (batch.images - pil.images).abs().mean() < 0.3 * LEVEL, name
+
+
+def test_the_device_decodes_jpegs_in_groups_bounded_by_pixels(monkeypatch, odd_files):
+    """A header may claim up to the pixel limit: nvJPEG gets groups of at most DEVICE_DECODE_PIXELS
+    claimed pixels (one larger image alone), never the whole batch at full size."""
+    from warmstart.data import batched
+
+    names, images = odd_files
+    item = images.items[names.index("plain")]
+    payload = read(item)[1]
+    calls = []
+
+    def batch_decode(batch, device):
+        calls.append(len(batch))
+        return decode_jpeg(batch, mode=ImageReadMode.RGB, device=device)
+
+    monkeypatch.setattr(batched, "DEVICE_DECODE_PIXELS", 3 * 120 * 90)
+    pixels = [120 * 90] * 7 + [10 * 120 * 90, 120 * 90]
+    decoded = decode_all(["jpeg"] * 9, [payload] * 9, CPU, batch_decode, pixels)
+    assert calls == [3, 3, 1, 1, 1] and all(d.shape == (3, 90, 120) for d in decoded)
+    assert batched.pixel_groups([0, 1, 2], [5, 5, 5], 10) == [[0, 1], [2]]

@@ -11,6 +11,12 @@ a batch at once), cropped and resized; the batch is then scaled, normalised and 
 Sizes are checked from the header before any byte is decoded, as on the per-sample path; an image
 the device cannot decode falls back to the CPU decoder on its own, and one nobody can decode is
 skipped with its reason, never the batch.
+
+Memory is bounded by the view, not by the photos: pixels a worker decodes (anything but a plain
+JPEG) are cropped and resized to the view's size on the worker whenever they are over
+SHAPE_ON_WORKER_ABOVE times its pixels, so shared memory carries at most that per image; JPEG bytes
+are at most the file (itself checked against its pixels), and the device decodes them in groups of
+at most DEVICE_DECODE_PIXELS claimed pixels (a single larger image alone).
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ _RANDOM_CROPS = (RandomResizedCropAndInterpolation, T.RandomResizedCrop)
 _GEOMETRY = (*_RANDOM_CROPS, T.Resize, T.CenterCrop)
 _TO_TENSOR = (MaybeToTensor, T.ToTensor)
 _SUPPORTED = (*_GEOMETRY, *_TO_TENSOR, T.RandomHorizontalFlip, T.Normalize)
+SHAPE_ON_WORKER_ABOVE = 4  # times the view's pixels
+DEVICE_DECODE_PIXELS = 64 << 20  # per nvJPEG call: about 200 MB of decoded RGB
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,13 @@ class TensorView:
                               and len(geometry[-1].size) == 2)
         return cls(steps) if fixed else None  # a batch needs one size
 
+    @property
+    def out_pixels(self) -> int:
+        """Pixels of one image as the view leaves it (its last crop's or resize's size)."""
+        size = next(step.size for step in reversed(self.steps) if isinstance(step, _GEOMETRY))
+        height, width = (size, size) if isinstance(size, int) else (size[0], size[-1])
+        return int(height) * int(width)
+
     def draw(self, width: int, height: int, item_seed: int | None, index: int) -> tuple:
         """The view's random choices for an image of this size: the per-sample path's own draws,
         in its order, from the same seeds (seeds.item_random)."""
@@ -85,7 +100,7 @@ class TensorView:
             if isinstance(step, _TO_TENSOR):
                 break
             if isinstance(step, _RANDOM_CROPS):
-                top, left, h, w = choice
+                top, left, h, w = _inside(choice, image.shape[-2], image.shape[-1])
                 image = F.resized_crop(image, top, left, h, w, list(step.size), _mode(step.interpolation),
                                        antialias=True)
             elif isinstance(step, T.RandomHorizontalFlip):
@@ -108,6 +123,14 @@ class TensorView:
                 flip = torch.tensor([c[i] for c in chosen], device=batch.device)
                 batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
         return batch
+
+
+def _inside(box: tuple, height: int, width: int) -> tuple:
+    """A drawn crop box at least one pixel each way and inside the image: timm's draw can give a
+    0-pixel side on an image of a pixel or two."""
+    top, left, h, w = box
+    h, w = min(max(h, 1), height), min(max(w, 1), width)
+    return min(max(top, 0), height - h), min(max(left, 0), width - w), h, w
 
 
 def _mode(interpolation):
@@ -145,8 +168,9 @@ def read(item, jpeg_bytes: bool = True) -> tuple[str, torch.Tensor, int, int]:
 class RawBatch:
     """What the workers hand over: per image its payload kind and data, its draws, its label."""
 
-    kinds: list[str]
+    kinds: list[str]  # "jpeg" (bytes), "pixels" (uint8 CHW), "shaped" (pixels already at the view's size)
     data: list[torch.Tensor]
+    pixels: list[int]  # each image's claimed width x height
     chosen: list[tuple]
     names: list[str]
     labels: torch.Tensor
@@ -171,15 +195,17 @@ class RawImageDataset(Dataset):
         try:
             kind, data, width, height = read(item, self.jpeg_bytes)
             chosen = self.view.draw(width, height, seed, index)
+            if kind == "pixels" and width * height > SHAPE_ON_WORKER_ABOVE * self.view.out_pixels:
+                kind, data = "shaped", self.view.geometry(data, chosen).contiguous()  # small through shared memory
         except Exception as exc:  # any reading failure: report it, keep the run alive
             return unreadable(item, exc, index)
-        return (kind, data, chosen, str(item)), self.images.labels[index], index
+        return (kind, data, width * height, chosen, str(item)), self.images.labels[index], index
 
 
 def collate_raw(samples) -> RawBatch:
     good, skipped, skipped_indices = readable_and_skipped(samples)
-    return RawBatch([s[0][0] for s in good], [s[0][1] for s in good], [s[0][2] for s in good],
-                    [s[0][3] for s in good], torch.tensor([s[1] for s in good], dtype=torch.long),
+    kinds, data, pixels, chosen, names = ([s[0][field] for s in good] for field in range(5))
+    return RawBatch(kinds, data, pixels, chosen, names, torch.tensor([s[1] for s in good], dtype=torch.long),
                     torch.tensor([s[2] for s in good], dtype=torch.long), skipped, skipped_indices)
 
 
@@ -215,18 +241,34 @@ def nvjpeg_batch(data: list[torch.Tensor], device: torch.device) -> list[torch.T
     return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
 
-def decode_all(kinds: list[str], data: list[torch.Tensor], device: torch.device, batch_decode=None) -> list:
+def pixel_groups(indices: list[int], pixels: list[int], budget: int) -> list[list[int]]:
+    """The indices in order, grouped so that each group claims at most `budget` pixels (an image
+    over it alone)."""
+    groups, total = [], budget + 1
+    for i in indices:
+        if total + pixels[i] > budget:
+            groups.append([])
+            total = 0
+        groups[-1].append(i)
+        total += pixels[i]
+    return groups
+
+
+def decode_all(kinds: list[str], data: list[torch.Tensor], device: torch.device, batch_decode=None,
+               pixels: list[int] | None = None) -> list:
     """Each payload as a uint8 CHW tensor on `device`, or the exception that stopped it. JPEGs go
-    through `batch_decode` as one batch where there is one; if that fails, one by one: a bad
-    file costs only itself."""
+    through `batch_decode` in groups of at most DEVICE_DECODE_PIXELS claimed pixels where there is
+    one; a group that fails is decoded one by one: a bad file costs only itself."""
     out: list = [None] * len(data)
     jpegs = [i for i, kind in enumerate(kinds) if kind == "jpeg"]
     if jpegs and batch_decode is not None:
-        try:
-            for i, image in zip(jpegs, batch_decode([data[i] for i in jpegs], device), strict=True):
-                out[i] = image
-        except Exception:
-            out = [None] * len(data)
+        for group in pixel_groups(jpegs, pixels or [0] * len(data), DEVICE_DECODE_PIXELS):
+            try:
+                for i, image in zip(group, batch_decode([data[i] for i in group], device), strict=True):
+                    out[i] = image
+            except Exception:
+                for i in group:
+                    out[i] = None
     for i, kind in enumerate(kinds):
         if out[i] is not None:
             continue
@@ -253,13 +295,17 @@ class DevicePipeline:
     def __call__(self, raw: RawBatch) -> Batch:
         skipped, skipped_indices = list(raw.skipped), list(raw.skipped_indices)
         images, keep = [], []
-        for i, image in enumerate(decode_all(raw.kinds, raw.data, self.device, self.batch_decode)):
-            if isinstance(image, Exception):
-                skipped.append((raw.names[i], reason(image)))
-                skipped_indices.append(int(raw.indices[i]))
-                continue
-            images.append(self.view.geometry(image, raw.chosen[i]))
-            keep.append(i)
+        for i, image in enumerate(decode_all(raw.kinds, raw.data, self.device, self.batch_decode, raw.pixels)):
+            if not isinstance(image, Exception):
+                try:
+                    shaped = raw.kinds[i] == "shaped"
+                    images.append(image if shaped else self.view.geometry(image, raw.chosen[i]))
+                    keep.append(i)
+                    continue
+                except RuntimeError as exc:  # a shape no resize takes: that image skipped, not the run
+                    image = exc
+            skipped.append((raw.names[i], reason(image)))
+            skipped_indices.append(int(raw.indices[i]))
         if not images:
             empty = torch.empty(0, dtype=torch.long)
             return Batch(torch.empty(0), empty, empty, skipped, skipped_indices)
