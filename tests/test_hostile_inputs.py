@@ -72,6 +72,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+BOUNDARY = "hostileboundary"
+
+
+def multipart(files: list[tuple[str, bytes]]) -> bytes:
+    body = b"".join(f"--{BOUNDARY}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{n}\"\r\n"
+                    f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n" for n, data in files)
+    return body + f"--{BOUNDARY}--\r\n".encode()
+
+
 class Server:
     def __init__(self, run_dir: Path, *options: str):
         self.port = _free_port()
@@ -103,12 +112,8 @@ class Server:
         raise AssertionError(key)
 
     def post(self, path: str, files: list[tuple[str, bytes]], timeout: float = 120) -> tuple[int, dict]:
-        boundary = "hostileboundary"
-        body = b"".join(f"--{boundary}\r\nContent-Disposition: form-data; name=\"files\"; filename=\"{n}\"\r\n"
-                        f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n" for n, data in files)
-        body += f"--{boundary}--\r\n".encode()
-        request = urllib.request.Request(self.url + path, data=body, method="POST",
-                                         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+        request = urllib.request.Request(self.url + path, data=multipart(files), method="POST",
+                                         headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"})
         try:
             with urllib.request.urlopen(request, timeout=timeout) as answer:
                 return answer.status, json.loads(answer.read())
@@ -248,6 +253,106 @@ def test_service_errors_share_one_shape_and_a_disconnect_is_one_info_line(color_
         log = server.stop()
     assert "disconnected before its request was complete" in log
     assert "Traceback" not in log and "ERROR" not in log, log[-3000:]
+
+
+def _raw_post(port: int, content_length: int, first: bytes) -> socket.socket:
+    """A /predict upload left half-sent: its headers and the first bytes of its body."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                 b"Content-Length: %d\r\n\r\n" % content_length + first)
+    return sock
+
+
+def _answer(server: Server, path: str, data: bytes, content_type: str = "image/png") -> tuple[int, dict, dict]:
+    """(status, headers, JSON) of an image POSTed whole, read as the answer comes: a refused upload
+    is answered before its body is read, and the connection closed under the sender."""
+    answer = bytearray()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        def read():
+            try:
+                while chunk := sock.recv(65536):
+                    answer.extend(chunk)
+            except OSError:
+                return
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        try:
+            sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\nConnection: close\r\n"
+                         b"Content-Length: %d\r\n\r\n" % (path.encode(), content_type.encode(), len(data)) + data)
+        except OSError:  # refused and closed before the whole body was sent
+            pass
+        reader.join(timeout=30)
+    head, _, body = bytes(answer).partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, json.loads(body)
+
+
+@pytest.mark.slow
+def test_idle_connections_never_keep_a_working_client_out(color_run):
+    """Far more idle connections than the bound (renewed, as an attacker would): /health and
+    /predict still answer 200 (the longest-idle are closed to make room); past the bound on
+    requests in progress, a request is 503 with Retry-After and /health is still answered."""
+    server = Server(color_run[0], "--max-connections", "16", "--max-requests", "1")
+    image = png(Image.new("RGB", (64, 64), (200, 30, 30)))
+    idle = []  # (a stalled upload among them, closed before the server is stopped)
+    try:
+        for _ in range(2):  # twice: a second wave of idle connections renews the pressure
+            idle += [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(40)]
+            health = urllib.request.urlopen(server.url + "/health", timeout=5)
+            assert health.status == 200
+            status, _, body = _answer(server, "/predict", image)
+            assert status == 200 and body["predictions"], body
+        held = _raw_post(server.port, len(image), image[:20])  # one request in progress, its body unfinished
+        idle.append(held)
+        time.sleep(0.3)
+        status, headers, body = _answer(server, "/predict", image)
+        assert status == 503 and headers.get("retry-after") and "busy" in body["error"], (status, body)
+        assert urllib.request.urlopen(server.url + "/health", timeout=5).status == 200
+        held.sendall(image[20:])
+        assert held.recv(100).startswith(b"HTTP/1.1 200")
+        assert _answer(server, "/predict", image)[0] == 200
+    finally:
+        for sock in idle:
+            sock.close()
+        log = server.stop()
+    assert "Traceback" not in log, log[-3000:]
+
+
+@pytest.mark.slow
+def test_upload_memory_is_one_budget_across_requests(color_run):
+    """Bodies in flight share --max-inflight-mb: while one upload holds most of it, another is
+    503 with Retry-After (not queued in memory); a request that alone needs more than the whole
+    budget is 413; once the first is done, the second goes through."""
+    server = Server(color_run[0], "--max-inflight-mb", "24", "--max-upload-mb", "10", "--max-files", "4",
+                    "--max-request-pixels", "400000000")
+    big = png(Image.effect_noise((1500, 1500), 64).convert("RGB"))
+    assert 5 * MB < len(big) < 8 * MB  # twice its size held (received, then read), and 4 bytes a pixel to decode: one fits in 24 MB, two do not
+    held = None
+    try:
+        before = server.reset_peak()
+        held = _raw_post(server.port, len(big), big[:4 * MB])  # declared, so held before it arrives
+        time.sleep(0.5)
+        status, headers, body = _answer(server, "/predict", big)
+        assert status == 503 and headers.get("retry-after") == "1" and "budget" in body["error"], (status, body)
+        batch = multipart([(f"{i}.png", big) for i in range(3)])
+        form = f"multipart/form-data; boundary={BOUNDARY}"
+        status, _, body = _answer(server, "/predict/batch", batch, form)
+        assert status in (413, 503), body  # 413 when alone, 503 while the other holds its share
+        held.sendall(big[4 * MB:])
+        assert held.recv(100).startswith(b"HTTP/1.1 200")
+        status, _, body = _answer(server, "/predict/batch", batch, form)
+        assert status == 413 and "in-flight budget" in body["error"], body
+        status, _, body = _answer(server, "/predict", big)
+        assert status == 200, body
+        grew = server.peak() - before
+        assert grew < 200 * MB, f"the service's peak RSS grew by {grew / MB:.0f} MB"
+    finally:
+        if held is not None:
+            held.close()
+        log = server.stop()
+    assert "Traceback" not in log, log[-3000:]
 
 
 # -- images in training and predict -----------------------------------------------------------

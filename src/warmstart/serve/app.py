@@ -2,9 +2,10 @@
 
 Client mistakes (no image, a broken or huge image, a wrong content type) get a 4xx with a JSON
 `{"error": "..."}` and the service keeps serving; only a failure of the service itself is a 500.
-Memory is bounded by the settings, whatever a request claims: bodies are counted as they arrive,
-image sizes are checked from their headers, and uploads are decoded off the event loop, a bounded
-number of pixels at a time, and shrunk to the model's input right away.
+Memory is bounded by the settings, whatever a request claims: bodies are counted as they arrive
+against one in-flight budget shared by all requests (serve/admission.py), image sizes are checked
+from their headers, and uploads are decoded off the event loop, each request's images one at a
+time within its share of the budget, and shrunk to the model's input right away.
 """
 
 from __future__ import annotations
@@ -28,18 +29,12 @@ from starlette.requests import ClientDisconnect
 
 from ..data.images import ImageTooLarge, check_size, decode, open_lazily
 from ..predict import load_backend, top_k
+from .admission import MB, Admission, Allowance, Budget, ClientError
 from .settings import ServeSettings
 
 PAGE = Path(__file__).with_name("page.html")
 FORM_OVERHEAD = 64 * 1024  # multipart boundaries and headers around the files
 log = logging.getLogger("uvicorn.error")  # uvicorn's own log (INFO and up), despite its name
-
-
-class ClientError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 def image_size(data: bytes) -> tuple[int, int]:
@@ -69,28 +64,27 @@ def decode_upload(data: bytes, settings: ServeSettings, shrink=None) -> Image.Im
 
 
 class Decoder:
-    """Decodes uploads in a few threads, never more than `budget` pixels at once (the memory
-    they need), so that the event loop keeps answering (e.g. /health) while big images decode."""
+    """Decodes uploads in a few threads, so that the event loop keeps answering (e.g. /health)
+    while big images decode; the memory they need is held from the request's allowance first."""
+
+    BYTES_PER_PIXEL = 4  # the decoded image and the decoder's own buffers
 
     def __init__(self, settings: ServeSettings, shrink):
         self.settings, self.shrink = settings, shrink
         self.executor = ThreadPoolExecutor(max_workers=settings.decode_threads, thread_name_prefix="decode")
-        self.budget, self.in_use = settings.max_pixels, 0
-        self.changed: asyncio.Condition | None = None
 
-    async def image(self, data: bytes, pixels: int) -> Image.Image:
-        self.changed = self.changed or asyncio.Condition()
-        need = min(pixels, self.budget)
-        async with self.changed:
-            await self.changed.wait_for(lambda: self.in_use + need <= self.budget)
-            self.in_use += need
-        try:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(self.executor, decode_upload, data, self.settings, self.shrink)
-        finally:
-            async with self.changed:
-                self.in_use -= need
-                self.changed.notify_all()
+    async def images(self, uploads: list[tuple[bytes, int]], allowance: Allowance) -> list:
+        """Each (bytes, pixels) decoded, one at a time, or its ClientError."""
+        if uploads:
+            allowance.take(self.BYTES_PER_PIXEL * max(pixels for _, pixels in uploads), "decoding its largest image")
+        loop = asyncio.get_running_loop()
+        out = []
+        for data, _ in uploads:
+            try:
+                out.append(await loop.run_in_executor(self.executor, decode_upload, data, self.settings, self.shrink))
+            except ClientError as exc:
+                out.append(exc)
+        return out
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -151,10 +145,18 @@ class MicroBatcher:
                         future.set_exception(exc)
 
 
-def limited(request: Request, limit: int) -> Request:
+def limited(request: Request, limit: int, declared: int) -> Request:
     """The request with its body counted as it arrives: 413 as soon as it passes `limit` bytes,
-    whatever Content-Length said (or chunked encoding left unsaid)."""
-    received = 0
+    whatever Content-Length said (or chunked encoding left unsaid). Its memory is held from the
+    service's in-flight budget (request.state.allowance): what Content-Length declares before a
+    byte is read, anything beyond it as it arrives; no room is 503 before the body is read."""
+    allowance, held, received = request.state.allowance, 0, 0
+
+    def hold(size: int) -> None:
+        nonlocal held
+        if size > held:
+            allowance.take(2 * (size - held), "this request's body")  # bytes received, then the files read from them
+            held = size
 
     async def receive():
         nonlocal received
@@ -163,8 +165,10 @@ def limited(request: Request, limit: int) -> Request:
             received += len(message.get("body", b""))
             if received > limit:
                 raise ClientError(413, f"request body is over the limit of {limit:,} bytes")
+            hold(received)
         return message
 
+    hold(declared)
     return Request(request.scope, receive)
 
 
@@ -172,11 +176,12 @@ async def read_uploads(request: Request, settings: ServeSettings, many: bool) ->
     """(name, bytes) of the uploaded images: a multipart form's files, or a raw image body."""
     per_file = settings.max_upload_bytes
     limit = per_file * (settings.max_files if many else 1) + FORM_OVERHEAD
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > limit:
-        raise ClientError(413, f"upload of {int(length):,} bytes is over the limit of {limit:,} bytes")
+    length = request.headers.get("content-length", "")
+    declared = int(length) if length.isdigit() else 0
+    if declared > limit:
+        raise ClientError(413, f"upload of {declared:,} bytes is over the limit of {limit:,} bytes")
     content_type = request.headers.get("content-type", "")
-    body = limited(request, limit)
+    body = limited(request, limit, declared)
     if content_type.startswith("multipart/form-data"):
         form = await body.form(max_files=settings.max_files, max_fields=settings.max_files)
         files = [(v.filename or k, await v.read()) for k, v in form.multi_items() if hasattr(v, "read")]
@@ -217,9 +222,8 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ClientError)
     async def client_error(request: Request, exc: ClientError):
-        # a body refused part-way is not read to its end: the connection closes after the answer
-        headers = {"Connection": "close"} if exc.status == 413 else None
-        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=headers)
+        # a body refused part-way is not read to its end: such errors close the connection (their headers)
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException):
@@ -251,7 +255,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
         decoder.close()
 
     app = FastAPI(title="warmstart", lifespan=lifespan)
-    app.state.batcher = batcher
+    app.state.batcher, app.state.budget = batcher, Budget(int(settings.max_inflight_mb * MB))
+    app.add_middleware(Admission, budget=app.state.budget, max_requests=settings.max_requests)
     add_error_handlers(app)
 
     def ranked(row, k: int) -> list[dict]:
@@ -265,7 +270,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
         size = checked_sizes(files, settings)[0]
         if isinstance(size, ClientError):
             raise size
-        image = await decoder.image(files[0][1], size)
+        image = (await decoder.images([(files[0][1], size)], request.state.allowance))[0]
+        if isinstance(image, ClientError):
+            raise image
         start = time.perf_counter()
         probs = (await batcher.probabilities([image]))[0]
         return {"predictions": ranked(probs, top_k_), "milliseconds": round(1000 * (time.perf_counter() - start), 2)}
@@ -274,17 +281,16 @@ def create_app(settings: ServeSettings) -> FastAPI:
     async def predict_batch(request: Request, top_k_: int = Query(5, alias="top_k", ge=1, le=1000)):
         files = await read_uploads(request, settings, many=True)
         sizes = checked_sizes(files, settings)
-
-        async def one(name: str, data: bytes, size) -> dict:
-            try:
-                if isinstance(size, ClientError):
-                    raise size
-                image = await decoder.image(data, size)
-                return {"file": name, "predictions": ranked((await batcher.probabilities([image]))[0], top_k_)}
-            except ClientError as exc:
-                return {"file": name, "error": exc.message}
-
-        return {"results": await asyncio.gather(*(one(n, d, s) for (n, d), s in zip(files, sizes)))}
+        readable = [i for i, size in enumerate(sizes) if not isinstance(size, ClientError)]
+        outcome = dict(zip(readable, await decoder.images([(files[i][1], sizes[i]) for i in readable],
+                                                          request.state.allowance)))
+        images = [i for i in readable if not isinstance(outcome[i], ClientError)]
+        for i, row in zip(images, await batcher.probabilities([outcome[i] for i in images])):
+            outcome[i] = row
+        return {"results": [{"file": name, "error": outcome.get(i, sizes[i]).message}
+                            if isinstance(outcome.get(i, sizes[i]), ClientError)
+                            else {"file": name, "predictions": ranked(outcome[i], top_k_)}
+                            for i, (name, _) in enumerate(files)]}
 
     @app.get("/health")
     async def health():
@@ -314,8 +320,9 @@ def serve(settings: ServeSettings) -> None:
 
     load_backend(settings.model)  # a bad model path fails here, as one line, before any worker starts
     os.environ.update(settings.to_env())  # worker processes and the protocol read their settings here
-    options = dict(host=settings.host, port=settings.port, http=TimedH11Protocol, timeout_keep_alive=settings.keep_alive,
-                   limit_concurrency=settings.max_connections)
+    # no uvicorn limit_concurrency: it counts idle connections and refuses /health; the protocol
+    # bounds connections (evicting idle ones) and the app bounds requests in progress
+    options = dict(host=settings.host, port=settings.port, http=TimedH11Protocol, timeout_keep_alive=settings.keep_alive)
     if settings.workers > 1:
         uvicorn.run("warmstart.serve.app:app_from_env", factory=True, workers=settings.workers, **options)
     else:

@@ -26,8 +26,8 @@ class ServeSettings:
                              "per request)", group="serve")
     max_upload_mb: float = setting(20.0, "per-image upload limit (413 above it)", group="serve",
                                    bounds="(0, 1024]")
-    max_pixels: int = setting(50_000_000, "per-image pixel limit (decompression-bomb guard, 413), also the most "
-                              "pixels decoded at once", group="serve", bounds="[1, 1000000000]")
+    max_pixels: int = setting(50_000_000, "per-image pixel limit (decompression-bomb guard, 413)", group="serve",
+                              bounds="[1, 1000000000]")
     max_aspect_ratio: float = setting(MAX_ASPECT_RATIO, "refuse more elongated images (413): resizing them would "
                                       "need huge memory", group="serve", bounds="[1, 1000]")
     max_files: int = setting(16, "images per /predict/batch request", group="serve", bounds="[1, 1024]")
@@ -37,8 +37,14 @@ class ServeSettings:
     request_timeout: float = setting(30.0, "seconds for a request (headers and body) to arrive before the "
                                      "connection is closed", group="serve", bounds="(0, 3600]")
     keep_alive: float = setting(5.0, "seconds an idle connection is kept open", group="serve", bounds="(0, 3600]")
-    max_connections: int = setting(64, "connections served at once (more are answered 503)", group="serve",
-                                   bounds="[1, 100000]")
+    max_connections: int = setting(256, "open connections; past it the longest-idle ones are closed to make "
+                                   "room, and past half of it an idle connection is closed after 1 s", group="serve",
+                                   bounds="[2, 100000]")
+    max_requests: int = setting(32, "requests in progress at once (more are answered 503 with Retry-After; "
+                                "/health always answers)", group="serve", bounds="[1, 100000]")
+    max_inflight_mb: float = setting(512.0, "memory that request bodies and decoding images may hold at once, "
+                                     "per server process (503 with Retry-After beyond it)", group="serve",
+                                     bounds="[16, 1000000]")
 
     def __post_init__(self) -> None:
         check_declared(self)
