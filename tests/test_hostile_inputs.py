@@ -511,3 +511,51 @@ def test_csv_manifests_as_people_write_them(tmp_path, capsys):
         assert "outside the manifest's folder" in capsys.readouterr().err
         assert main(["data", "check", str(manifest), "--allow-outside-paths", "--json"]) == 0
         capsys.readouterr()
+
+
+# -- full disks ---------------------------------------------------------------------------------
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A mounted tmpfs of 240 KB (and a way to grow it), where this process may mount one."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=240k", "tmpfs", str(mount)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root, or no mount namespace)")
+    yield mount, lambda size: subprocess.run(["mount", "-o", f"remount,size={size}", str(mount)], check=True)
+    subprocess.run(["umount", "-l", str(mount)])
+
+
+def test_a_full_disk_during_feature_extraction_is_one_line_and_keeps_the_rows(tmp_path, small_tmpfs, capsys):
+    """The cache is reserved on disk before rows are written (a sparse memory map on a full disk
+    is a SIGBUS): the train features fit, the val ones do not → one line naming the folder and the
+    space needed, exit 2; with room, the next run computes only what was missing."""
+    cache, grow = small_tmpfs
+    root = make_color_tree(tmp_path / "data", 12, 3)
+    argv = ["train", "--data", str(root), "--epochs", "1", "--augment", "none", "--input-size", "64",
+            "--workers", "0", "--cache-dir", str(cache), "--out"]
+    assert main(argv + [str(tmp_path / "r1")]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: no space left for the feature cache in " + str(cache)), err[-500:]
+    assert "needs" in last and "MB" in last and "Traceback" not in err
+    assert not list(cache.glob("*/*.tmp"))
+    grow("2m")
+    assert main(argv + [str(tmp_path / "r2")]) == 0
+    out = capsys.readouterr().out
+    assert "features of 36 train images from the cache" in out and "features of 9 val images in" in out, out
+
+
+def test_a_refused_reservation_is_one_line_anywhere(tmp_path, monkeypatch):
+    """Where no tmpfs can be mounted: the reservation's ENOSPC, as the filesystem gives it."""
+    import errno
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    path = tmp_path / "features.npy"
+    path.write_bytes(b"")
+    os.truncate(path, 10 * MB)
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(UserError, match=r"no space left for the feature cache in .*: needs 10.0 MB"):
+        fc.reserve([path], tmp_path)

@@ -3,3 +3,18 @@
 
 class UserError(Exception):
     """A mistake the user can fix (bad option, missing data, wrong weights file)."""
+
+
+NO_SPACE_ERRNOS = (28, 122)  # ENOSPC, EDQUOT
+
+
+def no_space(what: str, where, need: int | None = None) -> UserError:
+    """One line for a full disk: what could not be written, where, how much it needed and had."""
+    import shutil
+
+    try:
+        free = f", {shutil.disk_usage(where).free / 2**20:,.0f} MB free"
+    except OSError:
+        free = ""
+    needed = f" needs {need / 2**20:,.1f} MB" if need is not None else " does not fit"
+    return UserError(f"no space left for {what} in {where}:{needed}{free}; free some space or write elsewhere")

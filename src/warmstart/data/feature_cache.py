@@ -18,6 +18,7 @@ import os
 import sys
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 
+from ..errors import NO_SPACE_ERRNOS, UserError, no_space
 from ..stop import StopRequest, Stopped, requested
 from .fingerprint import fingerprint_items, fingerprint_json
 from .loaders import Pass
@@ -62,7 +64,13 @@ class CachedFeatures:
 
 def _write_json_atomically(path: Path, value) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value))
+    try:
+        tmp.write_text(json.dumps(value))
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in NO_SPACE_ERRNOS:
+            raise no_space("the feature cache", path.parent) from None
+        raise
     os.replace(tmp, path)
 
 
@@ -82,6 +90,23 @@ def _array_problem(path: Path, shape: tuple, dtype) -> str | None:
     if size != array.offset + array.nbytes:
         return f"{size} bytes, expected {array.offset + array.nbytes}"
     return None
+
+
+def reserve(paths: list[Path], folder: Path) -> None:
+    """The disk blocks of these files, claimed now: writing a sparse memory map on a full disk is a
+    SIGBUS (the process dies without a word), a refused reservation is one line. Files this call
+    created empty-handed are removed; rows written before stay."""
+    need = 0
+    for path in paths:
+        with open(path, "r+b") as file:
+            size = os.fstat(file.fileno()).st_size
+            need += max(0, size - os.fstat(file.fileno()).st_blocks * 512)
+            try:
+                os.posix_fallocate(file.fileno(), 0, size)
+            except OSError as exc:
+                if exc.errno not in NO_SPACE_ERRNOS:
+                    raise
+                raise no_space("the feature cache", folder, need) from None
 
 
 def row_checksums(array: np.ndarray, rows=None) -> np.ndarray:
@@ -153,9 +178,11 @@ class _Store:
         path = folder / "status.npy"
         self.status = (open_memmap(path, mode="r+") if path.is_file()
                        else open_memmap(path, mode="w+", dtype=np.int8, shape=(n,)))
+        reserve([path], folder)
         self.skipped = self._skipped(folder, self.status)
         self.features = self.sums = None
         if self.meta["dim"] is not None:
+            reserve([folder / "features.npy", folder / "rowsums.npy"], folder)  # (a cache older than the reservation)
             self.features = open_memmap(folder / "features.npy", mode="r+")
             self.sums = open_memmap(folder / "rowsums.npy", mode="r+")
             self._recheck_rows(folder, self.features, self.sums, self.status, self.meta)
@@ -225,15 +252,24 @@ class _Store:
 
     def write(self, rows: np.ndarray, out: torch.Tensor) -> None:
         if self.features is None:  # the first rows tell the shape: pooled features, or activation maps
-            self.meta["shape"] = list(out.shape[1:])
-            self.meta["dim"] = int(out[0].numel())
-            self.features = open_memmap(self.folder / "features.npy", mode="w+", dtype=np.float32,
-                                        shape=(self.n, self.meta["dim"]))
-            self.sums = open_memmap(self.folder / "rowsums.npy", mode="w+", dtype=np.uint32, shape=(self.n,))
-            _write_json_atomically(self.folder / "meta.json", self.meta)
+            self._create(list(out.shape[1:]), int(out[0].numel()))
         values = out.reshape(len(out), -1).numpy()
         self.features[rows] = values
         self.sums[rows] = row_checksums(values)
+
+    def _create(self, shape: list[int], dim: int) -> None:
+        paths = [self.folder / "features.npy", self.folder / "rowsums.npy"]
+        features = open_memmap(paths[0], mode="w+", dtype=np.float32, shape=(self.n, dim))
+        sums = open_memmap(paths[1], mode="w+", dtype=np.uint32, shape=(self.n,))
+        try:
+            reserve(paths, self.folder)
+        except BaseException:
+            for path in paths:  # nothing in them yet: the next run creates them again
+                path.unlink(missing_ok=True)
+            raise
+        self.features, self.sums = features, sums
+        self.meta.update(shape=shape, dim=dim)
+        _write_json_atomically(self.folder / "meta.json", self.meta)
 
     def unreadable(self, row: int, item, reason: str) -> None:
         self.skipped[str(row)] = [str(item), reason]
@@ -263,6 +299,20 @@ class _Store:
         return CachedFeatures(values, valid, labels, seconds, computed, [tuple(v) for v in self.skipped.values()])
 
 
+@contextmanager
+def _kept_on_failure(commit):
+    """Rows written before an error (a full disk, a failing forward pass) are committed on the way
+    out, as on a stop: the next run computes only the rest."""
+    try:
+        yield
+    except BaseException:
+        try:
+            commit()
+        except (OSError, UserError):
+            pass  # the disk may be too full even for that: those rows are computed again
+        raise
+
+
 def _extract(stores: list[_Store], todos: list[np.ndarray], loader, forward, device, progress) -> list[float]:
     """Compute the `todo` rows of each store from the loader's (pass number, batch), committing every
     FLUSH_EVERY batches; a stop request commits what is done and stops (the next call continues from
@@ -275,7 +325,7 @@ def _extract(stores: list[_Store], todos: list[np.ndarray], loader, forward, dev
             store.commit(rows)
             rows.clear()
 
-    with torch.inference_mode(), StopRequest():
+    with torch.inference_mode(), StopRequest(), _kept_on_failure(commit):
         last = time.perf_counter()
         for count, (number, batch) in enumerate(loader, start=1):
             store, todo = stores[number], todos[number]
