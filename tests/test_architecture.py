@@ -38,7 +38,7 @@ def _graph() -> dict[str, set[str]]:
 
 # the layers, lowest first: a module imports only from its own layer's package or a layer below
 LAYERS = [
-    {"_version", "errors", "seeds", "stop", "progress", "recipes", "calibration"},  # what everything uses
+    {"_version", "errors", "files", "seeds", "stop", "progress", "recipes", "calibration"},  # what everything uses
     {"data"},  # sources -> transforms -> loaders, caches
     {"models"},  # create, restore, choose what trains
     {"config", "run_dir"},  # the run's settings, and its directory

@@ -559,3 +559,25 @@ def test_a_refused_reservation_is_one_line_anywhere(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "posix_fallocate", full)
     with pytest.raises(UserError, match=r"no space left for the feature cache in .*: needs 10.0 MB"):
         fc.reserve([path], tmp_path)
+
+
+def test_a_full_disk_while_saving_a_checkpoint_or_the_model_is_one_line(tmp_path, small_tmpfs, capsys):
+    """No 154-line traceback and no leftover .tmp: one line, and the checkpoint already there intact."""
+    from warmstart.run_dir import save_model
+    from warmstart.train.checkpoint import load_checkpoint, save_checkpoint
+
+    folder, _ = small_tmpfs
+    save_checkpoint(folder, {"epoch": 1, "w": torch.ones(100)})
+    with pytest.raises(UserError, match=r"no space left for a checkpoint in .*free some space"):
+        save_checkpoint(folder, {"epoch": 2, "w": torch.ones(200_000)})  # 800 KB on a 240 KB disk
+    assert sorted(p.name for p in folder.iterdir()) == ["last.pt"]
+    assert load_checkpoint(folder)["epoch"] == 1
+    with pytest.raises(UserError, match=r"no space left for the model in"):
+        save_model(folder, torch.nn.Linear(500, 500), {"classes": 500})
+    assert sorted(p.name for p in folder.iterdir()) == ["last.pt"]
+    root = make_color_tree(tmp_path / "data", 4, 3)
+    code = main(["train", "--data", str(root), "--epochs", "1", "--augment", "none", "--input-size", "32",
+                 "--workers", "0", "--cache-dir", str(tmp_path / "cache"), "--out", str(folder / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: no space left for"), err[-800:]
+    assert "Traceback" not in err and not list(folder.rglob("*.tmp"))

@@ -7,10 +7,11 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 from dataclasses import fields
 
 from .config import GROUPS, RunConfig, field_kind
-from .errors import UserError
+from .errors import NO_SPACE_ERRNOS, UserError, no_space
 from .recipes import RECIPES, command_line, recommend
 from .run_dir import RunDir
 from .stop import Stopped
@@ -450,6 +451,12 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `warmstart models | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:  # a full disk anywhere the files writer did not name it already
+        if exc.errno not in NO_SPACE_ERRNOS:
+            raise
+        print(f"error: {no_space('what was being written', Path(exc.filename).parent if exc.filename else '.')}",
+              file=sys.stderr)
+        return EXIT_USAGE
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .files import write_atomically
 
 # torch and safetensors are imported where weights are read or written: the run directory's
 # names are needed where only onnxruntime is installed (ONNX predict, serve)
@@ -114,13 +115,14 @@ class RunLock:
 
 
 def save_model(run_dir: str | Path | RunDir, model, meta: dict) -> None:
-    """Weights as safetensors, with the metadata embedded and beside it as JSON."""
-    from safetensors.torch import save_file
+    """Weights as safetensors, with the metadata embedded and beside it as JSON; each file whole or
+    not at all (a full disk is one line, and the files there before stay)."""
+    from safetensors.torch import save
 
     run = RunDir(run_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(run.model), metadata={"warmstart": json.dumps(meta)})
-    run.meta.write_text(json.dumps(meta, indent=2))
+    write_atomically(run.model, save(state, metadata={"warmstart": json.dumps(meta)}), "the model")
+    write_atomically(run.meta, json.dumps(meta, indent=2), "the model's metadata")
 
 
 @dataclass

@@ -27,6 +27,7 @@ import torch
 from numpy.lib.format import open_memmap
 
 from ..errors import NO_SPACE_ERRNOS, UserError, no_space
+from ..files import write_atomically
 from ..stop import StopRequest, Stopped, requested
 from .fingerprint import fingerprint_items, fingerprint_json
 from .loaders import Pass
@@ -63,15 +64,7 @@ class CachedFeatures:
 
 
 def _write_json_atomically(path: Path, value) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_text(json.dumps(value))
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        if exc.errno in NO_SPACE_ERRNOS:
-            raise no_space("the feature cache", path.parent) from None
-        raise
-    os.replace(tmp, path)
+    write_atomically(path, json.dumps(value), "the feature cache")
 
 
 def _warn(message: str) -> None:

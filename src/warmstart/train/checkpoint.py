@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..files import replacing
 from ..stop import Stopped
 
 FORMAT_VERSION = 1
@@ -51,28 +52,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_save(obj: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
-
-
 def save_checkpoint(folder: Path, state: dict, best: bool = False) -> Path:
+    """last.pt written whole (the one before it kept as previous.pt only once the new one is
+    complete); a full disk is one line, with the checkpoints already there untouched."""
     folder.mkdir(parents=True, exist_ok=True)
     last = folder / LAST
+    with replacing(folder / "next.pt", "a checkpoint") as handle:
+        torch.save({"format": FORMAT_VERSION, **state}, handle)
     if last.exists():
         os.replace(last, folder / PREVIOUS)
-    _atomic_save({"format": FORMAT_VERSION, **state}, last)
+    os.replace(folder / "next.pt", last)
     if best:
-        _atomic_save({"format": FORMAT_VERSION, **state}, folder / BEST)
+        with replacing(folder / BEST, "the best checkpoint") as handle:
+            torch.save({"format": FORMAT_VERSION, **state}, handle)
     return last
 
 

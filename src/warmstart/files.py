@@ -1,0 +1,50 @@
+"""Files written whole or not at all: a temporary file beside the target, synced, then moved over
+it. A failure removes the temporary file and leaves the old file as it was; a full disk is one
+line (UserError), never a traceback and a half-written file."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+from .errors import NO_SPACE_ERRNOS, no_space
+
+
+@contextmanager
+def replacing(path: Path, what: str):
+    """Yields an open binary file; once the block ends, its content replaces `path` (`what` names
+    it in the full-disk message)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with tmp.open("wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if _out_of_space(exc):
+            raise no_space(what, path.parent) from None
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def _out_of_space(exc: BaseException | None) -> bool:
+    """A full disk here or in what led to it (torch.save's zip writer fails again on cleanup)."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS:
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def write_atomically(path: Path, data: bytes | str, what: str) -> None:
+    with replacing(path, what) as handle:
+        handle.write(data.encode() if isinstance(data, str) else data)
