@@ -487,6 +487,42 @@ def test_yaml_values_are_coerced_or_named_in_one_line(tmp_path, capsys):
         assert err.count("\n") == 1 and words in err and str(config) in err, err
 
 
+def _alias_bomb(levels: int = 9) -> str:
+    """Nine levels of nine aliases: a few hundred bytes that expand to 9**9 values."""
+    lines = ["l0: &l0 [x, x, x, x, x, x, x, x, x]"]
+    lines += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("where", ["lr", "data", "space"])
+def test_a_yaml_alias_bomb_is_refused_in_one_line(tmp_path, capsys, where):
+    """An alias bomb in a value of the wrong type drove memory past 7 GB (the message printed the
+    whole expanded value): aliases that expand beyond a small budget are refused."""
+    import resource
+
+    bomb = _alias_bomb()
+    assert len(bomb) < 1024
+    config, space = tmp_path / "run.yaml", tmp_path / "space.yaml"
+    config.write_text("data: x\n" if where == "space" else bomb + ("data: x\n" if where == "lr" else "")
+                      + f"{where}: *l8\n")
+    space.write_text(bomb + "lr: {low: *l8, high: 0.1}\n" if where == "space" else "lr: {low: 0.001, high: 0.1}\n")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    argv = (["tune", "--config", str(config), "--space", str(space), "--trials", "1"] if where == "space"
+            else ["train", "--config", str(config)])
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "aliases expand to" in err and "over the limit of 100,000" in err and len(err) < 300, err
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100 * 1024  # KB: under 100 MB
+
+
+def test_an_error_shows_an_excerpt_of_a_big_value(tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("data: x\nlr: [" + ", ".join(["1"] * 50_000) + "]\n")
+    assert main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lr: [1, 1, 1, 1, ...] is not valid" in err and len(err) < 300, err
+
+
 def _manifest(path: Path, text: str, encoding: str = "utf-8") -> Path:
     path.write_bytes(text.encode(encoding))
     return path

@@ -15,7 +15,8 @@ from typing import Any
 
 import yaml
 
-from .errors import UserError
+from .errors import UserError, excerpt
+from .files import load_yaml
 from .recipes import RECIPES
 
 STRATEGIES = ("feature-extractor", "partial", "fine-tune")
@@ -213,7 +214,7 @@ class RunConfig:
         if not path.is_file():
             raise UserError(f"config file {path} does not exist: pass the path of a YAML run config")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
+            values = load_yaml(path.read_text(), f"config file {path}") or {}
         except yaml.YAMLError as exc:
             raise UserError(f"config file {path} is not valid YAML ({exc.__class__.__name__}): fix its syntax")
         if not isinstance(values, dict):
@@ -353,7 +354,7 @@ def _coerce(f, value: Any, source: str) -> Any:
 def _coerce_scalar(name: str, value: Any, kind: str, source: str) -> Any:
     def wrong() -> UserError:
         expected = {"float": "a number", "int": "a whole number", "bool": "true or false", "str": "text"}[kind]
-        return UserError(f"{source}: {name}: {value!r} is not valid: expected {expected} ({kind})")
+        return UserError(f"{source}: {name}: {excerpt(value)} is not valid: expected {expected} ({kind})")
 
     if kind == "bool":
         if isinstance(value, bool):
@@ -398,7 +399,7 @@ def _check_declared(f, value: Any) -> None:
     if value is None:
         return
     if meta.get("choices") and value not in meta["choices"]:
-        raise UserError(f"{flag} {value!r} is not valid: use one of {', '.join(meta['choices'])}")
+        raise UserError(f"{flag} {excerpt(value)} is not valid: use one of {', '.join(meta['choices'])}")
     if meta.get("bounds"):
         low_open, high_open = meta["bounds"][0] == "(", meta["bounds"][-1] == ")"
         low, high = (float(v) for v in meta["bounds"][1:-1].split(","))

@@ -8,7 +8,7 @@ import os
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import NO_SPACE_ERRNOS, no_space
+from .errors import NO_SPACE_ERRNOS, UserError, no_space
 
 
 @contextmanager
@@ -48,3 +48,42 @@ def _out_of_space(exc: BaseException | None) -> bool:
 def write_atomically(path: Path, data: bytes | str, what: str) -> None:
     with replacing(path, what) as handle:
         handle.write(data.encode() if isinstance(data, str) else data)
+
+
+MAX_YAML_VALUES = 100_000  # scalars, lists and mappings, with aliases expanded
+
+
+def load_yaml(text: str, source) -> object:
+    """YAML as yaml.safe_load reads it, refused (one line) when its aliases expand to more than
+    MAX_YAML_VALUES values: nine levels of nine aliases fit in 1 KB and expand to 387 million,
+    which any code that walks or prints the value would try to build."""
+    import yaml
+
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        expanded = _expanded_size(node, {})
+        if expanded > MAX_YAML_VALUES:
+            raise UserError(f"{source}: its YAML aliases expand to {expanded:,} values, over the limit of "
+                            f"{MAX_YAML_VALUES:,}: write the values out")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node, sizes: dict) -> int:
+    """Values under `node` with every alias expanded (each shared node counted once per use)."""
+    import yaml
+
+    key = id(node)
+    if key not in sizes:
+        sizes[key] = MAX_YAML_VALUES + 1  # a node inside itself (a recursive alias) expands forever
+        if isinstance(node, yaml.SequenceNode):
+            sizes[key] = 1 + sum(_expanded_size(child, sizes) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            sizes[key] = 1 + sum(_expanded_size(k, sizes) + _expanded_size(v, sizes) for k, v in node.value)
+        else:
+            sizes[key] = 1
+    return sizes[key]

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import UserError
+from ..errors import UserError, excerpt
+from ..files import load_yaml
 
 IMAGENET_SETS = ("imagenet-1k", "imagenet-12k", "imagenet-22k", "imagenet-22k-ms", "imagenet-21k-goog",
                  "imagenet-21k-miil")
@@ -172,7 +173,7 @@ def read_class_map(path: str | Path, class_ids: list[str], class_names: list[str
     for key, value in entries.items():
         class_id = key if key in class_ids else by_name.get(key)
         if class_id is None:
-            raise UserError(f"--class-map {path}: {key!r} is not one of the data's classes "
+            raise UserError(f"--class-map {path}: {excerpt(key)} is not one of the data's classes "
                             f"(e.g. {', '.join(class_ids[:3])}): fix the entry or remove it")
         word = "" if value is None else str(value).strip()
         if normalise(word) in ("", "none", "null"):
@@ -185,7 +186,7 @@ def read_class_map(path: str | Path, class_ids: list[str], class_names: list[str
             rows = by_label.get(normalise(word), [])
             why = (f"names several labels ({', '.join(labels.ids[r] or labels.describe(r) for r in rows[:4])}): "
                    f"use the WordNet id") if rows else f"is not a label of {labels.name}"
-            raise UserError(f"--class-map {path}: {key}: {word!r} {why}")
+            raise UserError(f"--class-map {path}: {excerpt(key)}: {excerpt(word)} {why}")
     return resolved
 
 
@@ -206,7 +207,7 @@ def _read_map_entries(path: Path) -> dict[str, object]:
     import yaml
 
     try:
-        values = yaml.safe_load(text)
+        values = load_yaml(text, f"--class-map {path}")
     except yaml.YAMLError as exc:
         raise UserError(f"--class-map {path} is neither a CSV (.csv) nor valid YAML ({exc.__class__.__name__})") \
             from None

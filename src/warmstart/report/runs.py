@@ -5,16 +5,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import yaml
 
 from ..errors import UserError
+from ..files import load_yaml
 from ..run_dir import RunDir
 
 
 def _load(path: Path) -> dict:
     run = RunDir(path)
     metrics = json.loads(run.metrics.read_text())
-    config = yaml.safe_load(run.config.read_text()) if run.config.is_file() else {}
+    config = load_yaml(run.config.read_text(), run.config) if run.config.is_file() else {}
     return {"run": str(path), "metrics": metrics, "config": config or {}}
 
 

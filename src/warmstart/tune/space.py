@@ -19,7 +19,8 @@ from typing import Any
 import yaml
 
 from ..config import RunConfig, field_kind
-from ..errors import UserError
+from ..errors import UserError, excerpt
+from ..files import load_yaml
 from ..recipes import recipe_settings
 
 SPEC_KEYS = {"low", "high", "log", "step", "choices"}
@@ -71,7 +72,7 @@ def load_space(path: str | Path, base: dict[str, Any]) -> list[Parameter]:
         raise UserError(f"space file {path} does not exist: pass a YAML file of setting: range (see "
                         f"examples/tune-space.yaml)")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text(), f"space file {path}") or {}
     except yaml.YAMLError as exc:
         raise UserError(f"space file {path} is not valid YAML ({exc.__class__.__name__}): fix its syntax")
     if not isinstance(raw, dict) or not raw:
@@ -94,7 +95,7 @@ def load_space(path: str | Path, base: dict[str, Any]) -> list[Parameter]:
             try:
                 RunConfig.from_dict(trial_values(base, {parameter.name: value}), source=where)
             except UserError as exc:
-                raise UserError(f"{path}: {parameter.name} = {value!r} is not a valid run: "
+                raise UserError(f"{path}: {parameter.name} = {excerpt(value)} is not a valid run: "
                                 f"{str(exc).split(': ', 1)[-1]}") from None
     return parameters
 
@@ -134,10 +135,10 @@ def _parameter(name: str, spec: Any, where: str) -> Parameter:
 
 def _number(value: Any, where: str) -> int | float:
     if isinstance(value, bool):
-        raise UserError(f"{where}: {value!r} is not a number")
+        raise UserError(f"{where}: {excerpt(value)} is not a number")
     if isinstance(value, (int, float)):
         return value
     try:
         return float(value)
     except (TypeError, ValueError):
-        raise UserError(f"{where}: {value!r} is not a number") from None
+        raise UserError(f"{where}: {excerpt(value)} is not a number") from None

@@ -24,6 +24,7 @@ import yaml
 
 from ..config import RunConfig, check_declared, setting
 from ..errors import UserError
+from ..files import load_yaml
 from ..run_dir import RunDir
 from .space import load_space, trial_values
 
@@ -104,7 +105,7 @@ def tune(base_config: str | Path, space_file: str | Path, trials: int,
         raise UserError(f"--trials {trials} is not valid: it must be >= 1")
     base_path = Path(base_config)
     RunConfig.from_yaml(base_path)  # a broken base config fails here, as one line
-    base = yaml.safe_load(base_path.read_text()) or {}
+    base = load_yaml(base_path.read_text(), base_path) or {}
     base = {str(k).replace("-", "_"): v for k, v in base.items()}
     space = load_space(space_file, base)
     study_name = study_name or base_path.stem
