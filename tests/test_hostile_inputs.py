@@ -617,3 +617,95 @@ def test_a_full_disk_while_saving_a_checkpoint_or_the_model_is_one_line(tmp_path
     err = capsys.readouterr().err
     assert code == 2 and err.strip().splitlines()[-1].startswith("error: no space left for"), err[-800:]
     assert "Traceback" not in err and not list(folder.rglob("*.tmp"))
+
+
+# -- run folders after a kill -9 ------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_killed_run_can_be_resumed_at_once(tmp_path):
+    """kill -9 during a partial run with loader workers, after its first checkpoint: the lock died
+    with its owner (the orphaned workers never held it), so --resume right away is not refused."""
+    root = make_color_tree(tmp_path / "data", 16, 3)
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "warmstart", "train", "--data", str(root), "--strategy", "partial",
+               "--unfreeze-last", "1", "--epochs", "4", "--input-size", "48", "--batch-size", "8",
+               "--workers", "2", "--out", str(run), "--quiet"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "last.pt").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.1)
+    assert process.poll() is None, process.stderr.read().decode()[-2000:]
+    process.kill()
+    process.wait()
+    resumed = subprocess.run([sys.executable, "-m", "warmstart", "train", "--resume", str(run), "--quiet"],
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert (run / "model.safetensors").exists()
+
+
+def _dead_run(folder: Path, checkpoint: bool) -> Path:
+    """What a run killed with -9 leaves: its lock file (naming a dead pid), events, a history."""
+    folder.mkdir(parents=True)
+    (folder / ".warmstart-run.lock").write_text("999999999")
+    (folder / "tensorboard").mkdir()
+    (folder / "tensorboard" / "events.out.tfevents.dead").write_bytes(b"old")
+    (folder / "history.json").write_text("[]")
+    (folder / "cache").mkdir()
+    (folder / "cache" / "kept").write_text("cache")
+    if checkpoint:
+        (folder / "checkpoints").mkdir()
+        torch.save({"format": 1}, folder / "checkpoints" / "last.pt")
+    return folder
+
+
+def test_a_fresh_run_in_a_killed_runs_folder_starts_clean_or_refuses(tmp_path, capsys):
+    root = make_color_tree(tmp_path / "data", 4, 2)
+    argv = ["train", "--data", str(root), "--epochs", "1", "--augment", "none", "--input-size", "32",
+            "--workers", "0", "--quiet", "--out"]
+    with_checkpoint = _dead_run(tmp_path / "killed-image-run", checkpoint=True)
+    assert main(argv + [str(with_checkpoint)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds an unfinished run with a checkpoint" in err and "--resume" in err, err
+    assert (with_checkpoint / "checkpoints" / "last.pt").exists()  # nothing deleted
+    without = _dead_run(tmp_path / "killed-cached-run", checkpoint=False)
+    assert main(argv + [str(without)]) == 0
+    assert not (without / "tensorboard" / "events.out.tfevents.dead").exists()
+    assert (without / "cache" / "kept").exists() and (without / "model.safetensors").exists()
+    assert json.loads((without / "history.json").read_text())  # the new run's own
+
+
+def test_a_lock_never_names_a_dead_process(tmp_path, capsys):
+    """A live lock whose file names a pid that has ended (as after a kill -9 with a successor
+    still holding it): the message names no pid."""
+    from warmstart.run_dir import _alive
+
+    assert _alive("999999999") == "" and _alive(str(os.getpid())) == f" (pid {os.getpid()})"
+    out = tmp_path / "busy"
+    out.mkdir()
+    with RunLock(out):
+        (out / ".warmstart-run.lock").write_text("999999999")
+        with pytest.raises(UserError) as refused:
+            RunLock(out).__enter__()
+    assert "in use by another warmstart run:" in str(refused.value) and "pid" not in str(refused.value)
+
+
+def test_loader_workers_do_not_inherit_the_run_lock(tmp_path):
+    """A forked child drops its parent's run locks: only the run's own process holds it."""
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with RunLock(out) as lock:
+        pid = os.fork()
+        if pid == 0:  # the child: the parent's lock descriptor is closed here
+            try:
+                os.fstat(lock.fd)
+                os._exit(1)
+            except OSError:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.WEXITSTATUS(status) == 0
+    fd = os.open(out / ".warmstart-run.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free once the owner let go
+    finally:
+        os.close(fd)

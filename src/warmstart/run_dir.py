@@ -77,14 +77,39 @@ def new_run_dir(out: str | None, model_name: str) -> RunDir:
         if other is not None:
             raise UserError(f"--out {run} is a folder with other files in it (e.g. {other.name}), not a warmstart "
                             f"run: pass a new or empty folder (nothing was written)")
+    if run.lock.exists():
+        with RunLock(run):  # a run in progress there is named before anything else
+            pass
+        saved = sorted(run.checkpoints.glob("*.pt")) if run.checkpoints.is_dir() else []
+        if saved:
+            raise UserError(f"--out {run} holds an unfinished run with a checkpoint ({saved[-1].name}): continue it "
+                            f"with 'warmstart train --resume {run}', or pass another --out (nothing was deleted)")
     run.path.mkdir(parents=True, exist_ok=True)
     return run
 
 
+_HELD_LOCKS: set[int] = set()  # this process's run-lock descriptors
+
+
+def _drop_locks_in_child() -> None:
+    """A forked child (a loader worker) lets go of its parent's run locks: a flock belongs to every
+    process holding the descriptor, so orphaned workers of a killed run would keep it."""
+    for fd in _HELD_LOCKS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_locks_in_child)
+
+
 class RunLock:
     """An exclusive lock on a run directory for the whole run: a second run with the same --out
-    stops at once instead of mixing its files with the first one's. The OS releases it if the
-    process dies."""
+    stops at once instead of mixing its files with the first one's. It dies with the process that
+    took it (its forked workers do not inherit it)."""
 
     def __init__(self, run_dir: str | Path | RunDir):
         self.path = RunDir(run_dir).lock
@@ -99,19 +124,44 @@ class RunLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            holder = os.read(fd, 32).decode(errors="replace").strip()
             os.close(fd)
-            raise UserError(f"{self.path.parent} is in use by another warmstart run (pid {holder}): wait for it "
+            raise UserError(f"{self.path.parent} is in use by another warmstart run{_alive(holder)}: wait for it "
                             f"to finish or pass another --out") from None
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
+        _HELD_LOCKS.add(fd)
         return self
 
     def __exit__(self, *exc) -> None:
         if self.fd is not None:
+            _HELD_LOCKS.discard(self.fd)
             os.close(self.fd)  # closing releases the lock; the file stays as the run's mark
             self.fd = None
+
+
+def _alive(pid: str) -> str:
+    """' (pid N)' when that process is alive; a dead one is never named."""
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return ""
+    except PermissionError:
+        pass  # alive, another user's
+    return f" (pid {pid})"
+
+
+def start_afresh(run: RunDir) -> None:
+    """A new run in the folder of an unfinished one (its lock held): what the dead run wrote goes,
+    so that history, events and reports are the new run's own; its cache stays (keyed by content).
+    new_run_dir refused the folder if it held a checkpoint."""
+    import shutil
+
+    for entry in run.path.iterdir():
+        if entry.name in (LOCK_FILE, run.cache.name):
+            continue
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
 def save_model(run_dir: str | Path | RunDir, model, meta: dict) -> None:

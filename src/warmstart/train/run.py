@@ -20,13 +20,13 @@ from ..config import RunConfig
 from ..data.sources import SourceOptions, describe_splits, resolve_splits
 from ..data.image_cache import cached_images
 from ..data.transforms import data_config_for, eval_transform
-from ..errors import UserError
+from ..errors import UserError, excerpt
 from ..evaluate import EvalResult, evaluate_model, metrics_from_logits
 from ..models.create import create_model
 from ..models.pretrained_classes import HeadPrior, head_prior_for
 from ..models.registry import resolve_architecture
 from ..models.trainable import apply_strategy
-from ..run_dir import RunDir, RunLock, new_run_dir, save_model
+from ..run_dir import RunDir, RunLock, new_run_dir, save_model, start_afresh
 from ..stop import StopRequest, Stopped
 from .checkpoint import TrainingInterrupted, load_checkpoint
 from ..compute.distributed import Distributed, init_distributed, shutdown
@@ -144,9 +144,10 @@ def _resume_state(run_dir: RunDir, config: RunConfig, reporter: Reporter, weight
     current = config.replace(lr=config.resolved_lr(), out=None).to_dict()
     changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and current[k] != saved.get(k))
     if changed and not weights_only:
-        raise UserError(f"--resume {run_dir}: the config differs in {', '.join(changed)}, so the run could not "
-                        f"continue exactly; drop those flags, or pass --resume-weights-only to start a new run "
-                        f"from the checkpoint's weights")
+        differences = ", ".join(f"{k} {excerpt(saved.get(k), 30)} -> {excerpt(current[k], 30)}" for k in changed)
+        raise UserError(f"--resume {run_dir}: the settings differ from its checkpoint's ({differences}), so the run "
+                        f"could not continue exactly; resume with the checkpoint's settings, or pass "
+                        f"--resume-weights-only to start a new run from its weights")
     return state
 
 
@@ -163,6 +164,8 @@ def train(config: RunConfig, reporter: Reporter | None = None, resume: str | Pat
         run = open_run(config, dist, reporter, resume, resume_weights_only)
         # rank 0 holds the run directory's lock: a second run with the same --out stops at once
         with RunLock(run.directory) if run.main else contextlib.nullcontext(), StopRequest():
+            if run.main and run.resume_state is None:
+                start_afresh(run.directory)
             try:
                 return _journey(run, on_epoch)
             except TrainingInterrupted:
