@@ -709,3 +709,24 @@ def test_loader_workers_do_not_inherit_the_run_lock(tmp_path):
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free once the owner let go
     finally:
         os.close(fd)
+
+
+def test_one_damaged_run_folder_does_not_hide_the_others(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for name, config in (("good-a", "data: x\n"), ("bad", "{{"), ("good-b", "data: y\n"), ("odd", "- a list\n")):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "metrics.json").write_text(json.dumps({"model": "m", "top1": 0.5, "epochs": 1,
+                                                              "wall_seconds": 1.0}))
+        (runs / name / "config.yaml").write_text(config)
+    (runs / "torn").mkdir()
+    (runs / "torn" / "metrics.json").write_text('{"top1": 0.')
+    assert main(["runs", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert "good-a" in out and "good-b" in out, out
+    for name in ("bad", "odd", "torn"):
+        assert any(line.startswith(name) and "damaged" in line for line in out.splitlines()), out
+    assert main(["runs", str(runs), "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert sorted(Path(r["run"]).name for r in listed if r.get("damaged")) == ["bad", "odd", "torn"]
+    assert main(["compare", str(runs / "good-a"), str(runs / "bad")]) == 2
+    assert "is damaged" in capsys.readouterr().err

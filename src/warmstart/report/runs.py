@@ -5,17 +5,27 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import yaml
 
-from ..errors import UserError
+from ..errors import UserError, excerpt
 from ..files import load_yaml
 from ..run_dir import RunDir
 
 
 def _load(path: Path) -> dict:
+    """The run's metrics and config; a run whose files are damaged is marked so (its `damaged`
+    says what), never the end of the listing."""
     run = RunDir(path)
-    metrics = json.loads(run.metrics.read_text())
-    config = load_yaml(run.config.read_text(), run.config) if run.config.is_file() else {}
-    return {"run": str(path), "metrics": metrics, "config": config or {}}
+    try:
+        metrics = json.loads(run.metrics.read_text())
+        config = (load_yaml(run.config.read_text(), run.config) if run.config.is_file() else {}) or {}
+        for name, value in (("metrics.json", metrics), ("config.yaml", config)):
+            if not isinstance(value, dict):
+                raise ValueError(f"{name} is not a mapping")
+    except (OSError, ValueError, UserError, yaml.YAMLError) as exc:
+        return {"run": str(path), "metrics": {}, "config": {}, "damaged": f"{exc.__class__.__name__}: "
+                f"{excerpt(str(exc), 60)}"}
+    return {"run": str(path), "metrics": metrics, "config": config}
 
 
 def list_runs(directory: str | Path = "runs") -> list[dict]:
@@ -38,6 +48,9 @@ def runs_table(runs: list[dict]) -> str:
     lines = [f"{'run':32} {'model':18} {'recipe':17} {'trained':28} {'epochs':>6} {'val top-1':>9} "
              f"{'test top-1':>10} {'time':>8}"]
     for r in runs:
+        if r.get("damaged"):
+            lines.append(f"{Path(r['run']).name[:32]:32} damaged, not listed: {r['damaged']}")
+            continue
         m = r["metrics"]
         path = m.get("training_path") or "images"  # runs from before the path was recorded
         trained = path if path.startswith("cached") else f"{m.get('strategy', '?')} on images"
@@ -61,6 +74,8 @@ def compare_runs(run_dirs: list[str | Path]) -> dict:
         if not RunDir(run_dir).metrics.is_file():
             raise UserError(f"{run_dir} is not a finished run (no metrics.json)")
         runs.append(_load(Path(run_dir)))
+        if runs[-1].get("damaged"):
+            raise UserError(f"{run_dir} is damaged ({runs[-1]['damaged']}): compare other runs")
     keys = sorted(set().union(*(r["config"] for r in runs)))
     differences = {k: [r["config"].get(k) for r in runs] for k in keys
                    if len({json.dumps(r["config"].get(k), sort_keys=True) for r in runs}) > 1}
