@@ -175,9 +175,10 @@ def test_pipeline_gpu_without_cuda_is_one_line(tmp_path, color_tree, capsys):
 
     code = main(["train", "--data", str(color_tree), "--out", str(tmp_path / "run"), "--pipeline", "gpu",
                  "--epochs", "1", "--input-size", "64"])
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and "\n" not in err and "--pipeline gpu needs a CUDA GPU" in err, err
-    assert not (tmp_path / "run" / "model.safetensors").exists()
+    out, err = capsys.readouterr()
+    assert code == 2 and "\n" not in err.strip() and "--pipeline gpu needs a CUDA GPU" in err, err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    assert "weights from" not in out and "data:" not in out  # nor read
 
 
 @pytest.mark.slow

@@ -29,7 +29,19 @@ def _mistakes(tmp_path, color_tree):
     other = tmp_path / "resnet.safetensors"
     save_file({k: v.contiguous() for k, v in timm.create_model("test_resnet").state_dict().items()}, str(other))
     data = ["--data", str(color_tree)]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a folder")
+    nul_csv = tmp_path / "nul.csv"
+    nul_csv.write_bytes(b"path,label\nimg\x00.jpg,a\nb.jpg,b\n")
+    one_class = tmp_path / "one-class"
+    make_color_images(one_class / "a", COLORS[0], 3, 0)
     return {
+        "data is a device": (["train", "--data", "/dev/zero"], "not a .csv manifest"),
+        "out under a file": (["train", *data, "--out", str(a_file / "sub")], "cannot create that folder"),
+        "out in /proc": (["train", *data, "--out", "/proc/warmstart-run"], "cannot create that folder"),
+        "cache dir is a file": (["train", *data, "--cache-dir", str(a_file)], "is a file: pass a folder"),
+        "NUL byte in a csv": (["train", "--data", str(nul_csv)], "holds a NUL byte"),
+        "recipes for one class": (["recipes", "--data", str(one_class)], "a classifier needs at least 2"),
         "missing data": (["train", "--data", str(tmp_path / "nope")], "does not exist"),
         "empty data": (["train", "--data", str(empty)], "is empty"),
         "class without images": (["train", "--data", str(hollow)], "no images"),
@@ -59,7 +71,8 @@ def _mistakes(tmp_path, color_tree):
     }
 
 
-CASES = ["missing data", "empty data", "class without images", "unknown model", "bundled for another model",
+CASES = ["data is a device", "out under a file", "out in /proc", "cache dir is a file", "NUL byte in a csv",
+         "recipes for one class", "missing data", "empty data", "class without images", "unknown model", "bundled for another model",
          "weights file missing", "wrong architecture", "csv unknown paths", "bad number", "huge input size",
          "huge input scale", "port out of range", "not a number",
          "bad choice", "partial without target", "unknown option", "not a run", "missing config",

@@ -106,6 +106,8 @@ def test_api_contract(client, dog_run):
     assert meta["class_names"][1] == "golden retriever" and meta["input_size"] == [3, 128, 128]
     page = client.get("/")
     assert page.status_code == 200 and "Which breed" in page.text
+    assert client.get("/docs").status_code == 404  # its page would load scripts from a CDN
+    assert client.get("/openapi.json").json()["paths"]["/predict"]
 
 
 def _png_bytes(image) -> bytes:

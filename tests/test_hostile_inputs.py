@@ -35,7 +35,7 @@ from warmstart.data.sources import resolve_splits
 from warmstart.errors import UserError
 from warmstart.run_dir import RunLock
 
-from conftest import make_color_images, make_color_tree
+from conftest import COLORS, make_color_images, make_color_tree
 
 CPU = Runtime(torch.device("cpu"), "fp32", False)  # loads on the per-sample path, computes in fp32
 
@@ -730,3 +730,60 @@ def test_one_damaged_run_folder_does_not_hide_the_others(tmp_path, capsys):
     assert sorted(Path(r["run"]).name for r in listed if r.get("damaged")) == ["bad", "odd", "torn"]
     assert main(["compare", str(runs / "good-a"), str(runs / "bad")]) == 2
     assert "is damaged" in capsys.readouterr().err
+
+
+# -- names, exports, one-liners -------------------------------------------------------------------
+def test_classes_never_share_a_readable_name(tmp_path):
+    """`n02099601`, `golden retriever` and `n11111111-golden retriever` all read "golden retriever":
+    those keep their folder names, so model.json, predict and /predict tell them apart."""
+    from warmstart.data.imageset import readable_class_names
+
+    ids = ["n02099601", "golden retriever", "n11111111-golden retriever", "n02085620-Chihuahua"]
+    assert readable_class_names(ids) == ["n02099601", "golden retriever", "n11111111-golden retriever", "Chihuahua"]
+    root = tmp_path / "dogs"
+    for c, name in enumerate(ids[:3]):
+        make_color_images(root / name, (60 * c, 90, 200 - 60 * c), 3, seed=c)
+    splits = resolve_splits(str(root), 0.0, 0)
+    assert len(set(splits["train"].class_names)) == 3
+
+
+def test_export_refuses_to_overwrite_a_file_without_force(color_run, tmp_path, capsys):
+    run_dir, _ = color_run
+    mine = tmp_path / "precious.onnx"
+    mine.write_bytes(b"the user's own file")
+    assert main(["export", str(run_dir), "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is an existing file" in err and "--force" in err, err
+    assert mine.read_bytes() == b"the user's own file"
+    assert main(["export", str(run_dir), "--out", str(mine), "--format", "safetensors", "--force"]) == 0
+    assert mine.read_bytes() != b"the user's own file"
+
+
+def test_predict_says_what_a_path_is_when_it_is_no_image_file(color_run, tmp_path, capsys):
+    run_dir, _ = color_run
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)
+    assert main(["predict", str(run_dir), str(fifo), "/dev/null", str(tmp_path / "nowhere.jpg"), "--json"]) in (0, 1)
+    out = capsys.readouterr().out
+    assert out.count("not a regular file (a device, FIFO or socket)") == 2 and "file not found" in out, out
+
+
+def test_recipes_count_only_the_photos_that_open(tmp_path, capsys):
+    root = tmp_path / "data"
+    for c, name in enumerate(["a", "b"]):
+        make_color_images(root / name, COLORS[c], 4, seed=c)
+        for i in range(12):
+            (root / name / f"broken{i}.jpg").write_bytes(b"not a photo")
+    assert main(["recipes", "--data", str(root)]) == 0
+    assert "recommended (4 photos per class" in capsys.readouterr().out
+
+
+
+def test_refit_without_a_validation_split_says_so(tmp_path, capsys):
+    root = tmp_path / "data"
+    for c, name in enumerate(["a", "b"]):
+        make_color_images(root / name, COLORS[c], 4, seed=c)
+    assert main(["train", "--data", str(root), "--refit", "--val-fraction", "0", "--epochs", "1", "--augment",
+                 "none", "--input-size", "32", "--workers", "0", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "refit: there is no validation split (--val-fraction 0)" in out and "split of its own" not in out, out

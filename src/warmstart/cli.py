@@ -152,6 +152,7 @@ def _add_trained_model_commands(sub) -> None:
     ex.add_argument("run", help="run directory")
     ex.add_argument("--format", default="onnx", choices=("onnx", "torchscript", "safetensors"))
     ex.add_argument("--out", default=None, help="output file (default RUN/model.<format>)")
+    ex.add_argument("--force", action="store_true", help="overwrite an existing --out file")
 
     from .serve.settings import ServeSettings
 
@@ -270,11 +271,14 @@ def _cmd_recipes(args) -> int:
 
     per_class, known = None, ""
     if args.data:
+        from .data.images import readable_photos
         from .data.sources import resolve_splits
         from .models.pretrained_classes import imagenet_labels, match_classes
 
         train = resolve_splits(args.data, 0.0, 0)["train"]
-        per_class = len(train) / max(1, len(train.class_ids))
+        if len(train.class_ids) < 2:
+            raise UserError(f"--data {args.data} has {len(train.class_ids)} class: a classifier needs at least 2")
+        per_class = readable_photos(train) / len(train.class_ids)
         matched = sum(m.row is not None for m in match_classes(train.class_ids, train.class_names,
                                                                 imagenet_labels("imagenet-1k")))
         known = (f"\n  {matched} of {len(train.class_ids)} classes are ImageNet-1k classes (by WordNet id or name): "
@@ -412,7 +416,7 @@ def _cmd_compare(args) -> int:
 def _cmd_export(args) -> int:
     from .export import export_run
 
-    result = export_run(args.run, args.format, args.out)
+    result = export_run(args.run, args.format, args.out, force=args.force)
     parity = (f"; parity with PyTorch on {result.parity_inputs} inputs: same top-1 {result.same_top1}, "
               f"max abs logit difference {result.max_abs_logit_difference:.2e}") if result.parity_inputs else ""
     print(f"exported {result.path} ({result.exporter}){parity}")

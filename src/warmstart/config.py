@@ -259,6 +259,8 @@ class RunConfig:
 
     def _check_combinations(self) -> None:
         """Rules between settings (each setting's own choices and bounds come from its declaration)."""
+        if self.cache_dir and Path(self.cache_dir).exists() and not Path(self.cache_dir).is_dir():
+            raise UserError(f"--cache-dir {self.cache_dir} is a file: pass a folder (it is created if missing)")
         if (self.mixup or self.cutmix) and self.balance == "loss":
             raise UserError("--mixup/--cutmix do not combine with --balance loss: use --balance sampler")
         if self.unfreeze_schedule:

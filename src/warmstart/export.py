@@ -55,9 +55,16 @@ def _export_onnx(model, example: torch.Tensor, path: Path) -> str:
         return "torch.onnx (torchscript)"
 
 
-def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None) -> ExportResult:
+def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None,
+               force: bool = False) -> ExportResult:
+    """The run's model as `fmt` at `out` (default: in the run directory, replacing an earlier
+    export); an existing `out` file is overwritten only with `force`."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not valid: use one of {', '.join(FORMATS)}")
+    if out is not None and (Path(out).is_dir() or Path(out).exists() and not force):
+        what = "a folder" if Path(out).is_dir() else "an existing file"
+        raise UserError(f"--out {out} is {what}: pass a new file path" + ("" if Path(out).is_dir() else
+                        ", or --force to overwrite it") + " (nothing was written)")
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     model = run.model.eval()

@@ -87,3 +87,13 @@ def _expanded_size(node, sizes: dict) -> int:
         else:
             sizes[key] = 1
     return sizes[key]
+
+
+def not_a_file(path) -> str | None:
+    """Why `path` cannot be read as an image file (None: it is a regular file)."""
+    path = Path(path)
+    if path.is_file():
+        return None
+    if not path.exists():
+        return "file not found"
+    return "a folder, not an image file" if path.is_dir() else "not a regular file (a device, FIFO or socket)"

@@ -14,6 +14,7 @@ from PIL import Image
 
 from .data.images import ImageTooLarge, open_image
 from .errors import UserError
+from .files import not_a_file
 
 _RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST,
              "lanczos": Image.LANCZOS, "box": Image.BOX, "hamming": Image.HAMMING}
@@ -125,8 +126,8 @@ def predict_images(backend, images: list, k: int = 5, batch_size: int = 32) -> l
         decoded, positions = [], []
         for i in range(start, min(start + batch_size, len(images))):
             path = images[i]
-            if not Path(path).is_file():
-                results[i] = (str(path), [], "file not found")
+            if not_a_file(path):
+                results[i] = (str(path), [], not_a_file(path))
                 continue
             try:
                 decoded.append(backend.shrink(open_image(path)))

@@ -84,7 +84,11 @@ def new_run_dir(out: str | None, model_name: str) -> RunDir:
         if saved:
             raise UserError(f"--out {run} holds an unfinished run with a checkpoint ({saved[-1].name}): continue it "
                             f"with 'warmstart train --resume {run}', or pass another --out (nothing was deleted)")
-    run.path.mkdir(parents=True, exist_ok=True)
+    try:
+        run.path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--out {run}: cannot create that folder ({exc.strerror}): pass a folder you can write "
+                        f"to") from None
     return run
 
 

@@ -165,7 +165,11 @@ class _Store:
     """One cache folder's files, verified and open: rows are written, flushed, then marked done."""
 
     def __init__(self, cache: FeatureCache, folder: Path, key: str, n: int):
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UserError(f"cannot create the feature cache folder {folder} ({exc.strerror}): pass a --cache-dir "
+                            f"you can write to") from None
         self.folder, self.n, self.warn = folder, n, cache.warn
         self.meta = self._verified_meta(folder, key, n)
         path = folder / "status.npy"

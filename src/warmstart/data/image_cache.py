@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import UserError
 from ..stop import check
 from .fingerprint import fingerprint_items, fingerprint_json
 from .loaders import make_loader
@@ -76,7 +77,11 @@ def _build(images: ImageSet, resize, folder: Path, loader, progress) -> None:
     `loader`: batches of one decoded, resized image (an unreadable one is skipped: it keeps its file)."""
     tmp = folder.with_name(folder.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    try:
+        tmp.mkdir(parents=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the image cache folder {tmp} ({exc.strerror}): pass a --cache-dir you can "
+                        f"write to") from None
     entries = [(-1, 0, 0)] * len(images)
     offset = 0
     with (tmp / "pixels.u8").open("wb") as out:

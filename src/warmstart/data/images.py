@@ -92,6 +92,23 @@ def open_lazily(source) -> Image.Image:
         raise ImageTooLarge(str(exc).split(", could be")[0] + " (decompression bomb guard)") from None
 
 
+def readable_photos(images) -> int:
+    """How many of the images open as images (their headers read, no pixels decoded)."""
+    count = 0
+    for item in images.items:
+        path = whole_file(item) or getattr(item, "path", None)  # a file, or the file a crop box is in
+        if path is None:  # pixels in memory
+            count += 1
+            continue
+        try:
+            with open_lazily(path) as header:
+                check_size(header.width, header.height)
+                count += 1
+        except Exception:  # unreadable, or over the limits: not a photo training would use
+            continue
+    return count
+
+
 def decode(source, max_pixels: int = DEFAULT_MAX_PIXELS, max_aspect_ratio: float = MAX_ASPECT_RATIO,
            box: tuple[int, int, int, int] | None = None, shrink=None) -> Image.Image:
     """A file path or file object to an RGB image: size checked from the header before any pixel is

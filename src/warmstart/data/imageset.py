@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -62,6 +63,17 @@ def readable_class_name(folder: str) -> str:
         except Exception:  # not an ImageNet-1k id: keep the folder name
             return folder
     return folder
+
+
+def readable_class_names(class_ids: Sequence[str]) -> list[str]:
+    """Each class's readable name, unique: classes that would share one (`n02099601`, `golden
+    retriever` and `n11111111-golden_retriever` all read "golden retriever") keep their folder
+    names, which are unique, so that predictions never name two classes alike."""
+    names = [readable_class_name(c) for c in class_ids]
+    while len(set(names)) < len(names):
+        counts = Counter(names)
+        names = [c if counts[n] > 1 else n for c, n in zip(class_ids, names)]
+    return names
 
 
 def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import UserError
 from .images import BoxedImage
-from .imageset import ImageSet, readable_class_name
+from .imageset import ImageSet, readable_class_names
 
 NAME = "stanford-dogs"
 BASE_URL = "http://vision.stanford.edu/aditya86/ImageNetDogs/"
@@ -116,6 +116,6 @@ def load_stanford_dogs(root: Path, crop_to_box: bool = False, class_ids: list[st
             raise UserError(f"{root}: {len(missing)} image(s) of {name}_list.mat are missing, e.g. Images/{missing[0]}: "
                             f"re-extract images.tar (warmstart data download stanford-dogs)")
         extra = {"boxes_missing": boxes_missing} if crop_to_box else {}
-        splits[name] = ImageSet(items, targets, class_ids, [readable_class_name(c) for c in class_ids],
+        splits[name] = ImageSet(items, targets, class_ids, readable_class_names(class_ids),
                                 str(root), extra)
     return splits

@@ -254,7 +254,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
         await batcher.stop()
         decoder.close()
 
-    app = FastAPI(title="warmstart", lifespan=lifespan)
+    # no /docs or /redoc: their pages load scripts from a CDN, which an offline service cannot reach
+    # (and should not make its users' browsers fetch); the schema is served as /openapi.json
+    app = FastAPI(title="warmstart", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.batcher, app.state.budget = batcher, Budget(int(settings.max_inflight_mb * MB))
     app.add_middleware(Admission, budget=app.state.budget, max_requests=settings.max_requests)
     add_error_handlers(app)

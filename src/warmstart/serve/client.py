@@ -9,13 +9,14 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import UserError
+from ..files import not_a_file
 
 
 def predict_remote(server: str, image: str | Path, top_k: int = 5, timeout: float = 60.0) -> dict:
     """POST one image to SERVER/predict; returns the JSON answer (or {'error': …} for a 4xx)."""
     path = Path(image)
-    if not path.is_file():
-        return {"error": "file not found"}
+    if not_a_file(path):
+        return {"error": not_a_file(path)}
     content_type = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
     if not content_type.startswith("image/"):
         content_type = "application/octet-stream"

@@ -253,6 +253,7 @@ def build(config: RunConfig, reporter: Reporter) -> Built:
 def open_run(config: RunConfig, dist: Distributed, reporter: Reporter, resume, resume_weights_only: bool) -> Run:
     """Build what the run starts from and find its directory: a new one, or the one it resumes."""
     start = time.perf_counter()
+    Runtime.for_config(config, dist.local_rank)  # --pipeline gpu or fp16 without a GPU: refused before anything is read
     built = build(config, reporter)
     state = None
     if resume is not None:
@@ -362,7 +363,11 @@ def refit(run: Run, session: Session, fitted: FitResult) -> dict | None:
     config, splits = run.config, run.built.splits
     if not config.refit:
         return None
-    if not splits["val"].extra.get("carved") or not len(splits["val"]):
+    if not len(splits["val"]):
+        run.reporter.info("refit: there is no validation split (--val-fraction 0): the model already trained on "
+                          "all of train and stays as it is")
+        return None
+    if not splits["val"].extra.get("carved"):
         run.reporter.info("refit: validation is a split of its own (not carved from train): the model stays as chosen")
         return None
     epochs = config.epochs if fitted.best_epoch is None else fitted.best_epoch

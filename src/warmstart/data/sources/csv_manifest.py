@@ -7,7 +7,7 @@ import csv
 from pathlib import Path
 
 from ...errors import UserError
-from ..imageset import ImageSet, readable_class_name
+from ..imageset import ImageSet, readable_class_names
 from .options import SPLIT_ALIASES, SourceOptions
 
 
@@ -42,6 +42,10 @@ def read_csv_manifest(path: Path, class_ids: list[str] | None = None, allow_outs
     bad = [i + 1 for i, r in enumerate(rows) if len(r) < 2 or not r[0].strip() or not r[1].strip()]
     if bad:
         raise UserError(f"CSV manifest {path}: row {bad[0]} is not 'image_path,label'")
+    nul = next((i + 1 for i, r in enumerate(rows) if "\0" in r[0] or "\0" in r[1]), None)
+    if nul is not None:
+        raise UserError(f"CSV manifest {path}: row {nul} holds a NUL byte, which no path or label may contain: "
+                        f"fix that row")
     base = path.parent.resolve()
     paths = [(base / r[0].strip()).resolve() for r in rows]
     if not allow_outside:
@@ -66,7 +70,7 @@ def read_csv_manifest(path: Path, class_ids: list[str] | None = None, allow_outs
     if unknown:
         raise UserError(f"CSV manifest {path} has labels not among the classes: {', '.join(unknown[:5])}")
     labels = [index[label] for label in raw]
-    return ImageSet([str(p) for p in paths], labels, class_ids, [readable_class_name(c) for c in class_ids], str(path))
+    return ImageSet([str(p) for p in paths], labels, class_ids, readable_class_names(class_ids), str(path))
 
 
 def _read_csv_rows(path: Path) -> list[list[str]]:

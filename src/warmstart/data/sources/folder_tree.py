@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ...errors import UserError
 from ..images import is_hidden_or_system, is_image_file
-from ..imageset import ImageSet, readable_class_name
+from ..imageset import ImageSet, readable_class_names
 from .options import SPLIT_ALIASES, SourceOptions
 
 
@@ -73,7 +73,7 @@ def _scan_class_tree(root: Path, class_ids: list[str] | None = None, drop_empty:
             items.append(str(path))
             labels.append(label)
     dropped = [c for c in found if not found[c]] if drop_empty else []
-    return ImageSet(items, labels, class_ids, [readable_class_name(c) for c in class_ids], str(root),
+    return ImageSet(items, labels, class_ids, readable_class_names(class_ids), str(root),
                     {"ignored": ignored, "dropped_classes": dropped})
 
 
