@@ -562,6 +562,7 @@ def small_tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(mount)])
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_feature_extraction_is_one_line_and_keeps_the_rows(tmp_path, small_tmpfs, capsys):
     """The cache is reserved on disk before rows are written (a sparse memory map on a full disk
     is a SIGBUS): the train features fit, the val ones do not → one line naming the folder and the
@@ -597,6 +598,7 @@ def test_a_refused_reservation_is_one_line_anywhere(tmp_path, monkeypatch):
         fc.reserve([path], tmp_path)
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_saving_a_checkpoint_or_the_model_is_one_line(tmp_path, small_tmpfs, capsys):
     """No 154-line traceback and no leftover .tmp: one line, and the checkpoint already there intact."""
     from warmstart.run_dir import save_model
@@ -657,6 +659,7 @@ def _dead_run(folder: Path, checkpoint: bool) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_a_fresh_run_in_a_killed_runs_folder_starts_clean_or_refuses(tmp_path, capsys):
     root = make_color_tree(tmp_path / "data", 4, 2)
     argv = ["train", "--data", str(root), "--epochs", "1", "--augment", "none", "--input-size", "32",
@@ -779,6 +782,7 @@ def test_recipes_count_only_the_photos_that_open(tmp_path, capsys):
 
 
 
+@pytest.mark.slow
 def test_refit_without_a_validation_split_says_so(tmp_path, capsys):
     root = tmp_path / "data"
     for c, name in enumerate(["a", "b"]):
