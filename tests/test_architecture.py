@@ -45,7 +45,7 @@ LAYERS = [
     {"compute"},  # device, precision, pipeline and loaders; processes (below training AND evaluation)
     {"evaluate"},
     {"train"},
-    {"predict", "export"},
+    {"predict", "quantize", "export"},
     {"serve", "report", "tune", "quickstart"},
     {"cli", "__main__"},
     {"warmstart"},  # the package's own __init__: the library's front door

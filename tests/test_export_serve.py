@@ -74,6 +74,76 @@ def test_onnx_predict_matches_pytorch_without_torch(dog_run):
 
 
 @pytest.fixture(scope="module")
+def int8_export(dog_run, tmp_path_factory):
+    run_dir, _, _ = dog_run
+    out = tmp_path_factory.mktemp("int8") / "dogs.onnx"
+    return export_run(run_dir, "onnx", out, int8=True, calibration=32)
+
+
+def test_int8_export_carries_the_metadata_and_keeps_the_top1(int8_export, dog_run, capsys):
+    """Static QDQ int8, calibrated on training photos, gated on the validation photos: its figures
+    are measured, its file is a quarter of fp32's, and it predicts what fp32 predicts."""
+    import onnx
+
+    from warmstart.predict import predict_onnx
+
+    _, _, photos = dog_run
+    fp32, int8 = int8_export.path, int8_export.int8.path
+    assert int8.name == "dogs.int8.onnx" and int8.stat().st_size < 0.4 * fp32.stat().st_size
+    props = {p.key: json.loads(p.value) for p in onnx.load(str(int8)).metadata_props}
+    fp32_props = {p.key: json.loads(p.value) for p in onnx.load(str(fp32)).metadata_props}
+    assert props == {**fp32_props, "precision": "int8"} and fp32_props["precision"] == "fp32"
+    gate = int8_export.int8
+    assert gate.gate_photos == 12 and gate.calibration_photos == 32 and gate.agreement >= 11 / 12
+    assert gate.fp32_top1 - gate.int8_top1 <= 0.01 and len(gate.excluded) == 2
+    images = [str(p) for p in photos.values()]
+    same = [a[1][0][0] == b[1][0][0] for a, b in zip(predict_onnx(str(int8), images, 1),
+                                                     predict_onnx(str(fp32), images, 1))]
+    assert sum(same) >= 3, same
+    assert main(["predict", str(int8), *images[:1]]) == 0
+    assert "Maltese dog" in capsys.readouterr().out
+
+
+def test_the_int8_gate_fires_and_keeps_the_fp32_file(dog_run, tmp_path, capsys):
+    run_dir, _, _ = dog_run
+    out = tmp_path / "gated.onnx"
+    assert main(["export", str(run_dir), "--out", str(out), "--int8", "--calibration", "8",
+                 "--max-int8-drop", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "more than --max-int8-drop -1" in err and "lost" in err, err
+    assert out.exists() and not (tmp_path / "gated.int8.onnx").exists()
+
+
+def test_a_model_that_cannot_be_quantised_is_one_line(dog_run, tmp_path, capsys, monkeypatch):
+    import onnxruntime.quantization as quantization
+
+    def refuses(*args, **kwargs):
+        raise NotImplementedError("operator FancyOp is not supported for quantization")
+
+    monkeypatch.setattr(quantization, "quantize_static", refuses)
+    run_dir, _, _ = dog_run
+    assert main(["export", str(run_dir), "--out", str(tmp_path / "m.onnx"), "--int8"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot be quantised to int8 (NotImplementedError: operator FancyOp" in err
+    assert not list(tmp_path.glob("*.int8.onnx")) and not list(tmp_path.glob(".int8-*"))
+
+
+def test_the_service_says_which_precision_serves(int8_export, dog_run):
+    from fastapi.testclient import TestClient
+
+    from warmstart.serve.app import ServeSettings, create_app, int8_model
+
+    run_dir, _, _ = dog_run
+    assert int8_model(str(int8_export.int8.path)) == int8_export.int8.path
+    made = int8_model(str(run_dir))  # `serve RUN --int8`: exported, calibrated and gated on the way
+    assert made == run_dir / "model.int8.onnx" and made.is_file()
+    for path, precision in ((int8_export.int8.path, "int8"), (int8_export.path, "fp32")):
+        with TestClient(create_app(ServeSettings(str(path)))) as client:
+            assert client.get("/metadata").json()["precision"] == precision
+            assert "m.precision" in client.get("/").text
+
+
+@pytest.fixture(scope="module")
 def client(dog_run):
     from fastapi.testclient import TestClient
 

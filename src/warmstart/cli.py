@@ -153,6 +153,11 @@ def _add_trained_model_commands(sub) -> None:
     ex.add_argument("--format", default="onnx", choices=("onnx", "torchscript", "safetensors"))
     ex.add_argument("--out", default=None, help="output file (default RUN/model.<format>)")
     ex.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    ex.add_argument("--int8", action="store_true", help="also an int8 ONNX model beside the fp32 one (NAME.int8.onnx), "
+                    "calibrated on the run's training photos and checked against fp32 on its validation photos")
+    ex.add_argument("--calibration", type=int, default=200, help="training photos that calibrate the int8 model")
+    ex.add_argument("--max-int8-drop", type=float, default=1.0,
+                    help="points of val top-1 the int8 model may lose against fp32 (more is an error)")
 
     from .serve.settings import ServeSettings
 
@@ -416,10 +421,15 @@ def _cmd_compare(args) -> int:
 def _cmd_export(args) -> int:
     from .export import export_run
 
-    result = export_run(args.run, args.format, args.out, force=args.force)
+    if args.calibration < 1:
+        raise UserError(f"--calibration {args.calibration} is not valid: it must be >= 1")
+    result = export_run(args.run, args.format, args.out, force=args.force, int8=args.int8,
+                        calibration=args.calibration, max_int8_drop=args.max_int8_drop)
     parity = (f"; parity with PyTorch on {result.parity_inputs} inputs: same top-1 {result.same_top1}, "
               f"max abs logit difference {result.max_abs_logit_difference:.2e}") if result.parity_inputs else ""
     print(f"exported {result.path} ({result.exporter}){parity}")
+    if result.int8 is not None:
+        print(result.int8.line())
     return 0
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .errors import UserError
+from .quantize import CALIBRATION_PHOTOS, MAX_DROP, Int8Result, quantize_onnx
 from .run_dir import RunDir, load_run
 
 FORMATS = ("onnx", "torchscript", "safetensors")
@@ -29,6 +30,7 @@ class ExportResult:
     same_top1: bool = True
     exporter: str = ""
     notes: list[str] = field(default_factory=list)
+    int8: Int8Result | None = None
 
 
 def _parity_inputs(run, count: int = 8) -> torch.Tensor:
@@ -55,12 +57,25 @@ def _export_onnx(model, example: torch.Tensor, path: Path) -> str:
         return "torch.onnx (torchscript)"
 
 
-def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None,
-               force: bool = False) -> ExportResult:
+def int8_path(fp32: Path) -> Path:
+    """Where the int8 model of an fp32 ONNX file goes: beside it, `NAME.int8.onnx`."""
+    return fp32.with_name(fp32.name.removesuffix(".onnx") + ".int8.onnx")
+
+
+def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None, force: bool = False,
+               int8: bool = False, calibration: int = CALIBRATION_PHOTOS, max_int8_drop: float = MAX_DROP
+               ) -> ExportResult:
     """The run's model as `fmt` at `out` (default: in the run directory, replacing an earlier
-    export); an existing `out` file is overwritten only with `force`."""
+    export); an existing `out` file is overwritten only with `force`. With `int8` (ONNX), also an
+    int8 model beside it (quantize.py: calibrated on `calibration` training photos, refused if it
+    loses more than `max_int8_drop` points of top-1 on the validation photos)."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not valid: use one of {', '.join(FORMATS)}")
+    if int8 and fmt != "onnx":
+        raise UserError(f"--int8 is an ONNX export: use it with --format onnx, not {fmt}")
+    if int8 and out is not None and int8_path(Path(out)).exists() and not force:
+        raise UserError(f"{int8_path(Path(out))} is an existing file: pass --force to overwrite it (nothing was "
+                        f"written)")
     if out is not None and (Path(out).is_dir() or Path(out).exists() and not force):
         what = "a folder" if Path(out).is_dir() else "an existing file"
         raise UserError(f"--out {out} is {what}: pass a new file path" + ("" if Path(out).is_dir() else
@@ -95,7 +110,7 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
         exporter = _export_onnx(model, inputs[:2], path)
         proto = onnx.load(str(path))  # the weights too, wherever the exporter put them
         del proto.metadata_props[:]
-        for key, value in meta.items():
+        for key, value in {**meta, "precision": "fp32"}.items():
             entry = proto.metadata_props.add()
             entry.key, entry.value = key, json.dumps(value)
         onnx.save(proto, str(path))  # one self-contained file (models under 2 GB)
@@ -109,4 +124,6 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
     if not same_top1 or difference > PARITY_TOLERANCE:
         raise UserError(f"exported {fmt} model disagrees with PyTorch (max abs logit difference {difference:.2e}, "
                         f"same top-1: {same_top1}): it was kept at {path} for inspection; do not deploy it")
+    if int8:
+        result.int8 = quantize_onnx(run_dir, path, int8_path(path), calibration, max_int8_drop)
     return result

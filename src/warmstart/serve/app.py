@@ -17,7 +17,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from fastapi import FastAPI, Query, Request
@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from ..data.images import ImageTooLarge, check_size, decode, open_lazily
+from ..errors import UserError
 from ..predict import load_backend, top_k
 from .admission import MB, Admission, Allowance, Budget, ClientError
 from .settings import ServeSettings
@@ -300,8 +301,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     @app.get("/metadata")
     async def metadata():
-        return {**backend.meta, "server": {k: v for k, v in asdict(settings).items() if k != "model"},
-                "backend": type(backend).__name__}
+        return {**backend.meta, "precision": backend.meta.get("precision", "fp32"),
+                "server": {k: v for k, v in asdict(settings).items() if k != "model"}, "backend": type(backend).__name__}
 
     @app.get("/", response_class=HTMLResponse)
     async def page():
@@ -314,12 +315,33 @@ def app_from_env() -> FastAPI:
     return create_app(ServeSettings.from_env())
 
 
+def int8_model(model: str) -> Path:
+    """The int8 ONNX file of a run (exported, calibrated and gated now if it is not there yet), or
+    `model` itself when it is an int8 ONNX file already."""
+    from ..export import export_run, int8_path
+    from ..run_dir import RunDir
+
+    path = Path(model)
+    if path.suffix == ".onnx":
+        if not path.name.endswith(".int8.onnx"):
+            raise UserError(f"--int8 with {path}: pass the run directory (its int8 model is exported if needed) or "
+                            f"an .int8.onnx file")
+        return path
+    target = int8_path(RunDir(path).path / "model.onnx")
+    if not target.is_file():
+        log.info("exporting %s as int8 ONNX (calibrated and checked against fp32)", path)
+        print(export_run(path, "onnx", int8=True, force=True).int8.line())
+    return target
+
+
 def serve(settings: ServeSettings) -> None:
     """Answer on settings.host:settings.port with settings.workers processes until stopped."""
     import uvicorn
 
     from .protocol import TimedH11Protocol
 
+    if settings.int8:
+        settings = replace(settings, model=str(int8_model(settings.model)))
     load_backend(settings.model)  # a bad model path fails here, as one line, before any worker starts
     os.environ.update(settings.to_env())  # worker processes and the protocol read their settings here
     # no uvicorn limit_concurrency: it counts idle connections and refuses /health; the protocol

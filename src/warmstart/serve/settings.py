@@ -16,6 +16,8 @@ class ServeSettings:
     bounds come from here)."""
 
     model: str = setting(..., "run directory or exported .onnx file", group="serve")
+    int8: bool = setting(False, "serve the run's int8 ONNX model (exported, calibrated and checked against fp32 "
+                         "first if it is not there yet)", group="serve")
     host: str = setting("127.0.0.1", "address to listen on", group="serve")
     port: int = setting(8000, "port to listen on", group="serve", bounds="[1, 65535]")
     workers: int = setting(1, "server processes", group="serve", bounds="[1, 64]")
