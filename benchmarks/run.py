@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import (calibration, ensembles, feature_extractor, fine_tune, gpu, hard_set, image_path, pretrained_prior,
-               recipes, serve_load, unmatched_rows)
+from . import (calibration, ensembles, feature_extractor, fine_tune, gpu, hard_set, image_path, int8,
+               pretrained_prior, recipes, serve_load, unmatched_rows)
 from .common import RESULTS, ROOT
 
 SUITES = {"feature_extractor": feature_extractor, "fine_tune": fine_tune, "image_path": image_path,
           "serve_load": serve_load, "recipes": recipes, "hard_set": hard_set, "ensembles": ensembles,
-          "pretrained_prior": pretrained_prior, "unmatched_rows": unmatched_rows, "calibration": calibration}
+          "pretrained_prior": pretrained_prior, "unmatched_rows": unmatched_rows, "calibration": calibration,
+          "int8": int8}
 # benchmarks/gpu.py runs on its own, on a GPU; its results are rendered here like the others'
 
 
@@ -250,9 +251,40 @@ def _calibration(r: dict) -> list[str]:
                         "divides every logit of an image by one positive number, which keeps their order.", ""]
 
 
+def _int8(r: dict) -> list[str]:
+    lines = [f"### 5b. int8 ONNX on a CPU ({'quick' if r['quick'] else 'whole validation sets'}; "
+             f"{r['threads']} threads, service with {r['clients']} concurrent clients)", "",
+             f"Machine: {_machine_line(r['machine'])}", "",
+             "Each run is `--recipe best` (flip TTA, 1.3x input; no refit, so val stays unseen), exported with "
+             "`--int8` (static QDQ, per-channel, reduced range, first convolution and classifier in float, "
+             "200 training photos to calibrate). Top-1 is on the run's whole val split: PyTorch from the run, "
+             "fp32 and int8 ONNX from the export's own gate.", ""]
+    for run in r["runs"]:
+        rates, service = run["images_per_sec"], run["service"]
+        base = rates["fp32 ONNX"]
+        lines += [f"**{run['model']} on {run['set']}** (input {run['input_size'][-1]} px, {run['gate_photos']} val "
+                  f"photos; int8 and fp32 agree on {100 * run['agreement']:.1f}% of them)", "",
+                  "| | img/s, batch 1 | img/s, batch 16 | vs fp32 ONNX (1 / 16) | service req/s | p50 (ms) | "
+                  "p99 (ms) | val top-1 | file (MB) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+        top1 = {"fp32 PyTorch": run["pytorch_top1"], "fp32 ONNX": run["fp32_onnx_top1"],
+                "int8 ONNX": run["int8_onnx_top1"]}
+        for label, rate in rates.items():
+            s_ = service.get(label)
+            served = (f"{s_['requests_per_sec']:.1f} | {s_['p50_ms']:.0f} | {s_['p99_ms']:.0f}" if s_ else "- | - | -")
+            mb = run["mb"].get(label)
+            lines.append(f"| {label} | {rate['batch 1']:.1f} | {rate['batch 16']:.1f} | "
+                         f"{rate['batch 1'] / base['batch 1']:.2f}× / {rate['batch 16'] / base['batch 16']:.2f}× | "
+                         f"{served} | {100 * top1[label]:.2f}% | {f'{mb:.1f}' if mb else '-'} |")
+        if service:
+            ratio = service["int8 ONNX"]["requests_per_sec"] / service["fp32 ONNX"]["requests_per_sec"]
+            lines += ["", f"Service: int8 answers {ratio:.2f}× the requests/sec of fp32 ONNX."]
+        lines.append("")
+    return lines
+
+
 RENDER = {"feature_extractor": _feature_extractor, "fine_tune": _fine_tune, "image_path": _image_path,
-          "serve_load": _serve_load, "recipes": _recipes, "hard_set": _hard_set, "ensembles": _ensembles,
-          "gpu": _gpu, "pretrained_prior": _pretrained_prior, "unmatched_rows": _unmatched_rows,
+          "serve_load": _serve_load, "int8": _int8, "recipes": _recipes, "hard_set": _hard_set,
+          "ensembles": _ensembles, "gpu": _gpu, "pretrained_prior": _pretrained_prior, "unmatched_rows": _unmatched_rows,
           "calibration": _calibration}
 
 

@@ -1,0 +1,100 @@
+"""Benchmark 5b: int8 ONNX on a CPU against fp32 (PyTorch and ONNX), on the same photos and
+threads in one run: images/sec at batch 1 and 16, the service's requests/sec and p50/p99 latency
+at 8 concurrent clients, val top-1 of each (the export's own gate: fp32 and int8 ONNX on the run's
+validation photos), and file sizes.
+
+The runs are `--recipe best` (no refit, so val stays unseen) on the linked trees and feature cache
+of benchmarks/pretrained_prior.py: their features are computed once, and the head fits in seconds."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import warmstart
+from warmstart.data.images import open_image
+from warmstart.export import export_run
+from warmstart.predict import preprocess
+from warmstart.run_dir import load_run
+
+from . import serve_load
+from .common import save
+from .pretrained_prior import WORK, data_sets
+
+RUNS = [("imagewoof-mini", "efficientnet_lite0"), ("stanford-dogs-120-dev", "efficientnet_lite0"),
+        ("stanford-dogs-120-dev", "efficientnet_lite2")]
+SERVED = {("imagewoof-mini", "efficientnet_lite0"), ("stanford-dogs-120-dev", "efficientnet_lite2")}
+THREADS = 2
+
+
+def _rate(forward, batch: np.ndarray, seconds: float = 6.0) -> float:
+    """Images per second of `forward` on `batch`, repeated for about `seconds` after a warm-up."""
+    forward(batch)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        forward(batch)
+        done += len(batch)
+    return done / (time.perf_counter() - start)
+
+
+def _forwards(run_dir: Path, fp32: Path, int8: Path) -> dict:
+    import onnxruntime as ort
+
+    torch.set_num_threads(THREADS)
+    model = load_run(run_dir).model.eval().to(memory_format=torch.channels_last)
+
+    def pytorch(batch):
+        with torch.inference_mode():
+            return model(torch.from_numpy(batch).contiguous(memory_format=torch.channels_last))
+
+    def onnx(path):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = THREADS
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return lambda batch: session.run(None, {name: batch})
+
+    return {"fp32 PyTorch": pytorch, "fp32 ONNX": onnx(fp32), "int8 ONNX": onnx(int8)}
+
+
+def one(name: str, model: str, quick: bool) -> dict:
+    data = data_sets(False, (name,), (None,))[0][1]
+    out = WORK / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-int8-{name}-{model}"
+    run = warmstart.train(warmstart.RunConfig.from_dict({
+        "recipe": "best", "refit": False, "model": model, "data": str(data), "quiet": True, "workers": THREADS,
+        "out": str(out), "cache_dir": str(WORK / "cache")}))
+    exported = export_run(run.run_dir, "onnx", int8=True, calibration=64 if quick else 200)
+    gate = exported.int8
+    photos = sorted((data / "val").rglob("*.*"))[:16]
+    meta = load_run(run.run_dir).export_metadata()
+    arrays = np.stack([preprocess(open_image(str(p)), meta) for p in photos])
+    rates = {label: {f"batch {b}": _rate(forward, arrays[:b], 3.0 if quick else 6.0) for b in (1, 16)}
+             for label, forward in _forwards(run.run_dir, exported.path, gate.path).items()}
+    service = {}
+    if (name, model) in SERVED:
+        jpegs = [p.read_bytes() for p in sorted((data / "val").rglob("*.*"))[:40]]
+        for label, target in (("fp32 PyTorch", run.run_dir), ("fp32 ONNX", exported.path), ("int8 ONNX", gate.path)):
+            process, url = serve_load._start(target)
+            try:
+                serve_load._load(url, jpegs, 2, 2)  # warm-up
+                service[label] = serve_load._load(url, jpegs, serve_load.CLIENTS,
+                                                  5 if quick else serve_load.REQUESTS_PER_CLIENT)
+            finally:
+                process.terminate()
+                process.wait(timeout=30)
+    return {"set": name, "model": model, "input_size": meta["input_size"], "tta": bool(meta.get("tta")),
+            "pytorch_top1": run.metrics["top1"], "fp32_onnx_top1": gate.fp32_top1, "int8_onnx_top1": gate.int8_top1,
+            "agreement": gate.agreement, "gate_photos": gate.gate_photos, "quantize_seconds": gate.seconds,
+            "mb": {"fp32 ONNX": exported.path.stat().st_size / 2**20, "int8 ONNX": gate.path.stat().st_size / 2**20},
+            "images_per_sec": rates, "service": service}
+
+
+def run(quick: bool = False) -> dict:
+    runs = [one(name, model, quick) for name, model in (RUNS[:1] if quick else RUNS)]
+    result = {"benchmark": "int8 ONNX against fp32 on a CPU", "quick": quick, "threads": THREADS,
+              "clients": serve_load.CLIENTS, "runs": runs}
+    save("int8" + ("_quick" if quick else ""), result)
+    return result
