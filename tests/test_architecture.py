@@ -46,7 +46,7 @@ LAYERS = [
     {"evaluate"},
     {"train"},
     {"predict", "quantize", "export"},
-    {"serve", "report", "tune", "quickstart"},
+    {"serve", "report", "tune", "audit", "quickstart"},
     {"cli", "__main__"},
     {"warmstart"},  # the package's own __init__: the library's front door
 ]

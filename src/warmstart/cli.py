@@ -170,7 +170,7 @@ def _add_data_and_report_commands(sub) -> None:
     qs.add_argument("--out", default=None)
     qs.add_argument("--quiet", action="store_true")
 
-    data = sub.add_parser("data", help="datasets: download, check")
+    data = sub.add_parser("data", help="datasets: download, check, audit")
     data_sub = data.add_subparsers(dest="data_command", required=True, parser_class=OneLineParser)
     dl = data_sub.add_parser("download", help="download a dataset (stanford-dogs), resumable and verified")
     dl.add_argument("dataset", choices=("stanford-dogs",))
@@ -184,6 +184,12 @@ def _add_data_and_report_commands(sub) -> None:
     ck.add_argument("--json", action="store_true")
     ck.add_argument("--allow-outside-paths", action="store_true",
                     help="CSV manifests: read image paths outside the manifest's folder")
+
+    au = data_sub.add_parser("audit", help="find likely label errors, near-duplicates (train/test leakage) and "
+                             "outliers from the frozen network's features, before training (train's options)")
+    au.add_argument("root", nargs="?", default=None, help="the data (as --data); --out DIR for the results "
+                    "(default audit/), --cache-dir for the features (default DIR/cache: pass the same to train)")
+    _add_train_options(au)
 
     rp = sub.add_parser("report", help="a self-contained HTML report of a run, with plots")
     rp.add_argument("run", help="run directory")
@@ -386,6 +392,13 @@ def _cmd_data(args) -> int:
 
         root = download_stanford_dogs(args.dir, args.base_url or stanford_dogs.BASE_URL, args.quiet)
         print(f"ready: warmstart train --data {root}")
+        return 0
+    if args.data_command == "audit":
+        from .audit import audit
+
+        if args.root is not None:
+            args.data = args.root
+        audit(config_from_args(args))
         return 0
     from .data.check import check_dataset
 

@@ -63,6 +63,8 @@ class RunConfig:
     data: str = setting("", "ROOT with train/ and val/ or test/ class folders, ROOT/<class>/*, or a CSV manifest "
                         "(image_path,label)", group="data", tunable=False)
     val_data: str | None = setting(None, "separate validation data (folder tree or CSV)", group="data", tunable=False)
+    exclude: str | None = setting(None, "leave out the photos FILE lists (one path a line, or an audit's "
+                                  "label_issues.csv, outliers.csv or duplicates.csv)", group="data", tunable=False)
     val_fraction: float = setting(0.2, "held-out fraction when there is no val/ split (seeded, stratified; default "
                                   "0.2; 0: no validation, the last epoch is kept)", group="data", bounds="[0, 1)")
     crop_to_box: bool = setting(False, "Stanford Dogs: train and evaluate on the annotated dog box (the largest, "

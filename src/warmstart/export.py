@@ -62,13 +62,8 @@ def int8_path(fp32: Path) -> Path:
     return fp32.with_name(fp32.name.removesuffix(".onnx") + ".int8.onnx")
 
 
-def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None, force: bool = False,
-               int8: bool = False, calibration: int = CALIBRATION_PHOTOS, max_int8_drop: float = MAX_DROP
-               ) -> ExportResult:
-    """The run's model as `fmt` at `out` (default: in the run directory, replacing an earlier
-    export); an existing `out` file is overwritten only with `force`. With `int8` (ONNX), also an
-    int8 model beside it (quantize.py: calibrated on `calibration` training photos, refused if it
-    loses more than `max_int8_drop` points of top-1 on the validation photos)."""
+def _check_request(fmt: str, out, force: bool, int8: bool) -> None:
+    """Mistakes refused before anything is written: a format, --int8 without ONNX, an existing file."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not valid: use one of {', '.join(FORMATS)}")
     if int8 and fmt != "onnx":
@@ -80,6 +75,35 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
         what = "a folder" if Path(out).is_dir() else "an existing file"
         raise UserError(f"--out {out} is {what}: pass a new file path" + ("" if Path(out).is_dir() else
                         ", or --force to overwrite it") + " (nothing was written)")
+
+
+def _onnx_file(model, inputs: torch.Tensor, path: Path, meta: dict) -> tuple[str, np.ndarray]:
+    """(exporter, its outputs on `inputs`): one self-contained ONNX file carrying the run's metadata."""
+    import onnx
+    import onnxruntime as ort
+
+    external = path.with_name(path.name + ".data")  # where the exporter may put the weights
+    external.unlink(missing_ok=True)
+    exporter = _export_onnx(model, inputs[:2], path)
+    proto = onnx.load(str(path))  # the weights too, wherever the exporter put them
+    del proto.metadata_props[:]
+    for key, value in {**meta, "precision": "fp32"}.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    onnx.save(proto, str(path))  # one self-contained file (models under 2 GB)
+    external.unlink(missing_ok=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return exporter, session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
+
+
+def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = None, force: bool = False,
+               int8: bool = False, calibration: int = CALIBRATION_PHOTOS, max_int8_drop: float = MAX_DROP
+               ) -> ExportResult:
+    """The run's model as `fmt` at `out` (default: in the run directory, replacing an earlier
+    export); an existing `out` file is overwritten only with `force`. With `int8` (ONNX), also an
+    int8 model beside it (quantize.py: calibrated on `calibration` training photos, refused if it
+    loses more than `max_int8_drop` points of top-1 on the validation photos)."""
+    _check_request(fmt, out, force, int8)
     run_dir = Path(run_dir)
     run = load_run(run_dir)
     model = run.model.eval()
@@ -102,21 +126,7 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
             exported = torch.jit.load(str(path), map_location="cpu")(inputs).numpy()
         exporter = "torch.jit.trace"
     else:
-        import onnx
-        import onnxruntime as ort
-
-        external = path.with_name(path.name + ".data")  # where the exporter may put the weights
-        external.unlink(missing_ok=True)
-        exporter = _export_onnx(model, inputs[:2], path)
-        proto = onnx.load(str(path))  # the weights too, wherever the exporter put them
-        del proto.metadata_props[:]
-        for key, value in {**meta, "precision": "fp32"}.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, json.dumps(value)
-        onnx.save(proto, str(path))  # one self-contained file (models under 2 GB)
-        external.unlink(missing_ok=True)
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        exported = session.run(None, {session.get_inputs()[0].name: inputs.numpy()})[0]
+        exporter, exported = _onnx_file(model, inputs, path, meta)
 
     difference = float(np.abs(exported - reference).max())
     same_top1 = bool((exported.argmax(1) == reference.argmax(1)).all())

@@ -17,6 +17,7 @@ import torch
 from .._version import __version__
 from ..calibration import Calibration
 from ..config import RunConfig
+from ..data.exclude import exclude
 from ..data.sources import SourceOptions, describe_splits, resolve_splits
 from ..data.image_cache import cached_images
 from ..data.transforms import data_config_for, eval_transform
@@ -235,8 +236,12 @@ def build(config: RunConfig, reporter: Reporter) -> Built:
     resolve_architecture(config.model, config.weights)  # a bad name fails before any data scan
     splits = resolve_splits(config.data, config.val_fraction, config.seed, config.val_data,
                             options=SourceOptions.of(config))
+    excluded = 0
+    if config.exclude:
+        splits, excluded = exclude(splits, config.exclude)
     train_set = splits["train"]
-    reporter.info(f"data: {describe_splits(splits)}")
+    reporter.info(f"data: {describe_splits(splits)}" + (f" ({excluded} excluded by --exclude {config.exclude})"
+                                                        if config.exclude else ""))
     for name in train_set.extra.get("dropped_classes", []):
         reporter.warn(f"dropped class {name}: its folder has no images (--drop-empty-classes)")
     ignored = [entry for split in splits.values() for entry in split.ignored]

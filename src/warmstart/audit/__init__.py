@@ -1,0 +1,105 @@
+"""`warmstart data audit ROOT`: what is wrong with the labels, before training. One extraction of
+the frozen network's features (into the same cache `train` uses), then seconds of analysis
+(audit/find.py); written as CSV files and a self-contained HTML page (audit/write.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+from ..config import RunConfig
+from ..progress import Reporter
+from . import find
+from .write import write_audit
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class AuditResult:
+    out: Path
+    photos: int
+    label_issues: list[dict] = field(default_factory=list)
+    duplicates: list[dict] = field(default_factory=list)
+    outliers: list[dict] = field(default_factory=list)
+
+    @property
+    def leaks(self) -> list[dict]:
+        return [d for d in self.duplicates if d["split_a"] != d["split_b"]]
+
+    def summary(self) -> str:
+        worst = {}
+        for issue in self.label_issues:
+            worst[issue["label"]] = worst.get(issue["label"], 0) + 1
+        classes = ", ".join(f"{name} ({n})" for name, n in sorted(worst.items(), key=lambda kv: -kv[1])[:5])
+        return (f"audit of {self.photos:,} photos: {len(self.label_issues)} likely label errors"
+                f"{f' (most in {classes})' if classes else ''}, {len(self.duplicates)} near-duplicate pairs "
+                f"({len(self.leaks)} across splits: leakage), {len(self.outliers)} outliers; details in {self.out}")
+
+
+def features_of(config: RunConfig, reporter: Reporter):
+    """(splits, {split: features}, built): the frozen network's pooled features of every split's
+    un-augmented view, from the cache a training run with this config and --cache-dir reads."""
+    from ..compute.runtime import Runtime
+    from ..data.feature_cache import FeatureCache, View
+    from ..data.transforms import eval_transform
+    from ..train.cached import cached_views, model_fingerprint, pre_logits
+    from ..train.run import build
+    from ..train.session import Session
+
+    built = build(config, reporter)
+    runtime = Runtime.for_config(config)
+    model = runtime.prepare(built.model.eval())
+    session = Session(config, built.data_config, runtime, reporter)
+    cache = FeatureCache(config.cache_dir, model_fingerprint(model, built.arch, runtime), reporter.warn)
+    names = [s for s in SPLITS if s in built.splits and len(built.splits[s])]
+    outs = cached_views(cache, [(View(s, eval_transform(built.data_config)), built.splits[s]) for s in names],
+                        pre_logits(model, runtime), session)
+    return {s: built.splits[s] for s in names}, dict(zip(names, outs)), built
+
+
+def audit(config: RunConfig, reporter: Reporter | None = None,
+          similarity: float = find.DUPLICATE_SIMILARITY) -> AuditResult:
+    """Audit config.data with config's model and data options; results in config.out (default
+    audit/), features in config.cache_dir (default OUT/cache)."""
+    reporter = reporter or Reporter(config.quiet)
+    out = Path(config.out or "audit")
+    config = config.replace(cache_dir=config.cache_dir or str(out / "cache")).validated()
+    # the head as --recipe linear-probe fits it (L-BFGS, lr 1, weight decay 1e-3, the run's --head-prior)
+    probe = SimpleNamespace(resolved_lr=lambda: 1.0, weight_decay=1e-3, head_prior=config.head_prior)
+    splits, outs, built = features_of(config, reporter)
+    rows = {s: torch.nonzero(o.valid).flatten() for s, o in outs.items()}  # unreadable photos left out
+    feats = {s: outs[s].features[rows[s]].float() for s in splits}
+    labels = {s: torch.as_tensor(splits[s].labels)[rows[s]] for s in splits}
+    classes = len(splits["train"].class_ids)
+    result = AuditResult(out, sum(len(r) for r in rows.values()))
+    probs = {"train": find.out_of_fold(feats["train"], labels["train"], classes, probe, built.prior, seed=config.seed)}
+    head = find.fit_head(feats["train"], labels["train"], classes, probe, built.prior)
+    probs.update({s: find.probabilities(head, feats[s]) for s in splits if s != "train"})
+    names = splits["train"].class_names
+
+    def photo(split: str, row: int) -> dict:
+        index = int(rows[split][row])
+        return {"path": str(splits[split].items[index]), "split": split, "label": names[splits[split].labels[index]]}
+
+    for s in splits:
+        result.label_issues += [{**photo(s, i), "suggested": names[suggested], "score": round(quality, 4)}
+                                for i, suggested, quality in find.label_issues(labels[s].numpy(), probs[s])]
+    result.label_issues.sort(key=lambda r: r["score"])
+    order = [(s, i) for s in splits for i in range(len(rows[s]))]
+    everything = torch.cat([feats[s] for s in splits])
+    pairs = {(a, b): sim for a, b, sim in find.near_duplicates(everything, similarity)}
+    pairs.update({(a, b): 1.0 for a, b in find.identical_files([photo(*order[i])["path"] for i in range(len(order))])})
+    for (a, b), sim in sorted(pairs.items(), key=lambda kv: -kv[1]):
+        first, second = photo(*order[a]), photo(*order[b])
+        result.duplicates.append({"path_a": first["path"], "path_b": second["path"], "split_a": first["split"],
+                                  "split_b": second["split"], "label_a": first["label"], "label_b": second["label"],
+                                  "similarity": round(sim, 4)})
+    scores = find.outlier_scores(everything)
+    result.outliers = [{**photo(*order[i]), "score": round(float(scores[i]), 4)} for i in find.flagged_outliers(scores)]
+    write_audit(result)
+    reporter.info(result.summary())
+    return result
