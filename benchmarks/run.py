@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import (calibration, ensembles, feature_extractor, fine_tune, gpu, hard_set, image_path, int8,
+from . import (audit, calibration, ensembles, feature_extractor, fine_tune, gpu, hard_set, image_path, int8,
                pretrained_prior, recipes, serve_load, unmatched_rows)
 from .common import RESULTS, ROOT
 
 SUITES = {"feature_extractor": feature_extractor, "fine_tune": fine_tune, "image_path": image_path,
           "serve_load": serve_load, "recipes": recipes, "hard_set": hard_set, "ensembles": ensembles,
           "pretrained_prior": pretrained_prior, "unmatched_rows": unmatched_rows, "calibration": calibration,
-          "int8": int8}
+          "int8": int8, "audit": audit}
 # benchmarks/gpu.py runs on its own, on a GPU; its results are rendered here like the others'
 
 
@@ -282,10 +282,29 @@ def _int8(r: dict) -> list[str]:
     return lines
 
 
+def _audit(r: dict) -> list[str]:
+    lines = [f"### 12. Label audit with planted problems ({'quick' if r['quick'] else 'whole sets'}; {r['model']})",
+             "", f"Machine: {_machine_line(r['machine'])}", "",
+             "5% of train's labels flipped at random (seeded), 10 val photos copied into train resized to 90% and "
+             "re-encoded at JPEG quality 75. Precision = recall in the top N of `label_issues.csv`, N the number "
+             "flipped; the unmodified set audited too.", "",
+             "| set | train photos | flipped | found in top N (head from zero) | issues reported | copies found as leaks | "
+             "duplicate pairs | time (s) | unmodified: issues / duplicate pairs / outliers |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for run in r["runs"]:
+        c = run["clean"]
+        lines.append(f"| {run['set']} | {run['train_photos']} | {run['flipped']} | {100 * run['precision_at_n']:.0f}% "
+                     f"({100 * run['precision_at_n_head_from_zero']:.0f}%) | "
+                     f"{run['issues_reported']} ({run['flips_anywhere_in_issues']} flips) | "
+                     f"{run['copies_found_as_leaks']} of {run['copies']} | {run['duplicate_pairs']} | "
+                     f"{run['seconds']:.0f} | {c['label_issues']} / {c['duplicates']} / {c['outliers']} |")
+    return lines + [""]
+
+
 RENDER = {"feature_extractor": _feature_extractor, "fine_tune": _fine_tune, "image_path": _image_path,
           "serve_load": _serve_load, "int8": _int8, "recipes": _recipes, "hard_set": _hard_set,
           "ensembles": _ensembles, "gpu": _gpu, "pretrained_prior": _pretrained_prior, "unmatched_rows": _unmatched_rows,
-          "calibration": _calibration}
+          "calibration": _calibration, "audit": _audit}
 
 
 def write_markdown() -> None:
