@@ -301,10 +301,25 @@ def _audit(r: dict) -> list[str]:
     return lines + [""]
 
 
+def _before_after(r: dict) -> list[str]:
+    names = {"feature_extractor_seconds": "feature-extractor recipe, end to end (s; lower is better)",
+             "feature_extractor_top1": "its val top-1", "fine_tune_images_per_sec": "fine-tuning on images (img/s)",
+             "eval_images_per_sec": "evaluation (img/s)"}
+    lines = [f"### 13. Before and after a refactor (base {r['base']}, {r['repeats']} interleaved repeats, fp32)", "",
+             f"Machine: {_machine_line(r['machine'])}", "",
+             "The same workloads through the public API on the base commit's code and on this tree, alternated "
+             "A B A B in one run (`python -m benchmarks.before_after --base REV`); medians.", "",
+             "| workload | before | after | after / before |", "| --- | ---: | ---: | ---: |"]
+    for key, label in names.items():
+        lines.append(f"| {label} | {r['medians']['before'][key]:.3f} | {r['medians']['after'][key]:.3f} | "
+                     f"{r['ratios'][key]:.2f} |")
+    return lines + [""]
+
+
 RENDER = {"feature_extractor": _feature_extractor, "fine_tune": _fine_tune, "image_path": _image_path,
           "serve_load": _serve_load, "int8": _int8, "recipes": _recipes, "hard_set": _hard_set,
           "ensembles": _ensembles, "gpu": _gpu, "pretrained_prior": _pretrained_prior, "unmatched_rows": _unmatched_rows,
-          "calibration": _calibration, "audit": _audit}
+          "calibration": _calibration, "audit": _audit, "before_after": _before_after}
 
 
 def write_markdown() -> None:
