@@ -66,7 +66,8 @@ def one(name: str, model: str, quick: bool) -> dict:
     run = warmstart.train(warmstart.RunConfig.from_dict({
         "recipe": "best", "refit": False, "model": model, "data": str(data), "quiet": True, "workers": THREADS,
         "out": str(out), "cache_dir": str(WORK / "cache")}))
-    exported = export_run(run.run_dir, "onnx", int8=True, calibration=64 if quick else 200)
+    # the gate's figures are recorded, not enforced here: whether the default gate (1 point) passes is a result
+    exported = export_run(run.run_dir, "onnx", int8=True, calibration=64 if quick else 200, max_int8_drop=100.0)
     gate = exported.int8
     photos = sorted((data / "val").rglob("*.*"))[:16]
     meta = load_run(run.run_dir).export_metadata()
@@ -92,8 +93,8 @@ def one(name: str, model: str, quick: bool) -> dict:
             "images_per_sec": rates, "service": service}
 
 
-def run(quick: bool = False) -> dict:
-    runs = [one(name, model, quick) for name, model in (RUNS[:1] if quick else RUNS)]
+def run(quick: bool = False, models: tuple[str, ...] = ("efficientnet_lite0", "efficientnet_lite2")) -> dict:
+    runs = [one(name, model, quick) for name, model in (RUNS[:1] if quick else RUNS) if model in models]
     result = {"benchmark": "int8 ONNX against fp32 on a CPU", "quick": quick, "threads": THREADS,
               "clients": serve_load.CLIENTS, "runs": runs}
     save("int8" + ("_quick" if quick else ""), result)
