@@ -5,6 +5,7 @@ The service cases run against a real `warmstart serve` process (its peak memory 
 /proc, its /health is timed while it decodes); the rest call the library and the CLI in-process.
 """
 
+import contextlib
 import io
 import json
 import os
@@ -167,6 +168,21 @@ def test_service_memory_is_bounded_and_health_answers_while_decoding(server):
     assert status == 413 and "together" in body["error"]
 
 
+def _reading(sock) -> tuple[bytearray, threading.Thread]:
+    """The server's answer, read by a thread as it comes (the server may close once it has answered,
+    even while we still send): what arrived before a reset is in the bytearray."""
+    answer = bytearray()
+
+    def read():
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                answer.extend(chunk)
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    return answer, reader
+
+
 def _send_chunks(sock, total: int) -> int:
     """Chunks of zeros until `total` bytes or until the server stops reading (closes); bytes sent."""
     sent, chunk = 0, b"\0" * 65536
@@ -184,17 +200,7 @@ def test_chunked_upload_is_stopped_at_the_limit(server):
     for content_type in (b"image/png", b"multipart/form-data; boundary=b"):
         before = server.reset_peak()
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
-            answer = bytearray()
-
-            def read():  # the answer, read as it comes (the server closes once it has answered)
-                try:
-                    while data := sock.recv(65536):
-                        answer.extend(data)
-                except OSError:  # reset after the answer: what arrived is in `answer`
-                    return
-
-            reader = threading.Thread(target=read)
-            reader.start()
+            answer, reader = _reading(sock)
             sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: " + content_type +
                          b"\r\nTransfer-Encoding: chunked\r\n\r\n")
             if content_type.startswith(b"multipart"):
@@ -266,22 +272,11 @@ def _raw_post(port: int, content_length: int, first: bytes) -> socket.socket:
 def _answer(server: Server, path: str, data: bytes, content_type: str = "image/png") -> tuple[int, dict, dict]:
     """(status, headers, JSON) of an image POSTed whole, read as the answer comes: a refused upload
     is answered before its body is read, and the connection closed under the sender."""
-    answer = bytearray()
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
-        def read():
-            try:
-                while chunk := sock.recv(65536):
-                    answer.extend(chunk)
-            except OSError:
-                return
-
-        reader = threading.Thread(target=read)
-        reader.start()
-        try:
+        answer, reader = _reading(sock)
+        with contextlib.suppress(OSError):  # refused and closed before the whole body was sent
             sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\nConnection: close\r\n"
                          b"Content-Length: %d\r\n\r\n" % (path.encode(), content_type.encode(), len(data)) + data)
-        except OSError:  # refused and closed before the whole body was sent
-            pass
         reader.join(timeout=30)
     head, _, body = bytes(answer).partition(b"\r\n\r\n")
     lines = head.decode().split("\r\n")
