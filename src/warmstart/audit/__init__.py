@@ -89,17 +89,17 @@ def audit(config: RunConfig, reporter: Reporter | None = None,
         result.label_issues += [{**photo(s, i), "suggested": names[suggested], "score": round(quality, 4)}
                                 for i, suggested, quality in find.label_issues(labels[s].numpy(), probs[s])]
     result.label_issues.sort(key=lambda r: r["score"])
-    order = [(s, i) for s in splits for i in range(len(rows[s]))]
+    photos = [photo(s, i) for s in splits for i in range(len(rows[s]))]  # in the order of `everything`
     everything = torch.cat([feats[s] for s in splits])
     pairs = {(a, b): sim for a, b, sim in find.near_duplicates(everything, similarity)}
-    pairs.update({(a, b): 1.0 for a, b in find.identical_files([photo(*order[i])["path"] for i in range(len(order))])})
+    pairs.update({(a, b): 1.0 for a, b in find.identical_files([p["path"] for p in photos])})
     for (a, b), sim in sorted(pairs.items(), key=lambda kv: -kv[1]):
-        first, second = photo(*order[a]), photo(*order[b])
+        first, second = photos[a], photos[b]
         result.duplicates.append({"path_a": first["path"], "path_b": second["path"], "split_a": first["split"],
                                   "split_b": second["split"], "label_a": first["label"], "label_b": second["label"],
                                   "similarity": round(sim, 4)})
     scores = find.outlier_scores(everything)
-    result.outliers = [{**photo(*order[i]), "score": round(float(scores[i]), 4)} for i in find.flagged_outliers(scores)]
+    result.outliers = [{**photos[i], "score": round(float(scores[i]), 4)} for i in find.flagged_outliers(scores)]
     write_audit(result)
     reporter.info(result.summary())
     return result
