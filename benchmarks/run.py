@@ -256,9 +256,11 @@ def _int8(r: dict) -> list[str]:
              f"{r['threads']} threads, service with {r['clients']} concurrent clients)", "",
              f"Machine: {_machine_line(r['machine'])}", "",
              "Each run is `--recipe best` (flip TTA, 1.3x input; no refit, so val stays unseen), exported with "
-             "`--int8` (static QDQ, per-channel, reduced range, first convolution and classifier in float, "
-             "200 training photos to calibrate). Top-1: PyTorch on the run's whole val split (from the run), "
-             "fp32 and int8 ONNX on up to 1,000 of its photos (the export's own gate).", ""]
+             "`--int8` (static QDQ, per-channel, reduced range; the stem, the first block and the classifier in "
+             "float; 200 training photos to calibrate). Flip TTA is one pass over a batch of both views, so "
+             "\"batch 1\" runs the network on 2 images. Top-1: PyTorch on the run's whole val split (from the "
+             "run), fp32 and int8 ONNX on up to 1,000 of its photos (the export's own gate). Images/sec: the "
+             f"median of {r.get('rounds', 1)} interleaved rounds of 2 s each.", ""]
     for run in r["runs"]:
         rates, service = run["images_per_sec"], run["service"]
         base = rates["fp32 ONNX"]

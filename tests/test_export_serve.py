@@ -11,11 +11,13 @@ import time
 import urllib.request
 
 import pytest
+import torch
 from PIL import Image
 
 from warmstart import RunConfig, train
 from warmstart.cli import main
 from warmstart.export import export_run
+from warmstart.run_dir import load_run
 
 from conftest import launch_chromium, require_browser, require_shared
 
@@ -36,7 +38,7 @@ def dog_run(tmp_path_factory):
             (root / breed / photo.name).symlink_to(photo)
         photos[breed] = sorted((root / breed).iterdir())[0]
     result = train(RunConfig(data=str(root), augment="none", epochs=8, input_size=128, workers=0, quiet=True,
-                             val_fraction=0.25, out=str(tmp_path_factory.mktemp("runs") / "dogs")))
+                             val_fraction=0.25, tta=True, out=str(tmp_path_factory.mktemp("runs") / "dogs")))
     onnx_path = export_run(result.run_dir, "onnx").path
     return result.run_dir, onnx_path, photos
 
@@ -45,7 +47,13 @@ def test_export_formats_with_parity(dog_run, tmp_path):
     run_dir, onnx_path, _ = dog_run
     import onnx
 
-    props = {p.key: json.loads(p.value) for p in onnx.load(str(onnx_path)).metadata_props}
+    graph = onnx.load(str(onnx_path))
+    props = {p.key: json.loads(p.value) for p in graph.metadata_props}
+    # flip TTA is one pass over a batch of both views: one copy of the network in the graph
+    network = load_run(run_dir).network
+    assert props["tta"] is True
+    assert sum(n.op_type == "Conv" for n in graph.graph.node) == sum(
+        isinstance(m, torch.nn.Conv2d) for m in network.modules())
     assert props["class_names"] == ["Maltese dog", "golden retriever", "German shepherd", "Saint Bernard"]
     assert props["input_size"] == [3, 128, 128] and props["mean"] == [0.5] * 3 and props["interpolation"] == "bicubic"
     for fmt in ("torchscript", "safetensors"):
@@ -95,7 +103,15 @@ def test_int8_export_carries_the_metadata_and_keeps_the_top1(int8_export, dog_ru
     assert props == {**fp32_props, "precision": "int8"} and fp32_props["precision"] == "fp32"
     gate = int8_export.int8
     assert gate.gate_photos == 12 and gate.calibration_photos == 32 and gate.agreement >= 11 / 12
-    assert gate.fp32_top1 - gate.int8_top1 <= 0.01 and len(gate.excluded) == 2
+    assert gate.fp32_top1 - gate.int8_top1 <= 0.01
+    # in float: the stem, the convolutions after it at its resolution that do not widen it, the classifier
+    graph = onnx.load(str(int8)).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    float_weights = sorted(n.input[1].split("model.model.")[-1] for n in graph.node
+                           if n.op_type in ("Conv", "Gemm") and n.input[1] not in dequantized)
+    assert float_weights == ["blocks.0.0.conv_dw.weight", "blocks.0.0.conv_pw.weight",
+                             "classifier.weight", "conv_stem.weight"], float_weights
+    assert len(gate.excluded) == 4 and sum(n.op_type == "Conv" for n in graph.node) > 40
     images = [str(p) for p in photos.values()]
     same = [a[1][0][0] == b[1][0][0] for a, b in zip(predict_onnx(str(int8), images, 1),
                                                      predict_onnx(str(fp32), images, 1))]

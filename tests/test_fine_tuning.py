@@ -144,6 +144,10 @@ def test_flip_tta_averages_the_image_and_its_mirror():
         assert torch.allclose(FlipTTA(model)(images).softmax(1), expected, atol=1e-6)
         symmetric = torch.cat([images[..., :32], images[..., :32].flip(3)], dim=3)
         assert torch.allclose(FlipTTA(model)(symmetric).softmax(1), model(symmetric).softmax(1), atol=1e-5)
+        batches = []  # one pass over a batch of both views (one copy of the network in an export)
+        model.register_forward_hook(lambda module, args, out: batches.append(len(args[0])))
+        FlipTTA(model)(images)
+        assert batches == [4]
 
 
 @pytest.mark.slow

@@ -82,12 +82,25 @@ def held_photos(run_dir: Path, calibration: int):
 
 
 def kept_in_float(model) -> list[str]:
-    """The first convolution and the classifier: the layers where 8 bits cost the most (the raw
-    pixels in; the logits out)."""
+    """The layers where 8 bits cost the most for the least work: the first convolution (raw pixels
+    in), the convolutions after it at its resolution that do not widen it (the first block of a
+    MobileNet/EfficientNet, 5% of its multiply-adds; none in a ResNet), and the classifier. Measured
+    on stanford-dogs-120-dev with Lite0: the first block in float turns a 1.1-point loss of top-1 into
+    0.6 (BENCHMARKS.md §5b, benchmarks/NOTES.md); the next blocks are a quarter of the work."""
     nodes = list(model.graph.node)
-    first = next((n.name for n in nodes if n.op_type == "Conv"), None)
-    last = next((n.name for n in reversed(nodes) if n.op_type in ("Gemm", "MatMul")), None)
-    return [name for name in (first, last) if name]
+    dims = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+            for v in list(model.graph.value_info) + list(model.graph.input)}
+    convs = [n for n in nodes if n.op_type == "Conv"]
+    kept = convs[:1]
+    stem = dims.get(convs[0].output[0]) if convs else None
+    if stem and len(stem) == 4 and all(stem[1:]):
+        for conv in convs[1:]:
+            shape_in, shape_out = dims.get(conv.input[0], []), dims.get(conv.output[0], [])
+            if shape_in[2:] != stem[2:] or shape_out[2:] != stem[2:] or shape_out[1] > stem[1]:
+                break
+            kept.append(conv)
+    last = next((n for n in reversed(nodes) if n.op_type in ("Gemm", "MatMul")), None)
+    return [n.name for n in kept + ([last] if last else [])]
 
 
 class _Calibration:
@@ -102,9 +115,9 @@ class _Calibration:
 
 
 def quantize_onnx(run_dir: str | Path, fp32_path: str | Path, out: str | Path, calibration: int = CALIBRATION_PHOTOS,
-                  max_drop: float = MAX_DROP, method: str = "minmax") -> Int8Result:
+                  max_drop: float = MAX_DROP) -> Int8Result:
     """`fp32_path` (an exported run) as int8 at `out` (static QDQ, per-channel weights, the first
-    convolution and the classifier in float), then gated: fp32 and int8 top-1 on the validation
+    layers and the classifier in float: `kept_in_float`), then gated: fp32 and int8 top-1 on the validation
     photos; more than `max_drop` points lost is one line, the int8 file removed."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -122,9 +135,7 @@ def quantize_onnx(run_dir: str | Path, fp32_path: str | Path, out: str | Path, c
             reader = _Calibration(fp32.graph.input[0].name, photo_batches(calib_images, calib_indices, meta, 1))
             quantize_static(str(pre), str(quantized), reader, quant_format=QuantFormat.QDQ, per_channel=True,
                             weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
-                            calibrate_method={"minmax": CalibrationMethod.MinMax,
-                                              "entropy": CalibrationMethod.Entropy,
-                                              "percentile": CalibrationMethod.Percentile}[method],
+                            calibrate_method=CalibrationMethod.MinMax,  # entropy/percentile: no better, GBs more
                             nodes_to_exclude=excluded, reduce_range=REDUCE_RANGE)
         except Exception as exc:  # an operator or graph the quantiser does not take
             raise UserError(f"{fp32_path} cannot be quantised to int8 ({exc.__class__.__name__}: "

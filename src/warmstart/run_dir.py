@@ -217,6 +217,7 @@ class LoadedRun:
             # the graph divides the logits by it: its probabilities are the calibrated ones
             "temperature": self.meta.get("temperature"),
             "calibrated": bool(self.meta.get("temperature")),
+            "tta": bool(self.meta.get("tta")),  # the graph averages the image and its mirror image
             "warmstart_version": self.meta.get("warmstart_version"),
         }
 

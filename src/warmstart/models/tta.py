@@ -25,4 +25,7 @@ class FlipTTA(nn.Module):
         self.model = model
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return average_views(self.model(images), self.model(images.flip(3)))
+        # one pass over both views: one copy of the network in an exported graph (and of its int8
+        # weights), and a batch of two where a single photo is asked for
+        views = self.model(torch.cat([images, images.flip(3)])).unflatten(0, (2, -1))
+        return average_views(views[0], views[1])
