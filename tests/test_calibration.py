@@ -50,6 +50,7 @@ def _softmax(x):
     return e / e.sum(1, keepdims=True)
 
 
+@pytest.mark.slow  # exports ONNX and serves: end to end
 def test_a_run_calibrates_on_val_and_every_output_is_softmax_of_logits_over_t(color_tree, tmp_path, capsys):
     from warmstart.export import export_run
     from warmstart.models.create import build_model
