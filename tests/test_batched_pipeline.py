@@ -375,6 +375,35 @@ def test_pixels_decoded_on_workers_cross_shared_memory_at_the_views_size(tmp_pat
         assert (batch.images - pil.images).abs().mean() < 0.3 * LEVEL, name
 
 
+def test_a_batch_crosses_from_its_worker_as_one_block(tmp_path):
+    """A worker hands its RawBatch over as one uint8 tensor (one shared-memory block, not one per
+    image: 256 of those held the GPU pipeline under the plain loop on an H200); every payload
+    arrives equal, in its shape, JPEG bytes and pixels alike; a loader with workers gives the same
+    batch as one without."""
+    import pickle
+
+    from warmstart.data.batched import PackedPayloads
+    from warmstart.data.imageset import ImageSet
+
+    files = [_photo(tmp_path / "plain.jpg"), _photo(tmp_path / "small.png", fmt="PNG", size=(120, 90)),
+             _photo(tmp_path / "portrait.jpg", orientation=6, size=(1600, 1200))]
+    images = ImageSet(files, [0, 1, 0], ["a", "b"], files)
+    view = TensorView.of(train_transform(data_config_for_lite0(), "standard"))
+    raw = collate_raw([RawImageDataset(images, view, 5)[i] for i in range(3)])
+    assert raw.kinds == ["jpeg", "pixels", "shaped"]
+    state = raw.__getstate__()
+    assert isinstance(state["data"], PackedPayloads)
+    assert sum(isinstance(v, torch.Tensor) for v in vars(state["data"]).values()) == 1
+    copy = pickle.loads(pickle.dumps(raw))
+    assert [tuple(d.shape) for d in copy.data] == [tuple(d.shape) for d in raw.data]
+    assert all(torch.equal(a, b) for a, b in zip(copy.data, raw.data))
+    pipeline = DevicePipeline(view, CPU, channels_last=False)
+    loader = torch.utils.data.DataLoader(RawImageDataset(images, view, 5), batch_size=3, num_workers=1,
+                                         collate_fn=collate_raw)
+    through_worker = pipeline(next(iter(loader)))
+    assert torch.equal(through_worker.images, pipeline(raw).images)
+
+
 def test_the_device_decodes_jpegs_in_groups_bounded_by_pixels(monkeypatch, odd_files):
     """A header may claim up to the pixel limit: nvJPEG gets groups of at most DEVICE_DECODE_PIXELS
     claimed pixels (one larger image alone), never the whole batch at full size."""

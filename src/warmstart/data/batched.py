@@ -22,6 +22,7 @@ at most DEVICE_DECODE_PIXELS claimed pixels (a single larger image alone).
 from __future__ import annotations
 
 import io
+import math
 import os
 import queue
 import threading
@@ -177,6 +178,32 @@ class RawBatch:
     indices: torch.Tensor
     skipped: list[tuple[str, str]]
     skipped_indices: list[int]
+
+    def __getstate__(self) -> dict:
+        """Pickled (a loader worker hands it over) with every uint8 payload in one tensor: one
+        shared-memory block per batch, not one per image, each of which costs the receiving
+        process a file descriptor and a mapping."""
+        state = dict(self.__dict__)
+        if self.data and all(d.dtype == torch.uint8 for d in self.data):
+            state["data"] = PackedPayloads([tuple(d.shape) for d in self.data],
+                                           torch.cat([d.contiguous().view(-1) for d in self.data]))
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        if isinstance(state["data"], PackedPayloads):
+            state["data"] = state["data"].unpacked()
+        self.__dict__.update(state)
+
+
+@dataclass
+class PackedPayloads:
+    shapes: list[tuple]
+    flat: torch.Tensor
+
+    def unpacked(self) -> list[torch.Tensor]:
+        """Each payload as a view of the one tensor, in its shape (contiguous)."""
+        sizes = [math.prod(shape) for shape in self.shapes]
+        return [part.view(shape) for part, shape in zip(self.flat.split(sizes), self.shapes)]
 
 
 class RawImageDataset(Dataset):
