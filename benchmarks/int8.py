@@ -112,3 +112,42 @@ def run(quick: bool = False, models: tuple[str, ...] = ("efficientnet_lite0", "e
               "clients": serve_load.CLIENTS, "runs": runs}
     save("int8" + ("_quick" if quick else ""), result)
     return result
+
+
+def pair(folder: Path, photos: Path, threads: tuple[int, ...] = (THREADS, 0)) -> dict:
+    """An exported model.onnx / model.int8.onnx pair on this machine's CPU, without training or
+    torch: images/sec at batch 1 and 16 for each thread count (0: onnxruntime's default, all cores).
+    For a machine whose CPU differs from the one the runs were made on (a lent GPU machine's)."""
+    import onnxruntime as ort
+
+    from warmstart.predict import OnnxBackend
+
+    meta = OnnxBackend(folder / "model.onnx").meta
+    arrays = np.stack([preprocess(open_image(str(p)), meta) for p in sorted(photos.rglob("*.JPEG"))[:16]])
+    flags = {word for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+             for word in line.split()}
+    result = {"benchmark": "an int8/fp32 ONNX pair on another CPU", "source": folder.name,
+              "input_size": meta["input_size"], "tta": meta.get("tta"), "onnxruntime": ort.__version__,
+              "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"}), "rates": {}}
+    for count in threads:
+        def onnx(path, count=count):
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = count
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            return lambda batch: session.run(None, {session.get_inputs()[0].name: batch})
+
+        forwards = {"fp32 ONNX": onnx(folder / "model.onnx"), "int8 ONNX": onnx(folder / "model.int8.onnx")}
+        result["rates"][f"{count or 'all'} threads"] = _rates(forwards, arrays, 3, 2.0)
+        print(count, result["rates"], flush=True)
+    save("int8_pair", result)
+    return result
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="int8 ONNX against fp32: python -m benchmarks.run --only int8 "
+                                     "runs the whole benchmark; --pair measures an exported pair on this CPU")
+    parser.add_argument("--pair", type=Path, required=True, help="a folder with model.onnx and model.int8.onnx")
+    parser.add_argument("--photos", type=Path, required=True, help="a folder of JPEGs (the first 16 are used)")
+    pair(parser.parse_args().pair, parser.parse_args().photos)

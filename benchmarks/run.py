@@ -287,6 +287,20 @@ def _int8(r: dict) -> list[str]:
     return lines
 
 
+def _int8_pair(r: dict) -> list[str]:
+    lines = [f"**The same exported pair on another CPU** ({r['source']}: input {r['input_size'][-1]} px, flip TTA; "
+             f"onnxruntime {r['onnxruntime']}; CPU flags {', '.join(r['cpu_flags'])}; `python -m benchmarks.int8 "
+             "--pair`, medians of 3 interleaved rounds)", "", f"Machine: {_machine_line(r['machine'])}", "",
+             "| threads | fp32 ONNX img/s (1 / 16) | int8 ONNX img/s (1 / 16) | int8 vs fp32 (1 / 16) |",
+             "| --- | ---: | ---: | ---: |"]
+    for threads, rates in r["rates"].items():
+        fp32, int8 = rates["fp32 ONNX"], rates["int8 ONNX"]
+        lines.append(f"| {threads} | {fp32['batch 1']:.1f} / {fp32['batch 16']:.1f} | {int8['batch 1']:.1f} / "
+                     f"{int8['batch 16']:.1f} | {int8['batch 1'] / fp32['batch 1']:.2f}× / "
+                     f"{int8['batch 16'] / fp32['batch 16']:.2f}× |")
+    return lines + [""]
+
+
 def _audit(r: dict) -> list[str]:
     lines = [f"### 12. Label audit with planted problems ({'quick' if r['quick'] else 'whole sets'}; {r['model']})",
              "", f"Machine: {_machine_line(r['machine'])}", "",
@@ -322,7 +336,7 @@ def _before_after(r: dict) -> list[str]:
 
 
 RENDER = {"feature_extractor": _feature_extractor, "fine_tune": _fine_tune, "image_path": _image_path,
-          "serve_load": _serve_load, "int8": _int8, "recipes": _recipes, "hard_set": _hard_set,
+          "serve_load": _serve_load, "int8": _int8, "int8_pair": _int8_pair, "recipes": _recipes, "hard_set": _hard_set,
           "ensembles": _ensembles, "gpu": _gpu, "pretrained_prior": _pretrained_prior, "unmatched_rows": _unmatched_rows,
           "calibration": _calibration, "audit": _audit, "before_after": _before_after}
 
