@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import (audit, calibration, ensembles, feature_extractor, fine_tune, gpu, hard_set, image_path, int8,
+from . import (audit, calibration, ensembles, feature_extractor, fine_tune, fold, gpu, hard_set, image_path, int8,
                pretrained_prior, recipes, serve_load, unmatched_rows)
 from .common import RESULTS, ROOT
 
 SUITES = {"feature_extractor": feature_extractor, "fine_tune": fine_tune, "image_path": image_path,
           "serve_load": serve_load, "recipes": recipes, "hard_set": hard_set, "ensembles": ensembles,
           "pretrained_prior": pretrained_prior, "unmatched_rows": unmatched_rows, "calibration": calibration,
-          "int8": int8, "audit": audit}
+          "int8": int8, "audit": audit, "fold": fold}
 # benchmarks/gpu.py runs on its own, on a GPU; its results are rendered here like the others'
 
 
@@ -287,6 +287,22 @@ def _int8(r: dict) -> list[str]:
     return lines
 
 
+def _fold(r: dict) -> list[str]:
+    lines = [f"### 4b. Folded BatchNorm for inference ({'quick; ' if r['quick'] else ''}batch {r['runs'][0]['batch']}, "
+             f"{r['threads']} threads, fp32 channels_last)", "", f"Machine: {_machine_line(r['machine'])}", "",
+             "Extraction, `eval`, `predict RUN` and the PyTorch service run a copy of the network with each BatchNorm "
+             "folded into the convolution before it (`models/fold.py`); training keeps the network as it is. "
+             f"Pooled features img/s, the median of {r['rounds']} interleaved rounds.", "",
+             "| network | input | BatchNorms (left after folding) | as trained img/s | folded img/s | ratio | "
+             "largest feature difference |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for run in r["runs"]:
+        rates = run["images_per_sec"]
+        lines.append(f"| {run['model']} | {run['input_size']} px | {run['batchnorms']} ({run['left']}) | "
+                     f"{rates['as trained']:.1f} | {rates['folded']:.1f} | {run['ratio']:.2f}× | "
+                     f"{run['max_feature_difference']:.1e} |")
+    return lines + [""]
+
+
 def _int8_pair(r: dict) -> list[str]:
     lines = [f"**The same exported pair on another CPU** ({r['source']}: input {r['input_size'][-1]} px, flip TTA; "
              f"onnxruntime {r['onnxruntime']}; CPU flags {', '.join(r['cpu_flags'])}; `python -m benchmarks.int8 "
@@ -335,7 +351,7 @@ def _before_after(r: dict) -> list[str]:
     return lines + [""]
 
 
-RENDER = {"feature_extractor": _feature_extractor, "fine_tune": _fine_tune, "image_path": _image_path,
+RENDER = {"feature_extractor": _feature_extractor, "fold": _fold, "fine_tune": _fine_tune, "image_path": _image_path,
           "serve_load": _serve_load, "int8": _int8, "int8_pair": _int8_pair, "recipes": _recipes, "hard_set": _hard_set,
           "ensembles": _ensembles, "gpu": _gpu, "pretrained_prior": _pretrained_prior, "unmatched_rows": _unmatched_rows,
           "calibration": _calibration, "audit": _audit, "before_after": _before_after}

@@ -186,7 +186,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "val
 
     run, images = run_split(run_dir, data, split)
     runtime = Runtime.for_run(run_dir)  # as the run computed: device, precision, memory format, pipeline
-    result = evaluate_model(runtime.prepare(run.model), images, eval_transform(run.data_config), runtime, batch_size,
+    result = evaluate_model(runtime.for_inference(run.model), images, eval_transform(run.data_config), runtime, batch_size,
                             workers)
     result.split = split
     result.write(run_dir)

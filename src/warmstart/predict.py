@@ -90,7 +90,7 @@ class TorchBackend:
         self.torch = torch
         self.run = load_run(run_dir)
         self.runtime = Runtime.for_run(run_dir)  # as the run computed: device, precision, memory format
-        self.forward = self.runtime.forward(self.runtime.prepare(self.run.model))
+        self.forward = self.runtime.forward(self.runtime.for_inference(self.run.model))
         self.transform = eval_transform(self.run.data_config)
         self.meta = self.run.export_metadata()
         self.class_names = self.run.class_names

@@ -13,6 +13,7 @@ from ..data.batched import runs_batched
 from ..data.loaders import EpochBatches, Pass, make_loader, passes_loader
 from ..data.transforms import train_transform
 from ..errors import UserError
+from ..models.fold import fold_batchnorm
 
 
 def resolve_pipeline(choice: str, device: torch.device) -> str:
@@ -55,6 +56,11 @@ class Runtime:
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         return model
+
+    def for_inference(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`model` prepared, as a copy with its BatchNorms folded into its convolutions where that
+        computes the same (models.fold): for extraction, evaluation and prediction, never training."""
+        return fold_batchnorm(self.prepare(model))
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)

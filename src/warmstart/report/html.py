@@ -67,7 +67,7 @@ def build_report(run_dir: str | Path, data: str | None = None, split: str = "val
     metrics = json.loads(RunDir(run_dir).metrics.read_text())
     history = json.loads(RunDir(run_dir).history.read_text()) if RunDir(run_dir).history.is_file() else []
     runtime = Runtime.for_run(run_dir)  # as the run computed: device, precision, memory format, pipeline
-    model = runtime.prepare(run.model)
+    model = runtime.for_inference(run.model)
     out = compute_outputs(model, images, eval_transform(run.data_config), batch_size, workers, runtime,
                           runtime.forward(model))
     evaluation = metrics_from_logits(out.outputs, out.labels, run.class_names)

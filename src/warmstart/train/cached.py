@@ -23,6 +23,7 @@ from .steps import FitResult, log_skipped
 def pre_logits(model: torch.nn.Module, runtime: Runtime | None = None):
     """The model's forward up to the classifier input (pooled features)."""
     runtime = runtime or Runtime.for_machine()
+    model = runtime.for_inference(model)
     return runtime.forward(lambda x: model.forward_head(model.forward_features(x), pre_logits=True))
 
 
