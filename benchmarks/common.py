@@ -80,6 +80,16 @@ def machine() -> dict:
     }
 
 
+def images_per_sec(forward, batch, seconds: float) -> float:
+    """Images per second of `forward` on `batch`, repeated for about `seconds` after a warm-up."""
+    forward(batch)
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        forward(batch)
+        done += len(batch)
+    return done / (time.perf_counter() - start)
+
+
 def save(name: str, result: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

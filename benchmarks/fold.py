@@ -5,27 +5,16 @@ images/sec in fp32 channels_last at the threads this machine has, the median of 
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 
 from warmstart.compute.runtime import Runtime
 from warmstart.models import create_model
 
-from .common import save
+from .common import images_per_sec, save
 
 NETWORKS = [("efficientnet_lite0", "bundled", 288), ("resnet50", "none", 224)]  # `best`'s Lite0 size
 BATCH = 16
-
-
-def _rate(forward, images: torch.Tensor, seconds: float) -> float:
-    forward(images)
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        forward(images)
-        done += len(images)
-    return done / (time.perf_counter() - start)
 
 
 def one(name: str, weights: str, size: int, rounds: int, seconds: float) -> dict:
@@ -40,7 +29,7 @@ def one(name: str, weights: str, size: int, rounds: int, seconds: float) -> dict
         seen = {label: [] for label in forwards}
         for _ in range(rounds):
             for label, forward in forwards.items():
-                seen[label].append(_rate(forward, images, seconds))
+                seen[label].append(images_per_sec(forward, images, seconds))
     rates = {label: float(np.median(r)) for label, r in seen.items()}
     return {"model": name, "input_size": size, "batch": BATCH, "images_per_sec": rates,
             "ratio": rates["folded"] / rates["as trained"], "max_feature_difference": difference,

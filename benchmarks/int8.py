@@ -21,7 +21,7 @@ from warmstart.predict import preprocess
 from warmstart.run_dir import load_run
 
 from . import serve_load
-from .common import save
+from .common import images_per_sec, save
 from .pretrained_prior import WORK, data_sets
 
 # Lite2 on imagewoof-mini: its 352-px features of the 120 breeds take half an hour to extract here
@@ -32,16 +32,6 @@ THREADS = 2
 ROUNDS = {True: 2, False: 5}  # interleaved speed rounds, quick or not
 
 
-def _rate(forward, batch: np.ndarray, seconds: float) -> float:
-    """Images per second of `forward` on `batch`, repeated for about `seconds` after a warm-up."""
-    forward(batch)
-    done, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        forward(batch)
-        done += len(batch)
-    return done / (time.perf_counter() - start)
-
-
 def _rates(forwards: dict, arrays: np.ndarray, rounds: int, seconds: float) -> dict:
     """Median images/sec of each forward at batch 1 and 16, measured in interleaved rounds (this
     machine's speed drifts by up to 1.5x between seconds; every precision sees the same drift)."""
@@ -49,7 +39,7 @@ def _rates(forwards: dict, arrays: np.ndarray, rounds: int, seconds: float) -> d
     for _ in range(rounds):
         for label, forward in forwards.items():
             for b in (1, 16):
-                seen[label][b].append(_rate(forward, arrays[:b], seconds))
+                seen[label][b].append(images_per_sec(forward, arrays[:b], seconds))
     return {label: {f"batch {b}": float(np.median(r)) for b, r in by.items()} for label, by in seen.items()}
 
 
