@@ -375,6 +375,23 @@ def test_pixels_decoded_on_workers_cross_shared_memory_at_the_views_size(tmp_pat
         assert (batch.images - pil.images).abs().mean() < 0.3 * LEVEL, name
 
 
+def test_the_device_resizes_in_float_and_rounds_once_per_batch_as_uint8_would():
+    """The device stage resizes each image in float and clamps and rounds the whole batch once: bit
+    for bit what resizing and rounding each uint8 image gives (bicubic and bilinear)."""
+    images = _woof(8)
+    config = {"input_size": (3, 160, 160), "interpolation": "bicubic", "mean": (0.5,) * 3, "std": (0.5,) * 3,
+              "crop_pct": 0.875}
+    for transform, seed in ((train_transform(config, "standard"), 7),
+                            (eval_transform({**config, "interpolation": "bilinear"}), None)):
+        view = TensorView.of(transform)
+        raw = collate_raw([RawImageDataset(images, view, seed)[i] for i in range(len(images))])
+        batch = DevicePipeline(view, CPU, channels_last=False)(raw)
+        per_image = torch.stack([view.geometry(image, chosen) for image, chosen in
+                                 zip(decode_all(raw.kinds, raw.data, CPU), raw.chosen)])
+        assert per_image.dtype == torch.uint8
+        assert torch.equal(batch.images, view.finish(per_image, raw.chosen))
+
+
 def test_a_batch_crosses_from_its_worker_as_one_block(tmp_path):
     """A worker hands its RawBatch over as one uint8 tensor (one shared-memory block, not one per
     image: 256 of those held the GPU pipeline under the plain loop on an H200); every payload

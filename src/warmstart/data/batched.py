@@ -96,7 +96,8 @@ class TensorView:
             return draws()
 
     def geometry(self, image: torch.Tensor, chosen: tuple) -> torch.Tensor:
-        """One uint8 CHW image cropped, resized and flipped to the view's size (still uint8)."""
+        """One CHW image cropped, resized and flipped to the view's size: uint8 stays uint8 (rounded
+        per image, as on a worker); float stays float, unrounded (rounded once per batch in finish)."""
         for step, choice in zip(self.steps, chosen):
             if isinstance(step, _TO_TENSOR):
                 break
@@ -111,11 +112,13 @@ class TensorView:
         return image
 
     def finish(self, batch: torch.Tensor, chosen: list[tuple]) -> torch.Tensor:
-        """The steps from to-tensor on, for the whole uint8 NCHW batch at once."""
+        """The steps from to-tensor on, for the whole NCHW batch at once: uint8, or float on the 0-255
+        scale, clamped and rounded here as resizing uint8 images would have done one by one."""
         after = False
         for i, step in enumerate(self.steps):
             if isinstance(step, _TO_TENSOR):
-                after, batch = True, batch.float().div_(255)
+                batch = batch.float() if batch.dtype == torch.uint8 else batch.clamp_(0, 255).round_()
+                after, batch = True, batch.div_(255)
             elif after and isinstance(step, T.Normalize):
                 mean = torch.as_tensor(step.mean, device=batch.device).view(1, -1, 1, 1)
                 std = torch.as_tensor(step.std, device=batch.device).view(1, -1, 1, 1)
@@ -325,8 +328,10 @@ class DevicePipeline:
         for i, image in enumerate(decode_all(raw.kinds, raw.data, self.device, self.batch_decode, raw.pixels)):
             if not isinstance(image, Exception):
                 try:
-                    shaped = raw.kinds[i] == "shaped"
-                    images.append(image if shaped else self.view.geometry(image, raw.chosen[i]))
+                    # resized in float: the uint8 path's per-image cast back and rounding (several small
+                    # kernels each, the device stage's largest cost on an H200) happen once per batch
+                    image = image.float()
+                    images.append(image if raw.kinds[i] == "shaped" else self.view.geometry(image, raw.chosen[i]))
                     keep.append(i)
                     continue
                 except RuntimeError as exc:  # a shape no resize takes: that image skipped, not the run
