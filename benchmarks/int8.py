@@ -43,9 +43,18 @@ def _rates(forwards: dict, arrays: np.ndarray, rounds: int, seconds: float) -> d
     return {label: {f"batch {b}": float(np.median(r)) for b, r in by.items()} for label, by in seen.items()}
 
 
-def _forwards(run_dir: Path, fp32: Path, int8: Path) -> dict:
+def _onnx(path: Path, threads: int):
+    """An onnxruntime CPU session on `threads` threads (0: its default, every core) as a forward."""
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda batch: session.run(None, {name: batch})
+
+
+def _forwards(run_dir: Path, fp32: Path, int8: Path) -> dict:
     torch.set_num_threads(THREADS)
     model = load_run(run_dir).model.eval().to(memory_format=torch.channels_last)
 
@@ -53,14 +62,7 @@ def _forwards(run_dir: Path, fp32: Path, int8: Path) -> dict:
         with torch.inference_mode():
             return model(torch.from_numpy(batch).contiguous(memory_format=torch.channels_last))
 
-    def onnx(path):
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = THREADS
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return lambda batch: session.run(None, {name: batch})
-
-    return {"fp32 PyTorch": pytorch, "fp32 ONNX": onnx(fp32), "int8 ONNX": onnx(int8)}
+    return {"fp32 PyTorch": pytorch, "fp32 ONNX": _onnx(fp32, THREADS), "int8 ONNX": _onnx(int8, THREADS)}
 
 
 def one(name: str, model: str, quick: bool) -> dict:
@@ -120,13 +122,8 @@ def pair(folder: Path, photos: Path, threads: tuple[int, ...] = (THREADS, 0)) ->
               "input_size": meta["input_size"], "tta": meta.get("tta"), "onnxruntime": ort.__version__,
               "cpu_flags": sorted(flags & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"}), "rates": {}}
     for count in threads:
-        def onnx(path, count=count):
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = count
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            return lambda batch: session.run(None, {session.get_inputs()[0].name: batch})
-
-        forwards = {"fp32 ONNX": onnx(folder / "model.onnx"), "int8 ONNX": onnx(folder / "model.int8.onnx")}
+        forwards = {"fp32 ONNX": _onnx(folder / "model.onnx", count),
+                    "int8 ONNX": _onnx(folder / "model.int8.onnx", count)}
         result["rates"][f"{count or 'all'} threads"] = _rates(forwards, arrays, 3, 2.0)
         print(count, result["rates"], flush=True)
     save("int8_pair", result)
@@ -140,4 +137,5 @@ if __name__ == "__main__":
                                      "runs the whole benchmark; --pair measures an exported pair on this CPU")
     parser.add_argument("--pair", type=Path, required=True, help="a folder with model.onnx and model.int8.onnx")
     parser.add_argument("--photos", type=Path, required=True, help="a folder of JPEGs (the first 16 are used)")
-    pair(parser.parse_args().pair, parser.parse_args().photos)
+    args = parser.parse_args()
+    pair(args.pair, args.photos)
