@@ -1,10 +1,11 @@
 """Benchmark 10: keeping what the pretrained network knows. For each set, backbone and number of
-training photos per class, four warmstart runs on the same images and caches:
+training photos per class, five warmstart runs on the same images and caches:
 
 - the pretrained classifier alone (`--recipe best --epochs 0`: its rows for the matched classes);
 - the probe from zero (`--recipe linear-probe --head-init zero`, what linear-probe did before);
 - `best` as it was (`--recipe best --head-init zero --label-smoothing 0.1`);
-- `best` now (`--recipe best`: the pretrained start, no label smoothing).
+- `best` with the pretrained start but without distillation (`--recipe best --head-teacher 0`);
+- `best` now (`--recipe best`: the pretrained start, no label smoothing, --head-teacher 0.5).
 
 Sets: imagewoof-mini (val: its own val/, photos ImageNet-1k trained on; test: imagewoof-clean-val,
 photos no ImageNet-1k network trained on) and stanford-dogs-120-dev (val). Plus the digits, whose
@@ -30,6 +31,7 @@ METHODS = {
     "pretrained classifier alone": {"recipe": "best", "epochs": 0},
     "probe from zero": {"recipe": "linear-probe", "head_init": "zero"},
     "best today (head from zero)": {"recipe": "best", "head_init": "zero", "label_smoothing": 0.1},
+    "best, pretrained start, no teacher": {"recipe": "best", "head_teacher": 0.0},
     "best, pretrained start": {"recipe": "best"},
 }
 

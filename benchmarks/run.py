@@ -11,13 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import (audit, calibration, ensembles, feature_extractor, fine_tune, fold, gpu, hard_set, image_path, int8,
-               pretrained_prior, recipes, serve_load, unmatched_rows)
+from . import (audit, calibration, clean_splits, ensembles, feature_extractor, fine_tune, fold, gpu, hard_set,
+               image_path, int8, pretrained_prior, recipes, serve_load, unmatched_rows)
 from .common import RESULTS, ROOT
 
 SUITES = {"feature_extractor": feature_extractor, "fine_tune": fine_tune, "image_path": image_path,
           "serve_load": serve_load, "recipes": recipes, "hard_set": hard_set, "ensembles": ensembles,
-          "pretrained_prior": pretrained_prior, "unmatched_rows": unmatched_rows, "calibration": calibration,
+          "pretrained_prior": pretrained_prior, "unmatched_rows": unmatched_rows, "clean_splits": clean_splits,
+          "calibration": calibration,
           "int8": int8, "audit": audit, "fold": fold}
 # benchmarks/gpu.py runs on its own, on a GPU; its results are rendered here like the others'
 
@@ -201,7 +202,7 @@ def _pretrained_prior(r: dict) -> list[str]:
         lines += [f"**{name}, {model}**", "", f"| head | {head} |",
                   "| --- |" + " ---: |" * (len(sizes) * (2 if name == "imagewoof-mini" else 1))]
         for method in ("pretrained classifier alone", "probe from zero", "best today (head from zero)",
-                       "best, pretrained start"):
+                       "best, pretrained start, no teacher", "best, pretrained start"):
             cells = []
             for n in sizes:
                 hit = next((x for x in runs if (x["set"], x["model"], x["method"], x["per_class"] or 0)
@@ -210,7 +211,8 @@ def _pretrained_prior(r: dict) -> list[str]:
                 if name == "imagewoof-mini":
                     cells.append(_pct(hit and hit["test_top1"]))
             label = {"best today (head from zero)": "`best` as it was (head from zero, label smoothing 0.1)",
-                     "best, pretrained start": "**`best` now** (pretrained start, L2-SP)",
+                     "best, pretrained start, no teacher": "`best`, pretrained start, L2-SP (`--head-teacher 0`)",
+                     "best, pretrained start": "**`best` now** (pretrained start, L2-SP, `--head-teacher 0.5`)",
                      "probe from zero": "`linear-probe`, head from zero"}.get(method, method)
             lines.append(f"| {label} | {' | '.join(cells)} |")
         lines.append("")
@@ -232,6 +234,32 @@ def _unmatched_rows(r: dict) -> list[str]:
     for x in r["runs"]:
         lines.append(f"| {x['per_class'] or 'all'} | {x['start']} | {_pct(x['val_top1'])} | "
                      f"{_pct(x['val_renamed_top1'])} | {_pct(x['clean_top1'])} | {_pct(x['clean_renamed_top1'])} |")
+    return lines + [""]
+
+
+def _clean_splits(r: dict) -> list[str]:
+    c = r["clean"]
+    lines = [f"Photos no ImageNet-1k network trained on, alone (`benchmarks/clean_splits.py`): "
+             f"imagewoof-clean-val's {c['photos']} photos split {c['repeats']} times at random into K training "
+             f"photos per breed and the rest to test; `best`'s view (Lite0, 288 px, whole image, flip TTA); each head "
+             f"warmstart's L-BFGS probe. Mean top-1, and the difference from the L2-SP head paired split by split "
+             f"(splits where it won / lost):", "",
+             "| head | K = 5 | vs L2-SP (won/lost) | K = 10 | vs L2-SP (won/lost) |", "| --- | ---: | ---: | ---: | ---: |"]
+    heads = list(dict.fromkeys(x["head"] for x in c["runs"]))
+    for head in heads:
+        cells = []
+        for x in (x for x in c["runs"] if x["head"] == head):
+            cells += [_pct(x["mean_top1"]), f"{100 * x['vs_reference']:+.2f} ({x['wins']}/{x['losses']})"]
+        lines.append(f"| {head} | {' | '.join(cells)} |")
+    if r.get("hard_set"):
+        models = list(dict.fromkeys(x["model"] for x in r["hard_set"]))
+        lines += ["", "The same heads on stanford-dogs-120-dev val (ImageNet-1k training photos; all 25 training "
+                  "photos per breed; the mirrored training photos only for Lite0):", "",
+                  "| head | " + " | ".join(models) + " |", "| --- |" + " ---: |" * len(models)]
+        for head in heads:
+            cells = [_pct(next((x["val_top1"] for x in r["hard_set"] if (x["model"], x["head"]) == (m, head)), None))
+                     for m in models]
+            lines.append(f"| {head} | {' | '.join(cells)} |")
     return lines + [""]
 
 
@@ -354,7 +382,7 @@ def _before_after(r: dict) -> list[str]:
 RENDER = {"feature_extractor": _feature_extractor, "fold": _fold, "fine_tune": _fine_tune, "image_path": _image_path,
           "serve_load": _serve_load, "int8": _int8, "int8_pair": _int8_pair, "recipes": _recipes, "hard_set": _hard_set,
           "ensembles": _ensembles, "gpu": _gpu, "pretrained_prior": _pretrained_prior, "unmatched_rows": _unmatched_rows,
-          "calibration": _calibration, "audit": _audit, "before_after": _before_after}
+          "clean_splits": _clean_splits, "calibration": _calibration, "audit": _audit, "before_after": _before_after}
 
 
 def write_markdown() -> None:

@@ -14,7 +14,7 @@ from warmstart.models.create import create_model
 from warmstart.models.pretrained_classes import (HeadPrior, head_prior_for, imagenet_labels, label_set,
                                                  match_classes, read_class_map)
 from warmstart.train.head import LogisticProbe
-from warmstart.train.prior import AnchoredLoss, HeadAnchor
+from warmstart.train.prior import TEMPERATURE, AnchoredLoss, HeadAnchor, teacher_targets
 
 from conftest import require_shared
 
@@ -150,6 +150,49 @@ def test_l2_sp_pulls_the_head_toward_its_start():
     assert torch.allclose(anchor.penalty(), expected)
     loss = AnchoredLoss(torch.nn.CrossEntropyLoss(), anchor)(head(x), y)
     assert torch.allclose(loss, torch.nn.functional.cross_entropy(head(x), y) + expected)
+
+
+def test_the_teacher_targets_mix_the_label_with_the_classifier_among_the_classes_it_knows():
+    """Photos of known classes: (1 - share) x one-hot + share x softmax(start logits / T) over the
+    known classes only; photos of classes the classifier does not know keep their one-hot label."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 3)
+    prior = _prior(head)  # classes 0 and 1 known, 2 not
+    prior.bias = torch.tensor([0.5, -0.5, 0.0])
+    x, y = torch.randn(6, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    targets = teacher_targets(x, y, prior, 0.25)
+    assert torch.allclose(targets.sum(1), torch.ones(6))
+    soft = ((x @ prior.weight[:2].T + prior.bias[:2]) / TEMPERATURE).softmax(1)
+    known = y < 2
+    expected = 0.75 * torch.nn.functional.one_hot(y[known], 3).float()
+    expected[:, :2] += 0.25 * soft[known]
+    assert torch.allclose(targets[known], expected)
+    assert torch.equal(targets[~known], torch.nn.functional.one_hot(y[~known], 3).float())
+
+
+def test_the_probe_distils_the_classifier_only_when_asked_and_only_with_lbfgs():
+    """With labels that all contradict the pretrained classifier and no pull: --head-teacher 1 fits
+    the head to the classifier's softened predictions (it agrees with the classifier), 0 to the
+    labels (it disagrees). Another optimizer is one clear line."""
+    torch.manual_seed(0)
+    x = torch.randn(200, 8)
+    teacher = (x @ _prior(torch.nn.Linear(8, 3)).weight[:2].T).argmax(1)
+    y = 1 - teacher  # every label contradicts the classifier
+    agreement = {}
+    for share in (0.0, 1.0):
+        head = torch.nn.Linear(8, 3)
+        prior = _prior(head)
+        prior.apply(head)
+        config = RunConfig(data="x", optimizer="lbfgs", augment="none", weight_decay=1e-3, head_prior=0.0,
+                           head_teacher=share)
+        probe = LogisticProbe(head, x[None], y, torch.nn.CrossEntropyLoss(), config, prior)
+        for _ in range(5):
+            probe.step()
+        with torch.no_grad():
+            agreement[share] = float((head(x).argmax(1) == teacher).float().mean())
+    assert agreement[1.0] > 0.95 and agreement[0.0] < 0.05
+    with pytest.raises(UserError, match="--head-teacher 0.5 .* --optimizer lbfgs"):
+        RunConfig(data="x", optimizer="adamw", head_teacher=0.5).validated()
 
 
 @pytest.fixture

@@ -93,6 +93,10 @@ class RunConfig:
                                 "it (L2-SP: STRENGTH/2 x their squared distance from the start, on the loss summed "
                                 "over the training images)",
                                 group="model and weights", metavar="STRENGTH", bounds="[0, inf)")
+    head_teacher: float = setting(0.0, "with --optimizer lbfgs: the share of each training photo's target taken "
+                                  "from the pretrained classifier's softened prediction (distillation, temperature 4) "
+                                  "among the classes it knows; 0 (default) trains on the labels alone",
+                                  group="model and weights", metavar="SHARE", bounds="[0, 1]")
     pretrained_labels: str | None = setting(None, "the label set of the weights' classifier: imagenet-1k, "
                                             "imagenet-12k, imagenet-22k, imagenet-21k-goog, … or a FILE with one label "
                                             "per line (default: known for bundled and hub weights)",
@@ -280,6 +284,9 @@ class RunConfig:
             raise UserError("--optimizer lbfgs fits the head on all cached features at once: use it with --strategy "
                             "feature-extractor, the feature cache, --augment none (or --cache-views K) and no "
                             "--balance sampler, --mixup, --cutmix or --ema-decay")
+        if self.head_teacher and self.optimizer != "lbfgs":
+            raise UserError(f"--head-teacher {self.head_teacher} distils the pretrained classifier into the "
+                            f"logistic probe: use it with --optimizer lbfgs (as --recipe best does), or set it to 0")
         if self.strategy == "partial":
             if not self.trainable and self.unfreeze_last is None:
                 raise UserError("--strategy partial needs --trainable PATTERN or --unfreeze-last N: say what trains")

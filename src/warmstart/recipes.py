@@ -64,12 +64,13 @@ RECIPES = {r.name: r for r in [
         "The most accurate for the time on a CPU (measured: BENCHMARKS.md): the frozen network at 1.3x "
         "its pretrained input size (224 -> 288 px) on the whole image (no center crop), a logistic "
         "regression head on its cached features (started from the pretrained classifier's rows for the "
-        "classes it knows, and pulled toward them), and flip test-time augmentation.",
+        "classes it knows, pulled toward them, and fitted half to the labels, half to that classifier's "
+        "softened predictions), and flip test-time augmentation.",
         "The backbone runs once per image at 1.3x the size (about 1.7x the pixels), plus once more per "
         "validation image for the mirrored view; the head trains in seconds.",
         {"strategy": "feature-extractor", "input_scale": 1.3, "crop_pct": 1.0, "augment": "none",
          "optimizer": "lbfgs", "lr": 1.0, "weight_decay": 1e-3, "schedule": "constant", "warmup_epochs": 0,
-         "label_smoothing": 0.0, "epochs": 10, "tta": True, "refit": True},
+         "label_smoothing": 0.0, "head_teacher": 0.5, "epochs": 10, "tta": True, "refit": True},
     ),
     Recipe(
         "lp-ft",

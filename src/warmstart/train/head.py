@@ -19,7 +19,7 @@ from .cached import CachedBatches, CachedSplits, boundary_fingerprint, model_fin
 from .driver import Start, drive
 from .epoch import Progress, step_logger, train_one_epoch
 from .paths import FitRequest
-from .prior import HeadAnchor, anchored
+from .prior import HeadAnchor, anchored, teacher_targets
 from ..compute.runtime import Runtime
 from .schedule import make_scheduler
 from .session import Session
@@ -82,7 +82,8 @@ class LogisticProbe:
     features at once (as scikit-learn's LogisticRegression and CLIP's linear probes do), with
     L-BFGS and a strong-Wolfe line search. One "epoch" is one L-BFGS step of up to 20 iterations.
     The penalty is on the mean loss, each row's distance from its start (HeadAnchor): from zero,
-    weight_decay/2 x |W|^2; biases are not penalised."""
+    weight_decay/2 x |W|^2; biases are not penalised. With --head-teacher the targets are soft
+    (`teacher_targets`); the correct count is still against the labels."""
 
     def __init__(self, head, feats: torch.Tensor, labels: torch.Tensor, criterion, config,
                  prior: HeadPrior | None = None):
@@ -90,13 +91,16 @@ class LogisticProbe:
         self.anchor = HeadAnchor.of(head, prior, config, len(labels))
         self.x = feats.reshape(-1, feats.shape[-1])  # every stored view is a sample
         self.y = labels.repeat(feats.shape[0])
+        self.targets = self.y
+        if config.head_teacher and prior is not None and bool(prior.matched.any()):
+            self.targets = teacher_targets(self.x, self.y, prior, config.head_teacher)
         self.views = feats.shape[0]
         self.optimizer = torch.optim.LBFGS(head.parameters(), lr=config.resolved_lr(), max_iter=20,
                                            history_size=20, line_search_fn="strong_wolfe")
 
     def _objective(self):
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.criterion(self.head(self.x), self.y) + self.anchor.penalty()
+        loss = self.criterion(self.head(self.x), self.targets) + self.anchor.penalty()
         loss.backward()
         return loss
 
@@ -106,7 +110,7 @@ class LogisticProbe:
         self.optimizer.step(self._objective)
         with torch.no_grad():
             logits = self.head(self.x)
-            loss = float(self.criterion(logits, self.y) + self.anchor.penalty())
+            loss = float(self.criterion(logits, self.targets) + self.anchor.penalty())
         return loss, int((logits.argmax(1) == self.y).sum()) // self.views
 
 

@@ -4,13 +4,21 @@ toward what ImageNet taught it, and rows that start from zero keep the plain wei
 
 The pull is a Gaussian prior around the start: --head-prior A is A/2 x |W - start|^2 on the
 loss summed over the training images, i.e. A/n on the mean loss of n images, so it weighs less
-as there are more photos to learn from (measured: BENCHMARKS.md §10)."""
+as there are more photos to learn from (measured: BENCHMARKS.md §10).
+
+With --head-teacher S the logistic probe also learns from what the pretrained classifier would
+say: each training photo of a class it knows is fitted to (1 - S) x its label + S x the classifier's
+prediction among the known classes, softened by TEMPERATURE (Hinton et al., 2015). Measured on
+photos no ImageNet-1k network trained on (BENCHMARKS.md §10, clean splits)."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ..models.pretrained_classes import HeadPrior
+
+TEMPERATURE = 4.0  # Hinton's softening; 2 helped less on never-seen photos (BENCHMARKS.md §10)
 
 
 class HeadAnchor:
@@ -56,3 +64,15 @@ def anchored(criterion: torch.nn.Module, model: torch.nn.Module, prior: HeadPrio
     if prior is None:
         return criterion
     return AnchoredLoss(criterion, HeadAnchor.of(model.get_classifier(), prior, config, images))
+
+
+def teacher_targets(features: torch.Tensor, labels: torch.Tensor, prior: HeadPrior, share: float) -> torch.Tensor:
+    """Soft targets [N, classes] for a linear head on `features` [N, D]: (1 - share) x one-hot +
+    share x the pretrained classifier's softened probabilities over the classes it knows, for photos
+    of those classes; one-hot for the others (the classifier knows nothing about them)."""
+    known = prior.matched.to(features.device)
+    weight = prior.weight.to(features.device, features.dtype).reshape(len(known), -1)
+    logits = features @ weight.T + (prior.bias.to(features.device, features.dtype) if prior.bias is not None else 0)
+    soft = (logits / TEMPERATURE).masked_fill(~known, float("-inf")).softmax(1)
+    hard = F.one_hot(labels, len(known)).to(features.dtype)
+    return torch.where(known[labels][:, None], (1 - share) * hard + share * soft, hard)

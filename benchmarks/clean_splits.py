@@ -1,0 +1,161 @@
+"""Does the pretrained start help on photos no ImageNet-1k network has seen, and do two further
+ways of leaning on the pretrained classifier help there too?
+
+Every other set here holds ImageNet-1k *training* photos, which the classifier has memorised, so a
+head that leans harder on it looks better on them whether or not it helps a user's new photos.
+Part 1 trains and tests on imagewoof-clean-val alone (200 ImageNet *validation* photos, 20 per
+breed): 40 seeded random splits per size, K photos per breed to train on (5, 10), the rest tested.
+Part 2 (`--hard-set`) measures the same heads on stanford-dogs-120-dev val (all 25 per class),
+the set of #19's 90% target, with features from the runs' cache (.bench-data/prior/cache).
+
+Features: `--recipe best`'s view (1.3x input, whole image) and its mirror (flip TTA). Heads, each
+warmstart's LogisticProbe (10 L-BFGS steps):
+- the pretrained classifier alone (its rows for the breeds);
+- the probe from zero (no prior; weight decay 1e-3, linear-probe's);
+- the pretrained start pulled toward it (L2-SP, A = 30: `best` as it is, the reference);
+- the same trained on the mirrored photos too (both views are rows);
+- the same with distillation: targets (1 - a) one-hot + a x softmax(start logits / T), a = 0.5.
+
+    python -m benchmarks.clean_splits [--hard-set efficientnet_lite0 efficientnet_lite2]
+"""
+
+from __future__ import annotations
+
+import argparse
+from contextlib import contextmanager
+
+import torch
+
+from warmstart.compute.runtime import Runtime
+from warmstart.config import RunConfig
+from warmstart.data.feature_cache import FeatureCache, View
+from warmstart.data.sources import resolve_splits
+from warmstart.data.transforms import data_config_for, eval_transform, mirrored_eval_transform
+from warmstart.evaluate import top1
+from warmstart.models.create import create_model
+from warmstart.models.pretrained_classes import HeadPrior, imagenet_labels, match_classes
+from warmstart.models.tta import combine_views
+from warmstart.train.cached import model_fingerprint, pre_logits
+from warmstart.train import prior as prior_module
+from warmstart.train.head import LogisticProbe
+
+from .common import SHARED, save
+from .pretrained_prior import WORK, data_sets
+
+REPEATS, SIZES, PRIOR, SHARE = 40, (5, 10), 30.0, 0.5
+HEADS = ("pretrained classifier alone", "probe from zero", "pretrained start, L2-SP",
+         "+ mirrored training rows", "+ distillation, T = 2", "+ distillation, T = 4")
+
+
+def best_features(model_name: str, splits: dict, unmirrored: tuple = ()) -> tuple[dict, HeadPrior]:
+    """Each split's features [views, N, D] in `best`'s view and its mirror (but for `unmirrored`
+    splits), through the runs' feature cache; and the pretrained classifier's rows for the classes."""
+    model, _, arch = create_model(model_name, 1000, "bundled")
+    model.eval()
+    runtime = Runtime.for_config(RunConfig(data="x", precision="fp32"))
+    cache = FeatureCache(WORK / "cache", model_fingerprint(model, arch, runtime))
+    config = data_config_for(model, None, 1.0, 1.3)
+    requests = [(View(f"{name}{m}", view(config)), images) for name, images in splits.items()
+                for m, view in (("", eval_transform), ("-mirror", mirrored_eval_transform))
+                if not (m and name in unmirrored)]
+    outs = iter(cache.features_of(requests, pre_logits(model, runtime), runtime, 64, 2))
+    features = {}
+    for name in splits:
+        views = [next(outs)] + ([] if name in unmirrored else [next(outs)])
+        features[name] = torch.stack([v.features for v in views]), views[0].labels
+    some = next(iter(splits.values()))
+    matches = match_classes(some.class_ids, some.class_names, imagenet_labels("imagenet-1k"))
+    rows = [m.row for m in matches]
+    old = model.get_classifier()
+    return features, HeadPrior("imagenet-1k", matches, old.weight.detach()[rows].clone(),
+                               old.bias.detach()[rows].clone())
+
+
+@contextmanager
+def temperature(value: float):
+    """warmstart's distillation temperature, changed for one measurement."""
+    kept, prior_module.TEMPERATURE = prior_module.TEMPERATURE, value
+    try:
+        yield
+    finally:
+        prior_module.TEMPERATURE = kept
+
+
+def fit(head_name: str, views: torch.Tensor, labels: torch.Tensor, prior: HeadPrior) -> torch.nn.Linear:
+    """One of HEADS on training views [V, N, D] (view 0: the photos as they are, view 1: mirrored)."""
+    head = torch.nn.Linear(views.shape[-1], len(prior.matches))
+    start = head_name != "probe from zero"
+    with torch.no_grad():
+        head.weight.copy_(prior.weight if start else 0), head.bias.copy_(prior.bias if start else 0)
+    if head_name == "pretrained classifier alone":
+        return head
+    rows = views if head_name == "+ mirrored training rows" else views[:1]
+    teacher = "distillation" in head_name
+    config = RunConfig(data="x", optimizer="lbfgs", augment="none", weight_decay=1e-3, head_prior=PRIOR,
+                       head_teacher=SHARE if teacher else 0.0)
+    with temperature(float(head_name.split("= ")[1]) if teacher else prior_module.TEMPERATURE):
+        probe = LogisticProbe(head, rows, labels, torch.nn.CrossEntropyLoss(), config, prior if start else None)
+    for _ in range(10):
+        probe.step()
+    return head
+
+
+def scored(head: torch.nn.Linear, views: torch.Tensor, labels: torch.Tensor) -> float:
+    with torch.no_grad():
+        return top1(combine_views([head(v) for v in views]), labels)
+
+
+def clean_splits() -> dict:
+    clean = resolve_splits(str(SHARED / "imagewoof-clean-val"), 0.0, 0)["train"]
+    features, prior = best_features("efficientnet_lite0", {"clean": clean})
+    views, labels = features["clean"]
+    generator, out = torch.Generator().manual_seed(0), []
+    for per_class in SIZES:
+        scores = {name: [] for name in HEADS}
+        for _ in range(REPEATS):
+            order = [torch.nonzero(labels == c).flatten()[torch.randperm(int((labels == c).sum()),
+                                                                         generator=generator)]
+                     for c in range(len(prior.matches))]
+            train = torch.cat([o[:per_class] for o in order])
+            test = torch.cat([o[per_class:] for o in order])
+            for name in HEADS:
+                head = fit(name, views[:, train], labels[train], prior)
+                scores[name].append(scored(head, views[:, test], labels[test]))
+        reference = torch.tensor(scores[HEADS[2]])
+        for name in HEADS:
+            s = torch.tensor(scores[name])
+            out.append({"per_class": per_class, "head": name, "mean_top1": float(s.mean()),
+                        "vs_reference": float((s - reference).mean()), "wins": int((s > reference).sum()),
+                        "losses": int((s < reference).sum())})
+            print(out[-1], flush=True)
+    return {"model": "efficientnet_lite0", "repeats": REPEATS, "photos": len(labels), "runs": out}
+
+
+def hard_set(models: list[str]) -> list[dict]:
+    _, root, _ = next(s for s in data_sets(False, ("stanford-dogs-120-dev",), (None,)))
+    splits = resolve_splits(str(root), 0.2, 0)
+    out = []
+    for model in models:
+        # the mirrored training photos of the larger backbones are not extracted (~16 min for Lite2 here)
+        unmirrored = () if model == "efficientnet_lite0" else ("train",)
+        features, prior = best_features(model, {"train": splits["train"], "val": splits["val"]}, unmirrored)
+        (train, labels), (val, val_labels) = features["train"], features["val"]
+        for name in HEADS:
+            if name == "+ mirrored training rows" and unmirrored:
+                continue
+            out.append({"model": model, "head": name, "val_top1": scored(fit(name, train, labels, prior), val,
+                                                                         val_labels)})
+            print(out[-1], flush=True)
+    return out
+
+
+def run(quick: bool = False, hard: tuple[str, ...] = ()) -> dict:
+    result = {"quick": quick, "clean": clean_splits(), "hard_set": hard_set(list(hard)) if hard else []}
+    save("clean_splits", result)
+    return result
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hard-set", nargs="*", default=[], metavar="MODEL")
+    run(hard=tuple(parser.parse_args().hard_set))
