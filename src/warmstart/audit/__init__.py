@@ -68,8 +68,9 @@ def audit(config: RunConfig, reporter: Reporter | None = None,
     reporter = reporter or Reporter(config.quiet)
     out = Path(config.out or "audit")
     config = config.replace(cache_dir=config.cache_dir or str(out / "cache")).validated()
-    # the head as --recipe linear-probe fits it (L-BFGS, lr 1, weight decay 1e-3, the run's --head-prior)
-    probe = SimpleNamespace(resolved_lr=lambda: 1.0, weight_decay=1e-3, head_prior=config.head_prior)
+    # the head as --recipe linear-probe fits it (L-BFGS, lr 1, weight decay 1e-3, the run's --head-prior,
+    # the labels alone: soft targets from the pretrained classifier would hide where labels disagree with it)
+    probe = SimpleNamespace(resolved_lr=lambda: 1.0, weight_decay=1e-3, head_prior=config.head_prior, head_teacher=0.0)
     splits, outs, built = features_of(config, reporter)
     rows = {s: torch.nonzero(o.valid).flatten() for s, o in outs.items()}  # unreadable photos left out
     feats = {s: outs[s].features[rows[s]].float() for s in splits}
