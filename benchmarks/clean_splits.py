@@ -12,9 +12,10 @@ Features: `--recipe best`'s view (1.3x input, whole image) and its mirror (flip 
 warmstart's LogisticProbe (10 L-BFGS steps):
 - the pretrained classifier alone (its rows for the breeds);
 - the probe from zero (no prior; weight decay 1e-3, linear-probe's);
-- the pretrained start pulled toward it (L2-SP, A = 30: `best` as it is, the reference);
+- the pretrained start pulled toward it (L2-SP, A = 30: `best` before --head-teacher; the reference);
 - the same trained on the mirrored photos too (both views are rows);
-- the same with distillation: targets (1 - a) one-hot + a x softmax(start logits / T), a = 0.5.
+- the same with distillation (--head-teacher 0.5: targets half one-hot, half softmax(start logits / T)),
+  at T = 2 and at T = 4 (warmstart's TEMPERATURE, chosen on these clean splits: `best` now).
 
     python -m benchmarks.clean_splits [--hard-set efficientnet_lite0 efficientnet_lite2]
 """
@@ -63,12 +64,11 @@ def best_features(model_name: str, splits: dict, unmirrored: tuple = ()) -> tupl
     for name in splits:
         views = [next(outs)] + ([] if name in unmirrored else [next(outs)])
         features[name] = torch.stack([v.features for v in views]), views[0].labels
-    some = next(iter(splits.values()))
-    matches = match_classes(some.class_ids, some.class_names, imagenet_labels("imagenet-1k"))
-    rows = [m.row for m in matches]
+    some, labels = next(iter(splits.values())), imagenet_labels("imagenet-1k")
     old = model.get_classifier()
-    return features, HeadPrior("imagenet-1k", matches, old.weight.detach()[rows].clone(),
-                               old.bias.detach()[rows].clone())
+    return features, HeadPrior.from_old_head(labels, match_classes(some.class_ids, some.class_names, labels),
+                                             {"weight": old.weight.detach(), "bias": old.bias.detach()},
+                                             torch.nn.Linear(old.in_features, len(some.class_ids)))
 
 
 @contextmanager

@@ -18,8 +18,7 @@ from .common import RESULTS, ROOT
 SUITES = {"feature_extractor": feature_extractor, "fine_tune": fine_tune, "image_path": image_path,
           "serve_load": serve_load, "recipes": recipes, "hard_set": hard_set, "ensembles": ensembles,
           "pretrained_prior": pretrained_prior, "unmatched_rows": unmatched_rows, "clean_splits": clean_splits,
-          "calibration": calibration,
-          "int8": int8, "audit": audit, "fold": fold}
+          "calibration": calibration, "int8": int8, "audit": audit, "fold": fold}
 # benchmarks/gpu.py runs on its own, on a GPU; its results are rendered here like the others'
 
 
