@@ -36,7 +36,7 @@ from warmstart.evaluate import top1
 from warmstart.models.create import create_model
 from warmstart.models.pretrained_classes import HeadPrior, imagenet_labels, match_classes
 from warmstart.models.tta import combine_views
-from warmstart.train.cached import model_fingerprint, pre_logits
+from warmstart.train.cached import frozen_features
 from warmstart.train import prior as prior_module
 from warmstart.train.head import LogisticProbe
 
@@ -54,12 +54,13 @@ def best_features(model_name: str, splits: dict, unmirrored: tuple = ()) -> tupl
     model, _, arch = create_model(model_name, 1000, "bundled")
     model.eval()
     runtime = Runtime.for_config(RunConfig(data="x", precision="fp32"))
-    cache = FeatureCache(WORK / "cache", model_fingerprint(model, arch, runtime))
     config = data_config_for(model, None, 1.0, 1.3)
+    forward, fingerprint = frozen_features(model, arch, runtime, config["input_size"])
+    cache = FeatureCache(WORK / "cache", fingerprint)
     requests = [(View(f"{name}{m}", view(config)), images) for name, images in splits.items()
                 for m, view in (("", eval_transform), ("-mirror", mirrored_eval_transform))
                 if not (m and name in unmirrored)]
-    outs = iter(cache.features_of(requests, pre_logits(model, runtime), runtime, 64, 2))
+    outs = iter(cache.features_of(requests, forward, runtime, 64, 2))
     features = {}
     for name in splits:
         views = [next(outs)] + ([] if name in unmirrored else [next(outs)])

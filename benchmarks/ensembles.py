@@ -23,7 +23,7 @@ from warmstart.data.transforms import data_config_for, eval_transform, mirrored_
 from warmstart.evaluate import compute_outputs, top1
 from warmstart.models import create_model
 from warmstart.models.registry import installed_bundled
-from warmstart.train.cached import pre_logits
+from warmstart.train.cached import frozen_features
 from warmstart.train.head import LogisticProbe
 from warmstart.compute.runtime import Runtime
 
@@ -36,7 +36,7 @@ def features(name: str, splits: dict, runtime: Runtime) -> tuple[dict, float]:
     model, _, _ = create_model(name, len(splits["train"].class_ids), "bundled")
     runtime.prepare(model.eval())
     config = data_config_for(model, crop_pct=BEST.crop_pct, input_scale=BEST.input_scale)
-    forward = pre_logits(model, runtime)
+    forward = frozen_features(model, name, runtime, config["input_size"])[0]
     start = time.perf_counter()
     views = {"train": (splits["train"], eval_transform(config)), "val": (splits["val"], eval_transform(config)),
              "val-mirror": (splits["val"], mirrored_eval_transform(config))}

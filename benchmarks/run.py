@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import (audit, calibration, clean_splits, ensembles, feature_extractor, fine_tune, fold, gpu, hard_set,
+from . import (audit, calibration, clean_splits, engine, ensembles, feature_extractor, fine_tune, fold, gpu, hard_set,
                image_path, int8, pretrained_prior, recipes, serve_load, unmatched_rows)
 from .common import RESULTS, ROOT
 
 SUITES = {"feature_extractor": feature_extractor, "fine_tune": fine_tune, "image_path": image_path,
           "serve_load": serve_load, "recipes": recipes, "hard_set": hard_set, "ensembles": ensembles,
           "pretrained_prior": pretrained_prior, "unmatched_rows": unmatched_rows, "clean_splits": clean_splits,
-          "calibration": calibration, "int8": int8, "audit": audit, "fold": fold}
+          "calibration": calibration, "int8": int8, "audit": audit, "fold": fold, "engine": engine}
 # benchmarks/gpu.py runs on its own, on a GPU; its results are rendered here like the others'
 
 
@@ -378,10 +378,47 @@ def _before_after(r: dict) -> list[str]:
     return lines + [""]
 
 
+def _engine(r: dict) -> list[str]:
+    lines = [f"### 14. The inference engine: onnxruntime against PyTorch ({'quick; ' if r['quick'] else ''}"
+             f"{r['threads']} threads, fp32)", "", f"Machine: {_machine_line(r['machine'])}; onnxruntime "
+             f"{r['onnxruntime']}", "", f"Command: `{r['command']}`. PyTorch as warmstart ran every frozen forward "
+             "before (folded BatchNorm, channels_last) against onnxruntime on the graph exported once per machine "
+             "(`--engine auto` picks it on a CPU in fp32). Standalone: pooled features of a random batch, the median "
+             "of interleaved rounds.", "",
+             "| network | input | batch | PyTorch img/s | onnxruntime img/s | ratio | largest feature difference "
+             "(relative) |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for s in r["standalone"]:
+        rates = s["images_per_sec"]
+        lines.append(f"| {s['model']} | {s['input_size']} px | {s['batch']} | {rates['torch']:.1f} | "
+                     f"{rates['onnxruntime']:.1f} | **{s['ratio']:.2f}×** | {s['max_feature_difference']:.1e} "
+                     f"({s['relative_difference']:.1e}) |")
+    lines += ["", "`warmstart train --recipe best` end to end (a subprocess each; medians of the alternated runs; "
+              "the graph exported by an earlier run, as on every run after a model's first):", "",
+              "| set, model | engine | wall (s) | user CPU (s) | system CPU (s) | extraction img/s | val top-1 |",
+              "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for b in r["best"]:
+        for engine, m in b["medians"].items():
+            lines.append(f"| {b['set']}, {b['model']} | {engine} | {m['wall_seconds']:.1f} | {m['user_seconds']:.1f} | "
+                         f"{m['system_seconds']:.1f} | {m['extraction_images_per_sec']:.1f} | {100 * m['top1']:.2f}% |")
+        lines.append(f"| | **onnxruntime / torch** | **{b['end_to_end_ratio']:.2f}×** | | | "
+                     f"**{b['extraction_ratio']:.2f}×** | {'identical' if b['same_top1'] else 'differs'} |")
+    u = r["uses"]
+    exports = ", ".join(f"{b['model']} {b['export_seconds']:.1f} s" for b in r["best"] if b["export_seconds"])
+    lines += ["", f"The one-time export (the first run's line): {exports}.", "",
+              f"Using the Lite0 run on {u['photos']} photos (`eval RUN`, `predict RUN`, whole commands; val top-1 "
+              f"torch {100 * u['top1']['torch']:.2f}%, onnxruntime {100 * u['top1']['onnxruntime']:.2f}%):", "",
+              "| command | PyTorch (s) | onnxruntime (s) | ratio |", "| --- | ---: | ---: | ---: |"]
+    for command in ("eval", "predict"):
+        lines.append(f"| `{command} RUN` | {u['seconds'][f'{command} torch']:.1f} | "
+                     f"{u['seconds'][f'{command} onnxruntime']:.1f} | **{u[f'{command}_ratio']:.2f}×** |")
+    return lines + [""]
+
+
 RENDER = {"feature_extractor": _feature_extractor, "fold": _fold, "fine_tune": _fine_tune, "image_path": _image_path,
           "serve_load": _serve_load, "int8": _int8, "int8_pair": _int8_pair, "recipes": _recipes, "hard_set": _hard_set,
           "ensembles": _ensembles, "gpu": _gpu, "pretrained_prior": _pretrained_prior, "unmatched_rows": _unmatched_rows,
-          "clean_splits": _clean_splits, "calibration": _calibration, "audit": _audit, "before_after": _before_after}
+          "clean_splits": _clean_splits, "calibration": _calibration, "audit": _audit, "before_after": _before_after,
+          "engine": _engine}
 
 
 def write_markdown() -> None:

@@ -1,4 +1,5 @@
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +8,8 @@ from PIL import Image
 
 # never reach for the network in tests
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# the engines' exported graphs: one cache for the session's tests (and their subprocesses), never ~/.cache
+os.environ.setdefault("WARMSTART_ENGINE_CACHE", tempfile.mkdtemp(prefix="warmstart-engines-"))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 COLORS = [(200, 40, 40), (40, 180, 40), (40, 60, 210), (220, 200, 40)]

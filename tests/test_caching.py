@@ -14,7 +14,7 @@ from warmstart.data.image_cache import cached_images
 from warmstart.data.images import BoxedImage, open_image
 from warmstart.errors import UserError
 from warmstart.models import create_model
-from warmstart.train.cached import pre_logits
+from warmstart.train.cached import frozen_features
 
 CPU = Runtime(torch.device("cpu"), "fp32", False)  # loads on the per-sample path, computes in fp32
 
@@ -72,7 +72,7 @@ def test_interrupted_extraction_resumes_and_is_never_taken_as_complete(color_tre
     monkeypatch.setattr(fc, "FLUSH_EVERY", 1)
     images = resolve_splits(str(color_tree), 0.2, 0)["train"]
     transform = eval_transform(data_config_for(lite0, 64))
-    forward = pre_logits(lite0)
+    forward = frozen_features(lite0, "lite0", CPU, (3, 64, 64))[0]
     reference = fc.FeatureCache(tmp_path / "ref", "m").features(fc.View("train", transform), images, forward, CPU, 8,
                                                                 0)
     assert reference.computed == 36 and bool(reference.valid.all())
@@ -101,7 +101,7 @@ def test_interrupted_extraction_resumes_and_is_never_taken_as_complete(color_tre
 def test_cached_views_are_augmented_deterministic_and_trained_on(color_tree, lite0, tmp_path):
     images = resolve_splits(str(color_tree), 0.2, 0)["train"]
     augmented = train_transform(data_config_for(lite0, 64), "standard")
-    forward = pre_logits(lite0)
+    forward = frozen_features(lite0, "lite0", CPU, (3, 64, 64))[0]
     view, view2 = fc.View("train", augmented, 1, 11), fc.View("train", augmented, 2, 12)
     one = fc.FeatureCache(tmp_path / "a", "m").features(view, images, forward, CPU, 8, 0)
     again = fc.FeatureCache(tmp_path / "b", "m").features(view, images, forward, CPU, 5, 2)
@@ -187,7 +187,7 @@ def test_every_view_and_split_is_extracted_through_one_loader(color_tree, tmp_pa
     made = []
     original = loaders._data_loader
     monkeypatch.setattr(loaders, "_data_loader", lambda *args, **kw: made.append(1) or original(*args, **kw))
-    forward = pre_logits(lite0)
+    forward = frozen_features(lite0, "lite0", CPU, (3, 64, 64))[0]
     together = fc.FeatureCache(tmp_path / "one", "lite0").features_of(views, forward, CPU, 8, 2)
     assert len(made) == 1 and [t.computed for t in together] == [len(splits["train"])] * 2 + [len(splits["val"])]
     alone = [fc.FeatureCache(tmp_path / "each", "lite0").features(view, images, forward, CPU, 8, 0)

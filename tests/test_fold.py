@@ -6,7 +6,7 @@ from torch import nn
 
 from warmstart.compute.runtime import Runtime
 from warmstart.models.fold import fold_batchnorm
-from warmstart.train.cached import pre_logits
+from warmstart.models.outputs import PreLogits
 
 
 def _batchnorms(model) -> int:
@@ -25,7 +25,7 @@ def test_the_folded_copy_computes_the_same_features_without_batchnorm(lite0):
         got = folded.forward_features(x)
     assert float((expected - got).abs().max()) <= 1e-4 * float(expected.abs().max())
     runtime = Runtime(torch.device("cpu"), "fp32", True)
-    features = pre_logits(model, runtime)(x)  # extraction runs the folded copy
+    features = runtime.frozen(PreLogits(model), "lite0", "w", (3, 160, 160))(x)  # PyTorch runs the folded copy
     with torch.inference_mode():
         unfolded = model.forward_head(expected, pre_logits=True)
     assert torch.allclose(features, unfolded, atol=1e-4)

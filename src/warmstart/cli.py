@@ -132,6 +132,13 @@ def _add_training_commands(sub) -> None:
     add_declared_options(tn, StudyOptions)
 
 
+def _add_engine_option(parser: argparse.ArgumentParser) -> None:
+    from .config import ENGINES
+
+    parser.add_argument("--engine", default=None, choices=ENGINES,
+                        help="what computes a run directory's network (default: the run's own --engine)")
+
+
 def _add_trained_model_commands(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate a trained run (top-1, top-5, per class, confusion matrix)")
     ev.add_argument("run", help="run directory")
@@ -140,6 +147,7 @@ def _add_trained_model_commands(sub) -> None:
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--workers", type=int, default=None)
     ev.add_argument("--json", action="store_true", help="print the evaluation (eval.json, or eval_<split>.json)")
+    _add_engine_option(ev)
 
     pr = sub.add_parser("predict", help="top-k classes of image files (run directory, ONNX file, or a server)")
     pr.add_argument("model", nargs="?", help="run directory or exported .onnx file (not with --server)")
@@ -147,6 +155,7 @@ def _add_trained_model_commands(sub) -> None:
     pr.add_argument("--top-k", type=int, default=5)
     pr.add_argument("--json", action="store_true")
     pr.add_argument("--server", default=None, help="URL of a 'warmstart serve' service to ask instead")
+    _add_engine_option(pr)
 
     ex = sub.add_parser("export", help="export a run as ONNX, TorchScript or safetensors (with a parity check)")
     ex.add_argument("run", help="run directory")
@@ -197,6 +206,7 @@ def _add_data_and_report_commands(sub) -> None:
     rp.add_argument("--split", default="val", choices=("train", "val", "test"))
     rp.add_argument("--gallery", type=int, default=24, help="misclassified images to show")
     rp.add_argument("--workers", type=int, default=None)
+    _add_engine_option(rp)
 
     rn = sub.add_parser("runs", help="list trained runs")
     rn.add_argument("directory", nargs="?", default="runs")
@@ -307,12 +317,13 @@ def _cmd_recipes(args) -> int:
 def _cmd_eval(args) -> int:
     from .evaluate import evaluate_run
 
-    result = evaluate_run(args.run, args.data, args.split, args.batch_size, args.workers)
+    result = evaluate_run(args.run, args.data, args.split, args.batch_size, args.workers, args.engine)
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
         print(f"{args.split}: top-1 {result.top1:.4f}, top-5 {result.top5:.4f}, ECE {result.ece:.3f}, NLL "
-              f"{result.nll:.3f} on {result.num_images} images ({result.images_per_sec:.1f} img/s); per-class "
+              f"{result.nll:.3f} on {result.num_images} images ({result.images_per_sec:.1f} img/s, "
+              f"{result.engine}); per-class "
               f"accuracy and confusion matrix in {args.run}")
     return 0
 
@@ -336,7 +347,7 @@ def _predictions(args) -> list:
         return predict_onnx(args.model, args.images, args.top_k)
     from .predict import predict
 
-    return [(p.image, p.top, p.error) for p in predict(args.model, args.images, args.top_k)]
+    return [(p.image, p.top, p.error) for p in predict(args.model, args.images, args.top_k, engine=args.engine)]
 
 
 def _cmd_predict(args) -> int:
@@ -410,7 +421,7 @@ def _cmd_data(args) -> int:
 def _cmd_report(args) -> int:
     from .report import build_report
 
-    path = build_report(args.run, args.data, args.split, args.gallery, workers=args.workers)
+    path = build_report(args.run, args.data, args.split, args.gallery, workers=args.workers, engine=args.engine)
     print(f"report: {path} (figures in {path.parent / 'report'})")
     return 0
 

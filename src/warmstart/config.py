@@ -19,6 +19,8 @@ from .errors import UserError, excerpt
 from .files import load_yaml
 from .recipes import RECIPES
 
+ENGINES = ("auto", "torch", "onnxruntime")  # compute/engine.py computes with them
+
 STRATEGIES = ("feature-extractor", "partial", "fine-tune")
 OPTIMIZERS = ("sgd", "adamw", "lbfgs")
 SCHEDULES = ("cosine", "piecewise", "constant")
@@ -188,6 +190,10 @@ class RunConfig:
     channels_last: bool = setting(True, "channels_last memory format (default, usually faster; "
                                   "--no-channels-last: NCHW)", group="speed")
     compile: bool = setting(False, "torch.compile the model", group="speed")
+    engine: str = setting("auto", "what computes the frozen network (extraction, eval, predict, report, audit, "
+                          "serve): onnxruntime (CPU, fp32), torch, or auto (default: onnxruntime on a CPU in fp32, "
+                          "else torch); training always runs in PyTorch", group="speed", choices=ENGINES,
+                          tunable=False)
     # torchrun: SyncBatchNorm across GPUs
     sync_bn: bool = setting(False, "synchronise BatchNorm across GPUs", group="several processes (torchrun)")
     # checkpoints (whole-model training): every epoch, and every N optimizer steps

@@ -13,7 +13,6 @@ import torch
 
 from .calibration import expected_calibration_error, negative_log_likelihood
 from .data.imageset import ImageSet
-from .models.tta import FlipTTA
 from .run_dir import RunDir, load_run
 from .stop import StopRequest, check
 from .compute.distributed import Distributed
@@ -32,6 +31,7 @@ class EvalResult:
     images_per_sec: float = 0.0
     skipped: list[tuple[str, str]] = field(default_factory=list)
     split: str = "val"
+    engine: str = ""  # what computed the network's forward (compute/engine.py)
     ece: float = 0.0  # expected calibration error of the probabilities (15 bins)
     nll: float = 0.0  # their negative log-likelihood
     logits: torch.Tensor | None = field(default=None, repr=False)
@@ -56,6 +56,7 @@ class EvalResult:
             "num_classes": len(self.class_names),
             "images_per_sec": self.images_per_sec,
             "seconds": self.seconds,
+            "engine": self.engine,
             "per_class_accuracy": dict(zip(self.class_names, self.per_class_accuracy)),
             "skipped_images": [item for item, _ in self.skipped],
         }
@@ -140,19 +141,18 @@ def outputs_of(loader, forward, device, progress=None) -> Outputs:
     return Outputs(torch.cat(outputs), torch.cat(labels), torch.cat(indices), seconds, skipped)
 
 
-def evaluate_model(model, images: ImageSet, transform, runtime: Runtime | None = None, batch_size: int = 64,
-                   workers: int | None = None, tta: bool = False, dist: Distributed | None = None) -> EvalResult:
-    """The model's metrics on a split, computed as the run computes (`runtime`: device, precision,
-    memory format), on the image and its mirror image with `tta`. Under torchrun each rank takes
-    every world-th image and the outputs are gathered: the same result on every rank."""
-    runtime = runtime or Runtime.for_machine()
-    forward = runtime.forward(FlipTTA(model) if tta else model)
+def evaluate_model(forward, images: ImageSet, transform, runtime: Runtime, batch_size: int = 64,
+                   workers: int | None = None, dist: Distributed | None = None) -> EvalResult:
+    """The metrics of `forward` (a network as `Runtime.classify` computes it: device, precision,
+    memory format, engine, TTA and temperature) on a split of images in `transform`'s view. Under
+    torchrun each rank takes every world-th image and the outputs are gathered: the same result on
+    every rank."""
     if dist is None or not dist.active:
-        out = compute_outputs(model, images, transform, batch_size, workers, runtime, forward=forward)
+        out = outputs_of(runtime.loader(images, transform, batch_size, workers), forward, runtime.device)
         parts = [(out.outputs, out.labels, out.seconds, out.skipped)]
     else:
         shard = images.subset(range(dist.rank, len(images), dist.world))
-        out = compute_outputs(model, shard, transform, batch_size, workers, runtime, forward=forward)
+        out = outputs_of(runtime.loader(shard, transform, batch_size, workers), forward, runtime.device)
         parts = dist.gather((out.outputs, out.labels, out.seconds, out.skipped))
     outputs = [p[0] for p in parts if len(p[1])]
     result = metrics_from_logits(torch.cat(outputs) if outputs else torch.empty(0), torch.cat([p[1] for p in parts]),
@@ -160,6 +160,7 @@ def evaluate_model(model, images: ImageSet, transform, runtime: Runtime | None =
     result.seconds = max(p[2] for p in parts)
     result.images_per_sec = result.num_images / result.seconds if result.seconds > 0 else 0.0
     result.skipped = [s for p in parts for s in p[3]]
+    result.engine = getattr(forward, "engine", "torch")
     return result
 
 
@@ -180,14 +181,17 @@ def run_split(run_dir: str | Path, data: str | None, split: str):
 
 
 def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "val", batch_size: int = 64,
-                 workers: int | None = None) -> EvalResult:
-    """Evaluate a trained run on a split of `data` (default: the run's own data); writes eval files."""
+                 workers: int | None = None, engine: str | None = None) -> EvalResult:
+    """Evaluate a trained run on a split of `data` (default: the run's own); writes eval files.
+    It computes as the run did (device, precision, memory format, pipeline, engine: `engine`
+    overrides the run's)."""
     from .data.transforms import eval_transform
 
     run, images = run_split(run_dir, data, split)
-    runtime = Runtime.for_run(run_dir)  # as the run computed: device, precision, memory format, pipeline
-    result = evaluate_model(runtime.for_inference(run.model), images, eval_transform(run.data_config), runtime, batch_size,
-                            workers)
+    runtime = Runtime.for_run(run_dir, engine)
+    forward = runtime.classify(run.network, run.data_config["input_size"], run.meta.get("tta"),
+                               run.meta.get("temperature"))
+    result = evaluate_model(forward, images, eval_transform(run.data_config), runtime, batch_size, workers)
     result.split = split
     result.write(run_dir)
     return result

@@ -80,7 +80,9 @@ class OnnxBackend:
 
 
 class TorchBackend:
-    def __init__(self, run_dir: str | Path):
+    """A run directory: its network computed as the run computes (the run's engine, or `engine`)."""
+
+    def __init__(self, run_dir: str | Path, engine: str | None = None):
         import torch
 
         from .compute.runtime import Runtime
@@ -89,8 +91,10 @@ class TorchBackend:
 
         self.torch = torch
         self.run = load_run(run_dir)
-        self.runtime = Runtime.for_run(run_dir)  # as the run computed: device, precision, memory format
-        self.forward = self.runtime.forward(self.runtime.for_inference(self.run.model))
+        self.runtime = Runtime.for_run(run_dir, engine)  # as the run computed: device, precision, engine
+        self.forward = self.runtime.classify(self.run.network, self.run.data_config["input_size"],
+                                             self.run.meta.get("tta"), self.run.meta.get("temperature"))
+        self.engine = self.forward.engine
         self.transform = eval_transform(self.run.data_config)
         self.meta = self.run.export_metadata()
         self.class_names = self.run.class_names
@@ -104,12 +108,12 @@ class TorchBackend:
             return self.forward(batch).float().softmax(1).cpu().numpy()
 
 
-def load_backend(model: str | Path):
-    """An ONNX file or a run directory."""
+def load_backend(model: str | Path, engine: str | None = None):
+    """An ONNX file or a run directory (computed by the run's engine, or `engine`)."""
     path = Path(model)
     if path.suffix == ".onnx":
         return OnnxBackend(path)
-    return TorchBackend(path)
+    return TorchBackend(path, engine)
 
 
 def top_k(probabilities: np.ndarray, class_names: list[str], k: int) -> list[list[tuple[str, float]]]:
@@ -154,8 +158,10 @@ class Prediction:
     error: str | None = None
 
 
-def predict(run_dir: str | Path, images: list[str | Path], top_k: int = 5, batch_size: int = 32) -> list[Prediction]:
-    """Top-k classes with probabilities for each image; unreadable files get an error, not an exception."""
+def predict(run_dir: str | Path, images: list[str | Path], top_k: int = 5, batch_size: int = 32,
+            engine: str | None = None) -> list[Prediction]:
+    """Top-k classes with probabilities for each image; unreadable files get an error, not an exception.
+    The run's network is computed by the run's engine, or `engine`."""
     if top_k < 1:
         raise UserError(f"--top-k {top_k} is not valid: it must be >= 1")
-    return [Prediction(*p) for p in predict_images(TorchBackend(run_dir), list(images), top_k, batch_size)]
+    return [Prediction(*p) for p in predict_images(TorchBackend(run_dir, engine), list(images), top_k, batch_size)]

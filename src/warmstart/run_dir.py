@@ -241,16 +241,10 @@ def load_run(run_dir: str | Path | RunDir) -> LoadedRun:
         reason = str(exc).splitlines()[0][:160] if str(exc) else exc.__class__.__name__
         raise UserError(f"{weights} is damaged or does not match {META_FILE} ({reason}): restore the file from a "
                         f"backup, or train the run again") from None
-    network, model = model.eval(), model
-    if meta.get("tta"):
-        from .models.tta import FlipTTA
+    from .models.outputs import as_used
 
-        model = FlipTTA(model)
-    if meta.get("temperature"):  # calibrated probabilities: softmax(logits / T)
-        from .models.temperature import Temperature
-
-        model = Temperature(model, meta["temperature"])
-    return LoadedRun(model.eval(), meta, network)
+    network = model.eval()  # calibrated probabilities: softmax(logits / T)
+    return LoadedRun(as_used(network, meta.get("tta"), meta.get("temperature")).eval(), meta, network)
 
 
 REQUIRED_META = ("architecture", "class_names", "class_ids", "data_config")

@@ -46,7 +46,7 @@ def features_of(config: RunConfig, reporter: Reporter):
     from ..compute.runtime import Runtime
     from ..data.feature_cache import FeatureCache, View
     from ..data.transforms import eval_transform
-    from ..train.cached import cached_views, model_fingerprint, pre_logits
+    from ..train.cached import cached_views, frozen_features
     from ..train.run import build
     from ..train.session import Session
 
@@ -54,10 +54,12 @@ def features_of(config: RunConfig, reporter: Reporter):
     runtime = Runtime.for_config(config)
     model = runtime.prepare(built.model.eval())
     session = Session(config, built.data_config, runtime, reporter)
-    cache = FeatureCache(config.cache_dir, model_fingerprint(model, built.arch, runtime), reporter.warn)
+    reporter.info(runtime.engine_line())
+    forward, fingerprint = frozen_features(model, built.arch, runtime, built.data_config["input_size"], reporter.info)
+    cache = FeatureCache(config.cache_dir, fingerprint, reporter.warn)
     names = [s for s in SPLITS if s in built.splits and len(built.splits[s])]
     outs = cached_views(cache, [(View(s, eval_transform(built.data_config)), built.splits[s]) for s in names],
-                        pre_logits(model, runtime), session)
+                        forward, session)
     return {s: built.splits[s] for s in names}, dict(zip(names, outs)), built
 
 

@@ -14,6 +14,9 @@ from ..data.loaders import EpochBatches, Pass, make_loader, passes_loader
 from ..data.transforms import train_transform
 from ..errors import UserError
 from ..models.fold import fold_batchnorm
+from ..models.outputs import Classified, PreLogits, architecture, as_used, backbone_fingerprint
+from .engine import (EngineUnavailable, GraphCache, OnnxForward, TorchForward, choose_engine, identity_of,
+                     _stderr)
 
 
 def resolve_pipeline(choice: str, device: torch.device) -> str:
@@ -26,19 +29,29 @@ def resolve_pipeline(choice: str, device: torch.device) -> str:
 
 @dataclass
 class Runtime:
-    """Where and how tensors are computed: device, precision, memory format, compilation."""
+    """Where and how tensors are computed: device, precision, memory format, compilation, and the
+    engine that computes frozen forwards (compute/engine.py)."""
 
     device: torch.device
     precision: str = "fp32"
     channels_last: bool = True
     pipeline: str = "cpu"  # where images are decoded and augmented: "cpu" (workers) or "gpu" (batched)
+    engine: str = "torch"  # what computes frozen forwards: "torch" or "onnxruntime"
+    engine_choice: str = "torch"  # --engine as given (auto falls back to PyTorch where the engine cannot go)
+    engine_reason: str = ""
 
     @classmethod
     def for_config(cls, config, local_rank: int = 0) -> "Runtime":
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
         if config.precision == "fp16" and device.type != "cuda":
             raise UserError("--precision fp16 needs a GPU: use --precision bf16 on the CPU")
-        return cls(device, config.precision, config.channels_last, resolve_pipeline(config.pipeline, device))
+        engine, reason = choose_engine(config.engine, device, config.precision)
+        return cls(device, config.precision, config.channels_last, resolve_pipeline(config.pipeline, device),
+                   engine, config.engine, reason)
+
+    def engine_line(self) -> str:
+        name = "onnxruntime" if self.engine == "onnxruntime" else "PyTorch"
+        return f"engine: {name} computes the frozen network ({self.engine_reason})"
 
     @property
     def batched_on(self) -> torch.device | None:
@@ -62,6 +75,39 @@ class Runtime:
         computes the same (models.fold): for extraction, evaluation and prediction, never training."""
         return fold_batchnorm(self.prepare(model))
 
+    def frozen(self, module: torch.nn.Module, name: str, weights: str, input_size, say=None):
+        """`module`'s forward for inference (never training), computed by the run's engine: a callable
+        from images to outputs whose `engine` says which computes it. `name` and `weights` (the
+        fingerprint of what it computes) key the engine's graph; `input_size` is (C, H, W). Where
+        onnxruntime cannot take the module, --engine auto falls back to PyTorch with one line and
+        --engine onnxruntime is a UserError."""
+        say = say or _stderr
+        if self.engine == "onnxruntime":
+            try:
+                return OnnxForward(module, identity_of(name, weights, type(module).__name__), input_size, say,
+                                   GraphCache())
+            except EngineUnavailable as exc:
+                if self.engine_choice == "onnxruntime":
+                    raise UserError(f"--engine onnxruntime cannot compute {name}: {exc}; use --engine torch "
+                                    f"(or auto)") from None
+                say(f"engine: PyTorch computes {name}: onnxruntime cannot take it ({exc})")
+        return TorchForward(self.forward(self.for_inference(module)))
+
+    def classify(self, network: torch.nn.Module, input_size, tta: bool = False, temperature: float | None = None,
+                 say=None):
+        """A trained network's logits (mirror-averaged with `tta`, divided by `temperature`) for
+        inference: its pooled features by the run's engine (the graph extraction uses for the
+        same backbone), its classifier in PyTorch."""
+        if self.engine == "onnxruntime":
+            features = self.frozen(PreLogits(network), f"{architecture(network)} pooled features",
+                                   backbone_fingerprint(network), input_size, say)
+            if features.engine == "onnxruntime":
+                model = as_used(Classified(features, network.get_classifier()), tta, temperature).eval()
+                forward = TorchForward(model)
+                forward.engine = features.engine
+                return forward
+        return TorchForward(self.forward(self.for_inference(as_used(network, tta, temperature))))
+
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last and images.ndim == 4 \
@@ -83,20 +129,20 @@ class Runtime:
         return cls.for_config(RunConfig())
 
     @classmethod
-    def for_run(cls, run_dir) -> "Runtime":
+    def for_run(cls, run_dir, engine: str | None = None) -> "Runtime":
         """A trained run's runtime on this machine, from its saved config (as it trained and
-        evaluated: precision, memory format, pipeline); a run without one computes in fp32."""
+        evaluated: precision, memory format, pipeline, engine, unless `engine` is given); a run
+        without one computes in fp32."""
         from ..config import RunConfig
         from ..run_dir import RunDir
 
         saved = RunDir(run_dir).config
-        if not saved.is_file():
-            return cls(torch.device("cuda" if torch.cuda.is_available() else "cpu"), "fp32", False)
-        config = RunConfig.from_yaml(saved)
+        config = RunConfig.from_yaml(saved) if saved.is_file() else RunConfig(precision="fp32", channels_last=False)
         if config.precision == "fp16" and not torch.cuda.is_available():
             config = config.replace(precision="fp32")  # trained on a GPU, used on a CPU
-        return cls.for_config(config.replace(pipeline="cpu") if config.pipeline == "gpu" and
-                              not torch.cuda.is_available() else config)
+        if config.pipeline == "gpu" and not torch.cuda.is_available():
+            config = config.replace(pipeline="cpu")
+        return cls.for_config(config.replace(engine=engine) if engine else config)
 
     # -- loaders: every pass over images is built here, with the run's pipeline --------------
     def loader(self, images, transform, batch_size: int, workers: int | None = None, order=None,

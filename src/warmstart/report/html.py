@@ -61,15 +61,15 @@ def most_confused(names: list[str], confusion: np.ndarray, top: int = 15) -> lis
 
 
 def build_report(run_dir: str | Path, data: str | None = None, split: str = "val", gallery: int = 24,
-                 batch_size: int = 64, workers: int | None = None) -> Path:
+                 batch_size: int = 64, workers: int | None = None, engine: str | None = None) -> Path:
     run_dir = Path(run_dir)
     run, images = run_split(run_dir, data, split)
     metrics = json.loads(RunDir(run_dir).metrics.read_text())
     history = json.loads(RunDir(run_dir).history.read_text()) if RunDir(run_dir).history.is_file() else []
-    runtime = Runtime.for_run(run_dir)  # as the run computed: device, precision, memory format, pipeline
-    model = runtime.for_inference(run.model)
-    out = compute_outputs(model, images, eval_transform(run.data_config), batch_size, workers, runtime,
-                          runtime.forward(model))
+    runtime = Runtime.for_run(run_dir, engine)  # as the run computed: device, precision, pipeline, engine
+    forward = runtime.classify(run.network, run.data_config["input_size"], run.meta.get("tta"),
+                               run.meta.get("temperature"))
+    out = compute_outputs(run.network, images, eval_transform(run.data_config), batch_size, workers, runtime, forward)
     evaluation = metrics_from_logits(out.outputs, out.labels, run.class_names)
     probs = out.outputs.softmax(1) if len(out.outputs) else torch.empty(0, len(run.class_names))
     names = run.class_names
@@ -106,7 +106,7 @@ def build_report(run_dir: str | Path, data: str | None = None, split: str = "val
         "split": split, "images": evaluation.num_images, "top1": evaluation.top1, "top5": evaluation.top5,
         "ece": calib["ece"], "ece_before_calibration": before["ece"] if before else None,
         "temperature": temperature, "misclassified": len(wrong), "most_confused": pairs,
-        "per_class_accuracy": dict(zip(names, evaluation.per_class_accuracy)),
+        "per_class_accuracy": dict(zip(names, evaluation.per_class_accuracy)), "engine": forward.engine,
     }
     (figures / "report.json").write_text(json.dumps(summary, indent=2))
     metric_rows = [[k, f"{v:.4f}" if isinstance(v, float) else v] for k, v in metrics.items()]
@@ -115,7 +115,8 @@ def build_report(run_dir: str | Path, data: str | None = None, split: str = "val
         f"{html.escape(metrics.get('strategy', ''))} · {metrics['epochs']} epochs</p>",
         "<h2 id='summary'>Summary</h2>",
         f"<p>On the <b>{split}</b> split ({evaluation.num_images} images): top-1 <b id='top1'>{evaluation.top1:.4f}"
-        f"</b>, top-5 <b>{evaluation.top5:.4f}</b>, expected calibration error <b>{calib['ece']:.4f}</b>.</p>",
+        f"</b>, top-5 <b>{evaluation.top5:.4f}</b>, expected calibration error <b>{calib['ece']:.4f}</b>; "
+        f"the network computed by {forward.engine} ({out.seconds:.1f}s).</p>",
         _table(["metrics.json", "value"], metric_rows),
     ]
     if "curves" in files:

@@ -13,31 +13,28 @@ from ..data.feature_cache import CachedFeatures, FeatureCache, View
 from ..data.fingerprint import fingerprint_tensors
 from ..data.loaders import EpochBatches, seeded_generator
 from ..data.transforms import eval_transform, mirrored_eval_transform, train_transform
-from ..models.weights import classifier_names
+from ..models.outputs import PreLogits, architecture, backbone_fingerprint
 from ..stop import check
 from ..compute.runtime import Runtime
 from .session import Session
 from .steps import FitResult, log_skipped
 
 
-def pre_logits(model: torch.nn.Module, runtime: Runtime | None = None):
-    """The model's forward up to the classifier input (pooled features)."""
-    runtime = runtime or Runtime.for_machine()
-    model = runtime.for_inference(model)
-    return runtime.forward(lambda x: model.forward_head(model.forward_features(x), pre_logits=True))
+def frozen_features(model: torch.nn.Module, arch: str, runtime: Runtime, input_size, say=None) -> tuple:
+    """(forward, fingerprint): the model's pooled features (the classifier's input) computed by the
+    run's engine, and what they depend on (the frozen weights' values and how they are computed,
+    the engine included: the feature cache never mixes rows of two engines)."""
+    weights = backbone_fingerprint(model)
+    forward = runtime.frozen(PreLogits(model), f"{architecture(model)} pooled features", weights, input_size, say)
+    return forward, f"{arch}|{runtime.precision}|cl={runtime.channels_last}|{forward.engine}|{weights}"
 
 
-def model_fingerprint(model: torch.nn.Module, arch: str, runtime: Runtime) -> str:
-    """What the features depend on: the frozen weights' values and how they are computed."""
-    head = set(classifier_names(model))
-    frozen = {k: v for k, v in model.state_dict().items() if k not in head}
-    return f"{arch}|{runtime.precision}|cl={runtime.channels_last}|{fingerprint_tensors(frozen)}"
-
-
-def boundary_fingerprint(prefix: torch.nn.Module, arch: str, runtime: Runtime) -> str:
-    """What the frozen prefix's activations depend on."""
-    return (f"{arch}|prefix={len(prefix)}|{runtime.precision}|cl={runtime.channels_last}|"
-            f"{fingerprint_tensors(prefix.state_dict())}")
+def frozen_prefix(prefix: torch.nn.Module, arch: str, runtime: Runtime, input_size, say=None) -> tuple:
+    """(forward, fingerprint) of the frozen prefix's activations (--cache-boundary), as `frozen_features`."""
+    weights = fingerprint_tensors(prefix.state_dict())
+    forward = runtime.frozen(prefix, f"{arch} prefix of {len(prefix)} segments", weights, input_size, say)
+    return forward, (f"{arch}|prefix={len(prefix)}|{runtime.precision}|cl={runtime.channels_last}|{forward.engine}|"
+                     f"{weights}")
 
 
 def cached(cache: FeatureCache, images, view: View, forward, session: Session) -> CachedFeatures:

@@ -12,10 +12,11 @@ import torch.nn.functional as F
 from ..data.feature_cache import FeatureCache
 from ..data.loaders import EpochBatches
 from ..evaluate import top1
+from ..models.outputs import PreLogits
 from ..models.pretrained_classes import HeadPrior
 from ..models.tta import combine_views
 from ..models.trainable import set_train_mode
-from .cached import CachedBatches, CachedSplits, boundary_fingerprint, model_fingerprint, pre_logits
+from .cached import CachedBatches, CachedSplits, frozen_features, frozen_prefix
 from .driver import Start, drive
 from .epoch import Progress, step_logger, train_one_epoch
 from .paths import FitRequest
@@ -142,15 +143,16 @@ def feature_logits(head, views: list[torch.Tensor], labels: torch.Tensor):
     return val_logits
 
 
-def fit_head_on_features(model, splits, session: Session, cache: FeatureCache, include_val: bool = False) -> FitResult:
+def fit_head_on_features(model, splits, session: Session, features: tuple, include_val: bool = False) -> FitResult:
     """Every rank trains the same head on the same (sharded, then shared) features: deterministic,
-    so rank 0's head is everyone's. `include_val`: train on val's images too (a refit)."""
+    so rank 0's head is everyone's. `features`: (the cache, the frozen forward that fills it).
+    `include_val`: train on val's images too (a refit)."""
     config, runtime = session.config, session.runtime
     result = FitResult(used_feature_cache=True)
     model.eval()
     start = time.perf_counter()
-    data = CachedSplits.extract(cache, splits, pre_logits(torch.compile(model) if config.compile else model, runtime),
-                                session, result=result, include_val=include_val)
+    cache, forward = features
+    data = CachedSplits.extract(cache, splits, forward, session, result=result, include_val=include_val)
     feats = [v.features[data.rows].to(runtime.device) for v in data.train]
     labels = data.labels.to(runtime.device)
     val_labels = data.val_labels.to(runtime.device)
@@ -217,15 +219,16 @@ def tail_logits(model, run_tail, data: CachedSplits, runtime: Runtime, seconds: 
     return val_logits
 
 
-def fit_tail_on_activations(model, trainable, split: tuple, splits, session: Session,
-                            cache: FeatureCache) -> FitResult:
-    """The frozen prefix runs once per image (and view); each epoch runs only the trainable tail."""
+def fit_tail_on_activations(model, trainable, split: tuple, splits, session: Session, activations: tuple) -> FitResult:
+    """The frozen prefix runs once per image (and view); each epoch runs only the trainable tail.
+    `activations`: (the cache, the prefix's frozen forward that fills it)."""
     config, runtime = session.config, session.runtime
-    prefix, tail = split
+    tail = split[1]
     result = FitResult(used_feature_cache=True)
     model.eval()
     start = time.perf_counter()
-    data = CachedSplits.extract(cache, splits, runtime.forward(prefix), session, "-boundary", result)
+    cache, forward = activations
+    data = CachedSplits.extract(cache, splits, forward, session, "-boundary", result)
     labels = data.labels
 
     def run_tail(x):
@@ -256,15 +259,21 @@ def fit_tail_on_activations(model, trainable, split: tuple, splits, session: Ses
 def train_on_features(request: FitRequest) -> FitResult:
     """The cached-features path: the frozen network's features from the cache, the head on them."""
     session = request.session
-    cache = FeatureCache(session.cache_dir, model_fingerprint(request.model, request.arch, session.runtime),
-                         session.reporter.warn)
-    return fit_head_on_features(request.model, request.splits, session, cache, request.include_val)
+    request.model.eval()
+    forward, fingerprint = frozen_features(request.model, request.arch, session.runtime,
+                                           session.data_config["input_size"], session.reporter.info)
+    if session.config.compile and forward.engine == "torch":  # the same features, compiled
+        forward = session.runtime.forward(torch.compile(session.runtime.for_inference(PreLogits(request.model))))
+    cache = FeatureCache(session.cache_dir, fingerprint, session.reporter.warn)
+    return fit_head_on_features(request.model, request.splits, session, (cache, forward), request.include_val)
 
 
 def train_on_activations(request: FitRequest) -> FitResult:
     """The cached-activations path (--cache-boundary): the frozen prefix's outputs from the cache."""
     session, split = request.session, request.path.split
-    cache = FeatureCache(session.cache_dir, boundary_fingerprint(split[0], request.arch, session.runtime),
-                         session.reporter.warn)
+    split[0].eval()
+    forward, fingerprint = frozen_prefix(split[0], request.arch, session.runtime, session.data_config["input_size"],
+                                         session.reporter.info)
+    cache = FeatureCache(session.cache_dir, fingerprint, session.reporter.warn)
     return fit_tail_on_activations(request.model, request.trainable, split, request.with_val_in_train(), session,
-                                   cache)
+                                   (cache, forward))

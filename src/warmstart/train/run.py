@@ -303,6 +303,7 @@ def start_session(run: Run, on_epoch) -> Session:
     reporter.info(f"model {config.model} ({built.arch}), strategy {config.strategy}: "
                   f"{trainable:,} of {total:,} parameters train; run directory {run.directory}")
     runtime = Runtime.for_config(config, dist.local_rank)
+    reporter.info(runtime.engine_line())
     runtime.prepare(built.model)
     cache_dir = Path(config.cache_dir) if config.cache_dir else run.directory.cache
     if config.image_cache:
@@ -415,9 +416,11 @@ def test(run: Run, fitted: FitResult, runtime: Runtime) -> dict:
 
 
 def _evaluate(run: Run, images, runtime: Runtime) -> EvalResult:
-    config = run.config
-    return evaluate_model(run.built.model, images, eval_transform(run.built.data_config), runtime,
-                          max(config.batch_size, 64), config.workers, config.tta, run.dist)
+    config, built = run.config, run.built
+    built.model.eval()
+    forward = runtime.classify(built.model, built.data_config["input_size"], config.tta, say=run.reporter.info)
+    return evaluate_model(forward, images, eval_transform(built.data_config), runtime, max(config.batch_size, 64),
+                          config.workers, run.dist)
 
 
 def write_artifacts(run: Run, fitted: FitResult, evaluation: EvalResult, test_metrics: dict) -> dict:

@@ -1,0 +1,59 @@
+"""What a network's frozen forward gives, as modules an engine can export: its pooled features
+(`PreLogits`), and a trained run's answer built on them (`as_used`: the classifier, flip TTA, the
+temperature), so that one exported graph of the features serves extraction and every use of a run
+whose backbone it is."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..data.fingerprint import fingerprint_tensors
+from .temperature import Temperature
+from .tta import FlipTTA
+from .weights import classifier_names
+
+
+def architecture(network: nn.Module) -> str:
+    """The network's timm architecture (its class name where timm did not build it)."""
+    return getattr(network, "pretrained_cfg", {}).get("architecture") or type(network).__name__
+
+
+def backbone_fingerprint(network: nn.Module) -> str:
+    """The exact values of every weight but the classifier's: what the pooled features depend on."""
+    head = set(classifier_names(network))
+    return fingerprint_tensors({k: v for k, v in network.state_dict().items() if k not in head})
+
+
+class PreLogits(nn.Module):
+    """The network up to its classifier's input: forward_features, then pooling (pre_logits)."""
+
+    def __init__(self, network: nn.Module):
+        super().__init__()
+        self.network = network
+
+    @property
+    def pretrained_cfg(self) -> dict:
+        return getattr(self.network, "pretrained_cfg", {})
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network.forward_head(self.network.forward_features(images), pre_logits=True)
+
+
+class Classified(nn.Module):
+    """Logits as the network's classifier computes them from pooled features given by `features`
+    (a callable: an engine's forward of the frozen part)."""
+
+    def __init__(self, features, classifier: nn.Module):
+        super().__init__()
+        self.features, self.classifier = features, classifier
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(images).to(next(self.classifier.parameters()).device))
+
+
+def as_used(network, tta: bool = False, temperature: float | None = None):
+    """What answers for a trained run: the network, with the image and its mirror averaged (`tta`)
+    and its logits divided by the fitted temperature."""
+    model = FlipTTA(network) if tta else network
+    return Temperature(model, temperature) if temperature else model
