@@ -397,14 +397,15 @@ def _engine(r: dict) -> list[str]:
               "| set, model | engine | wall (s) | user CPU (s) | system CPU (s) | extraction img/s | val top-1 |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for b in r["best"]:
-        for engine, m in b["medians"].items():
-            lines.append(f"| {b['set']}, {b['model']} | {engine} | {m['wall_seconds']:.1f} | {m['user_seconds']:.1f} | "
+        for name, m in b["medians"].items():
+            lines.append(f"| {b['set']}, {b['model']} | {name} | {m['wall_seconds']:.1f} | {m['user_seconds']:.1f} | "
                          f"{m['system_seconds']:.1f} | {m['extraction_images_per_sec']:.1f} | {100 * m['top1']:.2f}% |")
         lines.append(f"| | **onnxruntime / torch** | **{b['end_to_end_ratio']:.2f}×** | | | "
-                     f"**{b['extraction_ratio']:.2f}×** | {'identical' if b['same_top1'] else 'differs'} |")
+                     f"**{b['extraction_ratio']:.2f}×** | {'identical' if b['same_top1'] else 'differs: '}"
+                     f"{'' if b['same_top1'] else format(b['top1_difference_points'], '+.2f') + ' points'} |")
     u = r["uses"]
-    exports = ", ".join(f"{b['model']} {b['export_seconds']:.1f} s" for b in r["best"] if b["export_seconds"])
-    lines += ["", f"The one-time export (the first run's line): {exports}.", "",
+    exports = ", ".join(f"{s['model']} ({s['input_size']} px) {s['export_seconds']:.1f} s" for s in r["standalone"])
+    lines += ["", f"The one-time export into a fresh graph cache (with its parity check): {exports}.", "",
               f"Using the Lite0 run on {u['photos']} photos (`eval RUN`, `predict RUN`, whole commands; val top-1 "
               f"torch {100 * u['top1']['torch']:.2f}%, onnxruntime {100 * u['top1']['onnxruntime']:.2f}%):", "",
               "| command | PyTorch (s) | onnxruntime (s) | ratio |", "| --- | ---: | ---: | ---: |"]

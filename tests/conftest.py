@@ -63,6 +63,17 @@ def dog_tree(tmp_path) -> Path:
     return root
 
 
+@pytest.fixture(scope="module")
+def color_run(tmp_path_factory):
+    """(run directory, data) of a small trained run on 3 colour classes (64 px, 2 epochs), per module."""
+    from warmstart import RunConfig, train
+
+    root = make_color_tree(tmp_path_factory.mktemp("colors"), 8, 3)
+    result = train(RunConfig(data=str(root), augment="none", epochs=2, input_size=64, workers=0, quiet=True,
+                             out=str(tmp_path_factory.mktemp("runs") / "colors")))
+    return result.run_dir, root
+
+
 @pytest.fixture
 def lite0():
     """The bundled EfficientNet-Lite0 with a new 3-class head, in eval mode."""

@@ -10,7 +10,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from .errors import Diverged
+
 BINS = 15
+MIN_PHOTOS = 20  # fewer validation photos determine no temperature: on 1-2 the fit runs to its bound
 
 
 def reliability(logits: torch.Tensor, labels: torch.Tensor, bins: int = BINS) -> dict:
@@ -72,8 +75,12 @@ class Calibration:
     @classmethod
     def fit(cls, logits: torch.Tensor, labels: torch.Tensor) -> "Calibration":
         """The temperature, kept only where it makes val's probabilities more honest (ECE): on a
-        handful of images, or a head that barely learned, the NLL's optimum can be extreme."""
-        t = fit_temperature(logits, labels)
+        handful of images, or a head that barely learned, the NLL's optimum can be extreme; below
+        MIN_PHOTOS images none is fitted."""
+        if not bool(torch.isfinite(logits).all()):
+            raise Diverged("the model's validation outputs are not finite (training diverged): no model was saved; "
+                           "lower --lr or --head-prior")
+        t = fit_temperature(logits, labels) if len(labels) >= MIN_PHOTOS else 1.0
         if expected_calibration_error(logits / t, labels) > expected_calibration_error(logits, labels):
             t = 1.0
         return cls(t, len(labels), expected_calibration_error(logits, labels),
@@ -81,6 +88,9 @@ class Calibration:
                    negative_log_likelihood(logits / t, labels))
 
     def line(self) -> str:
+        if self.images < MIN_PHOTOS:
+            return (f"warning: calibration: {self.images} val images are too few to fit a temperature (at least "
+                    f"{MIN_PHOTOS}): the probabilities are kept as they are")
         if self.temperature == 1.0:
             return (f"calibration: no temperature made val's probabilities more honest (ECE {self.ece_before:.3f} "
                     f"on {self.images} images): kept as they are")

@@ -29,6 +29,17 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
         raise UserError(f"{self.prog}: {message} (see '{self.prog} --help')")
 
+    def parse_known_args(self, args=None, namespace=None):
+        """Options and paths in any order (`predict RUN --top-k 3 a.jpg b.jpg`): a command without
+        subcommands of its own is parsed intermixed."""
+        if getattr(self, "_intermixing", False) or self._subparsers is not None:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
 
 def add_declared_options(parser: argparse.ArgumentParser, settings_class, groups: dict | None = None,
                          default=None) -> None:
@@ -151,9 +162,11 @@ def _add_trained_model_commands(sub) -> None:
 
     pr = sub.add_parser("predict", help="top-k classes of image files (run directory, ONNX file, or a server)")
     pr.add_argument("model", nargs="?", help="run directory or exported .onnx file (not with --server)")
-    pr.add_argument("images", nargs="+")
+    pr.add_argument("images", nargs="+", help="image files, or folders (every image under them)")
     pr.add_argument("--top-k", type=int, default=5)
     pr.add_argument("--json", action="store_true")
+    pr.add_argument("--out", default=None, help="write the predictions to FILE (.csv: path, error, class_1, "
+                    "probability_1, ...; or .json) instead of printing them")
     pr.add_argument("--server", default=None, help="URL of a 'warmstart serve' service to ask instead")
     _add_engine_option(pr)
 
@@ -335,7 +348,9 @@ def _predictions(args) -> list:
     if args.server:
         from .serve.client import predict_remote
 
-        images = ([args.model] if args.model else []) + args.images
+        from .predict import expand_folders
+
+        images = expand_folders(([args.model] if args.model else []) + args.images)
         answers = [predict_remote(args.server, image, args.top_k) for image in images]
         return [(str(i), [(p["class"], p["probability"]) for p in a.get("predictions", [])], a.get("error"))
                 for i, a in zip(images, answers)]
@@ -353,8 +368,16 @@ def _predictions(args) -> list:
 def _cmd_predict(args) -> int:
     from types import SimpleNamespace
 
-    predictions = [SimpleNamespace(image=i, top=t, error=e) for i, t, e in _predictions(args)]
-    if args.json:
+    results = _predictions(args)
+    predictions = [SimpleNamespace(image=i, top=t, error=e) for i, t, e in results]
+    if args.out:
+        from .predict import write_predictions
+
+        path = write_predictions(results, args.out)
+        unreadable = [p for p in predictions if p.error]
+        print(f"predictions for {len(predictions) - len(unreadable)} images in {path}"
+              + (f"; {len(unreadable)} could not be read (listed there with the reason)" if unreadable else ""))
+    elif args.json:
         print(json.dumps([{"image": p.image, "error": p.error,
                            "top": [{"class": c, "probability": round(q, 6)} for c, q in p.top]}
                           for p in predictions], indent=2))

@@ -93,8 +93,8 @@ class RunConfig:
                              group="model and weights", choices=HEAD_INITS)
     head_prior: float = setting(30.0, "how strongly rows started from the pretrained classifier are pulled back to "
                                 "it (L2-SP: STRENGTH/2 x their squared distance from the start, on the loss summed "
-                                "over the training images)",
-                                group="model and weights", metavar="STRENGTH", bounds="[0, inf)")
+                                "over the training images; at most 10000: a stronger pull swamps the loss)",
+                                group="model and weights", metavar="STRENGTH", bounds="[0, 10000]")
     head_teacher: float = setting(0.0, "with --optimizer lbfgs: the share of each training photo's target taken "
                                   "from the pretrained classifier's softened prediction (distillation, temperature 4) "
                                   "among the classes it knows; 0 (default) trains on the labels alone",

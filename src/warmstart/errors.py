@@ -5,6 +5,10 @@ class UserError(Exception):
     """A mistake the user can fix (bad option, missing data, wrong weights file)."""
 
 
+class Diverged(UserError):
+    """Training produced a non-finite loss: nothing of it is saved as a model."""
+
+
 NO_SPACE_ERRNOS = (28, 122)  # ENOSPC, EDQUOT
 
 
@@ -13,11 +17,19 @@ def no_space(what: str, where, need: int | None = None) -> UserError:
     import shutil
 
     try:
-        free = f", {shutil.disk_usage(where).free / 2**20:,.0f} MB free"
+        free = f", {size_text(shutil.disk_usage(where).free)} free"
     except OSError:
         free = ""
-    needed = f" needs {need / 2**20:,.1f} MB" if need is not None else " does not fit"
+    needed = f" needs {size_text(need)}" if need is not None else " does not fit"
     return UserError(f"no space left for {what} in {where}:{needed}{free}; free some space or write elsewhere")
+
+
+def size_text(count: int) -> str:
+    """Bytes as people read them: 300 KB, 12.5 MB, 3.1 GB."""
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if count >= scale:
+            return f"{count / scale:,.1f} {unit}"
+    return f"{count} bytes"
 
 
 def excerpt(value, limit: int = 80) -> str:

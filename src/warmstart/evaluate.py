@@ -13,6 +13,7 @@ import torch
 
 from .calibration import expected_calibration_error, negative_log_likelihood
 from .data.imageset import ImageSet
+from .files import spreadsheet_safe_row
 from .run_dir import RunDir, load_run
 from .stop import StopRequest, check
 from .compute.distributed import Distributed
@@ -67,14 +68,14 @@ class EvalResult:
         summary.write_text(json.dumps(self.to_dict(), indent=2))
         with confusion.open("w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(["true \\ predicted", *self.class_names])
+            writer.writerow(spreadsheet_safe_row(["true \\ predicted", *self.class_names]))
             for name_, row in zip(self.class_names, self.confusion.tolist()):
-                writer.writerow([name_, *row])
+                writer.writerow(spreadsheet_safe_row([name_, *row]))
         with per_class.open("w", newline="") as handle:
             writer = csv.writer(handle)
             writer.writerow(["class", "images", "accuracy"])
             for name_, count, acc in zip(self.class_names, self.confusion.sum(1).tolist(), self.per_class_accuracy):
-                writer.writerow([name_, count, "" if acc is None else f"{acc:.4f}"])
+                writer.writerow(spreadsheet_safe_row([name_, count, "" if acc is None else f"{acc:.4f}"]))
 
 
 def top1(logits: torch.Tensor, labels: torch.Tensor) -> float:

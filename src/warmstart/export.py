@@ -57,15 +57,39 @@ def _export_onnx(model, example: torch.Tensor, path: Path) -> str:
         return "torch.onnx (torchscript)"
 
 
+EXPORTS = {f"model{suffix}" for suffix in SUFFIX.values() if suffix != ".safetensors"} | {"model.int8.onnx"}
+
+
+def _refuse_run_files(out: Path, run_dir: Path) -> None:
+    """--out may not be a file the run itself consists of (its weights, model.json, config, metrics,
+    ...): writing there would destroy the run being exported. Earlier exports may be replaced."""
+    try:
+        inside = out.resolve().parent == run_dir.resolve()
+    except OSError:
+        return
+    if inside and out.exists() and out.name not in EXPORTS:
+        raise UserError(f"--out {out} is one of the run's own files: exporting over it would destroy the run; pass a "
+                        f"path outside {run_dir} (nothing was written)")
+
+
 def int8_path(fp32: Path) -> Path:
     """Where the int8 model of an fp32 ONNX file goes: beside it, `NAME.int8.onnx`."""
     return fp32.with_name(fp32.name.removesuffix(".onnx") + ".int8.onnx")
 
 
-def _check_request(fmt: str, out, force: bool, int8: bool) -> None:
-    """Mistakes refused before anything is written: a format, --int8 without ONNX, an existing file."""
+def _check_request(fmt: str, out, force: bool, int8: bool, max_int8_drop: float = MAX_DROP, run_dir=None) -> None:
+    """Mistakes refused before anything is written: a format, --int8 without ONNX, a gate that
+    means nothing, an existing file, one of the run's own files, a folder that cannot be made."""
     if fmt not in FORMATS:
         raise UserError(f"--format {fmt!r} is not valid: use one of {', '.join(FORMATS)}")
+    if not (isinstance(max_int8_drop, (int, float)) and 0 <= max_int8_drop <= 100):
+        raise UserError(f"--max-int8-drop {max_int8_drop} is not valid: it must be a number of points from 0 to 100")
+    if out is not None and run_dir is not None:
+        _refuse_run_files(Path(out), Path(run_dir))
+    for parent in (Path(out).parents if out is not None else []):
+        if parent.exists() and not parent.is_dir():
+            raise UserError(f"--out {out}: {parent} is a file, not a folder: pass a path in a folder (nothing was "
+                            f"written)")
     if int8 and fmt != "onnx":
         raise UserError(f"--int8 is an ONNX export: use it with --format onnx, not {fmt}")
     if int8 and out is not None and int8_path(Path(out)).exists() and not force:
@@ -103,13 +127,19 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
     export); an existing `out` file is overwritten only with `force`. With `int8` (ONNX), also an
     int8 model beside it (quantize.py: calibrated on `calibration` training photos, refused if it
     loses more than `max_int8_drop` points of top-1 on the validation photos)."""
-    _check_request(fmt, out, force, int8)
+    _check_request(fmt, out, force, int8, max_int8_drop, run_dir)
     run_dir = Path(run_dir)
     run = load_run(run_dir)
+    if fmt == "safetensors" and out is None:  # the run's weights file is that export already
+        return ExportResult(RunDir(run_dir).model, fmt, exporter="safetensors (the run's own weights + metadata)")
     model = run.model.eval()
     meta = run.export_metadata()
     path = Path(out) if out else run_dir / f"model{SUFFIX[fmt]}"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the folder of --out {path} ({exc.strerror}): pass a path in a folder you can "
+                        f"write to (nothing was written)") from None
     inputs = _parity_inputs(run)
     with torch.inference_mode():
         reference = model(inputs).numpy()
@@ -131,7 +161,7 @@ def export_run(run_dir: str | Path, fmt: str = "onnx", out: str | Path | None = 
     difference = float(np.abs(exported - reference).max())
     same_top1 = bool((exported.argmax(1) == reference.argmax(1)).all())
     result = ExportResult(path, fmt, len(inputs), difference, same_top1, exporter)
-    if not same_top1 or difference > PARITY_TOLERANCE:
+    if not same_top1 or not difference <= PARITY_TOLERANCE:  # NaN never compares as larger
         raise UserError(f"exported {fmt} model disagrees with PyTorch (max abs logit difference {difference:.2e}, "
                         f"same top-1: {same_top1}): it was kept at {path} for inspection; do not deploy it")
     if int8:

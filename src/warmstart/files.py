@@ -97,3 +97,21 @@ def not_a_file(path) -> str | None:
     if not path.exists():
         return "file not found"
     return "a folder, not an image file" if path.is_dir() else "not a regular file (a device, FIFO or socket)"
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # OWASP: what a spreadsheet may run as a formula
+
+
+def spreadsheet_safe(value):
+    """A CSV cell as a spreadsheet will show it, never run it: text starting with one of
+    FORMULA_STARTS gets a leading apostrophe (OWASP's CSV-injection rule); numbers stay numbers."""
+    return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
+
+
+def spreadsheet_safe_row(row) -> list:
+    return [spreadsheet_safe(value) for value in row]
+
+
+def from_spreadsheet_safe(value: str) -> str:
+    """A cell of a CSV warmstart wrote, as it was before `spreadsheet_safe`."""
+    return value[1:] if value.startswith("'") and value[1:2] and value[1] in "".join(FORMULA_STARTS) else value

@@ -122,9 +122,26 @@ def top_k(probabilities: np.ndarray, class_names: list[str], k: int) -> list[lis
     return [[(class_names[c], float(row[c])) for c in indices] for row, indices in zip(probabilities, order)]
 
 
+def expand_folders(images: list) -> list:
+    """The images as given, each folder replaced by the image files under it (recursively, in a
+    stable order; hidden files and files without an image extension are left out)."""
+    from .data.images import is_image_file
+
+    out = []
+    for image in images:
+        path = Path(image)
+        if path.is_dir():
+            out += sorted((str(f) for f in path.rglob("*") if is_image_file(f) and f.is_file()), key=str)
+        else:
+            out.append(image)
+    return out
+
+
 def predict_images(backend, images: list, k: int = 5, batch_size: int = 32) -> list:
-    """(image, [(class, probability)], error) per image, in order; unreadable files get an error.
-    Images are decoded a batch at a time and shrunk to the model's input at once (bounded memory)."""
+    """(image, [(class, probability)], error) per image, in order (a folder: the images under it);
+    unreadable files get an error. Images are decoded a batch at a time and shrunk to the model's
+    input at once (bounded memory)."""
+    images = expand_folders(images)
     results: list = [None] * len(images)
     for start in range(0, len(images), batch_size):
         decoded, positions = [], []
@@ -144,6 +161,38 @@ def predict_images(backend, images: list, k: int = 5, batch_size: int = 32) -> l
             for i, ranked in zip(positions, top_k(backend.probabilities(decoded), backend.class_names, k)):
                 results[i] = (str(images[i]), ranked, None)
     return results
+
+
+def write_predictions(results: list, out: str | Path) -> Path:
+    """(image, [(class, probability)], error) rows as a CSV (path, error, class_1, probability_1, ...)
+    or JSON file, by `out`'s suffix; written whole or not at all."""
+    import csv
+    import io
+
+    from .files import spreadsheet_safe_row, write_atomically
+
+    out = Path(out)
+    if out.suffix.lower() not in (".csv", ".json"):
+        raise UserError(f"--out {out}: name a .csv or .json file")
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder: name a .csv or .json file")
+    if out.suffix.lower() == ".json":
+        text = json.dumps([{"image": i, "error": e, "top": [{"class": c, "probability": round(p, 6)} for c, p in t]}
+                           for i, t, e in results], indent=1)
+    else:
+        k = max((len(t) for _, t, _ in results), default=0)
+        buffer = io.StringIO()
+        writer = csv.writer(buffer)
+        writer.writerow(["path", "error", *[f"{what}_{n}" for n in range(1, k + 1) for what in ("class",
+                                                                                              "probability")]])
+        for image, top, error in results:
+            writer.writerow(spreadsheet_safe_row([image, error or "", *[v for c, p in top for v in (c, f"{p:.6f}")]]))
+        text = buffer.getvalue()
+    try:
+        write_atomically(out, text, "the predictions")
+    except FileNotFoundError:
+        raise UserError(f"--out {out}: its folder does not exist") from None
+    return out
 
 
 def predict_onnx(model: str | Path, images: list[str], k: int = 5, batch_size: int = 32) -> list:

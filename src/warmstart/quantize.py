@@ -9,6 +9,7 @@ more than `max_drop` points of top-1."""
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -146,15 +147,18 @@ def quantize_onnx(run_dir: str | Path, fp32_path: str | Path, out: str | Path, c
         for key, value in {**meta, "precision": "int8"}.items():
             entry = model.metadata_props.add()
             entry.key, entry.value = key, json.dumps(value)
-        onnx.save(model, str(out))
-    result = _gate(fp32_path, out, gate_images, gate_indices, meta, len(calib_indices), time.perf_counter() - start,
-                   excluded)
-    if result.fp32_top1 - result.int8_top1 > max_drop / 100:
-        out.unlink(missing_ok=True)
-        raise UserError(f"the int8 model lost {100 * (result.fp32_top1 - result.int8_top1):.2f} points of top-1 "
-                        f"({result.int8_top1:.2%} against fp32 {result.fp32_top1:.2%} on {result.gate_photos} "
-                        f"validation photos), more than --max-int8-drop {max_drop:g}: it was not kept; serve the "
-                        f"fp32 export ({fp32_path}), or try --calibration with more photos")
+        candidate = Path(tmp) / "candidate.onnx"  # gated before it replaces an int8 model that passed
+        onnx.save(model, str(candidate))
+        result = _gate(fp32_path, candidate, gate_images, gate_indices, meta, len(calib_indices),
+                       time.perf_counter() - start, excluded)
+        if not result.fp32_top1 - result.int8_top1 <= max_drop / 100:
+            kept = f"; the earlier {out} stays" if out.exists() else ""
+            raise UserError(f"the int8 model lost {100 * (result.fp32_top1 - result.int8_top1):.2f} points of top-1 "
+                            f"({result.int8_top1:.2%} against fp32 {result.fp32_top1:.2%} on {result.gate_photos} "
+                            f"validation photos), more than --max-int8-drop {max_drop:g}: it was not kept{kept}; "
+                            f"serve the fp32 export ({fp32_path}), or try --calibration with more photos")
+        os.replace(candidate, out)
+    result.path = out
     return result
 
 
@@ -172,5 +176,5 @@ def _gate(fp32_path: Path, int8_path: Path, images, indices: list[int], meta: di
         seen += len(labels)
     if not seen:
         int8_path.unlink(missing_ok=True)
-        raise UserError(f"no readable validation photo to check the int8 model against fp32 ({int8_path} removed)")
+        raise UserError("no readable validation photo to check the int8 model against fp32 (the int8 model was not kept)")
     return Int8Result(int8_path, calibrated, seen, hits[0] / seen, hits[1] / seen, agree / seen, seconds, excluded)

@@ -4,12 +4,13 @@ a trained run back for `predict`, `eval`, `export` and `serve`."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, excerpt
 from .files import write_atomically
 
 # torch and safetensors are imported where weights are read or written: the run directory's
@@ -253,10 +254,65 @@ REQUIRED_META = ("architecture", "class_names", "class_ids", "data_config")
 def _read_meta(path: Path) -> dict:
     try:
         meta = json.loads(path.read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
         missing = [k for k in REQUIRED_META if k not in meta]
         if missing:
             raise ValueError(f"no {', '.join(missing)}")
-        return meta
     except (OSError, ValueError, TypeError) as exc:
         raise UserError(f"{path} is missing or damaged ({exc.__class__.__name__}: {str(exc)[:120]}): restore it "
                         f"from a backup, or train the run again") from None
+    problem = meta_problem(meta)
+    if problem:
+        raise UserError(f"{path}: {problem}: restore the file from a backup, or train the run again")
+    return meta
+
+
+TEMPERATURE_BOUNDS = (0.05, 20.0)  # what calibration.fit_temperature can return
+
+
+def _number(value) -> bool:
+    """A real, finite number (JSON's true/false are not numbers here)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def meta_problem(meta: dict) -> str | None:
+    """What is wrong with a model.json's fields (None: nothing): every number a run is used with
+    finite and in range, every list of the right type and length."""
+    low, high = TEMPERATURE_BOUNDS
+    temperature = meta.get("temperature")
+    if temperature is not None and not (_number(temperature) and low <= temperature <= high):
+        return (f"field 'temperature' is {excerpt(temperature)}; it must be a number from {low:g} to {high:g} "
+                f"(or null: not calibrated)")
+    names, ids = meta["class_names"], meta["class_ids"]
+    for field, values in (("class_names", names), ("class_ids", ids)):
+        if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+            return f"field '{field}' is {excerpt(values)}; it must be a non-empty list of strings"
+    if len(names) != len(ids):
+        return f"fields 'class_names' and 'class_ids' differ in length ({len(names)} and {len(ids)})"
+    if not isinstance(meta["architecture"], str):
+        return f"field 'architecture' is {excerpt(meta['architecture'])}; it must be a timm name"
+    if "tta" in meta and not isinstance(meta["tta"], bool):
+        return f"field 'tta' is {excerpt(meta['tta'])}; it must be true or false"
+    return _data_config_problem(meta["data_config"])
+
+
+def _data_config_problem(config) -> str | None:
+    if not isinstance(config, dict):
+        return f"field 'data_config' is {excerpt(config)}; it must be an object"
+    size = config.get("input_size")
+    if not (isinstance(size, list) and len(size) == 3 and all(isinstance(v, int) and not isinstance(v, bool) and
+                                                             0 < v <= 4096 for v in size)):
+        return f"field 'data_config.input_size' is {excerpt(size)}; it must be [channels, height, width], each 1-4096"
+    for field in ("mean", "std"):
+        values = config.get(field)
+        if not (isinstance(values, list) and len(values) == size[0] and all(_number(v) for v in values)
+                and (field == "mean" or all(v > 0 for v in values))):
+            return (f"field 'data_config.{field}' is {excerpt(values)}; it must be {size[0]} finite numbers"
+                    + (", each above 0" if field == "std" else ""))
+    crop = config.get("crop_pct")
+    if crop is not None and not (_number(crop) and 0 < crop <= 1):
+        return f"field 'data_config.crop_pct' is {excerpt(crop)}; it must be a number in (0, 1]"
+    if not isinstance(config.get("interpolation", "bicubic"), str):
+        return f"field 'data_config.interpolation' is {excerpt(config.get('interpolation'))}; it must be a name"
+    return None

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import torch
 
 from ..config import RunConfig
+from ..errors import UserError
 from ..progress import Reporter
 from . import find
 from .write import write_audit
@@ -24,6 +25,7 @@ class AuditResult:
     photos: int
     label_issues: list[dict] = field(default_factory=list)
     duplicates: list[dict] = field(default_factory=list)
+    duplicate_groups: list[dict] = field(default_factory=list)  # one row per member of a group of 3 or more
     outliers: list[dict] = field(default_factory=list)
 
     @property
@@ -37,7 +39,12 @@ class AuditResult:
         classes = ", ".join(f"{name} ({n})" for name, n in sorted(worst.items(), key=lambda kv: -kv[1])[:5])
         return (f"audit of {self.photos:,} photos: {len(self.label_issues)} likely label errors"
                 f"{f' (most in {classes})' if classes else ''}, {len(self.duplicates)} near-duplicate pairs "
-                f"({len(self.leaks)} across splits: leakage), {len(self.outliers)} outliers; details in {self.out}")
+                f"({len(self.leaks)} across splits: leakage; {self.groups} groups of 3 or more), {len(self.outliers)} "
+                f"outliers; details in {self.out}")
+
+    @property
+    def groups(self) -> int:
+        return len({row["group"] for row in self.duplicate_groups})
 
 
 def features_of(config: RunConfig, reporter: Reporter):
@@ -60,6 +67,8 @@ def features_of(config: RunConfig, reporter: Reporter):
     names = [s for s in SPLITS if s in built.splits and len(built.splits[s])]
     outs = cached_views(cache, [(View(s, eval_transform(built.data_config)), built.splits[s]) for s in names],
                         forward, session)
+    for item, reason in sorted({s for out in outs for s in out.skipped}):
+        reporter.warn(f"skipped {item}: {reason} (left out of the audit)")
     return {s: built.splits[s] for s in names}, dict(zip(names, outs)), built
 
 
@@ -69,6 +78,10 @@ def audit(config: RunConfig, reporter: Reporter | None = None,
     audit/), features in config.cache_dir (default OUT/cache)."""
     reporter = reporter or Reporter(config.quiet)
     out = Path(config.out or "audit")
+    data = Path(config.data)
+    if data.is_dir() and (out.resolve() == data.resolve() or data.resolve() in out.resolve().parents):
+        raise UserError(f"--out {out} is inside the data ({config.data}): its CSVs and cache would become part of the "
+                        f"data; write the audit elsewhere")
     config = config.replace(cache_dir=config.cache_dir or str(out / "cache")).validated()
     # the head as --recipe linear-probe fits it (L-BFGS, lr 1, weight decay 1e-3, the run's --head-prior,
     # the labels alone: soft targets from the pretrained classifier would hide where labels disagree with it)
@@ -101,8 +114,12 @@ def audit(config: RunConfig, reporter: Reporter | None = None,
         result.duplicates.append({"path_a": first["path"], "path_b": second["path"], "split_a": first["split"],
                                   "split_b": second["split"], "label_a": first["label"], "label_b": second["label"],
                                   "similarity": round(sim, 4)})
-    scores = find.outlier_scores(everything)
-    result.outliers = [{**photos[i], "score": round(float(scores[i]), 4)} for i in find.flagged_outliers(scores)]
+    groups = find.duplicate_groups(len(photos), list(pairs))
+    result.duplicate_groups = [{"group": g + 1, "size": len(members), **photos[i]}
+                               for g, members in enumerate(groups) for i in members]
+    scores = find.outlier_scores(everything, groups=groups)
+    result.outliers = [{**photos[i], "score": round(float(scores[i]), 4)}
+                       for i in find.flagged_outliers(scores, groups=groups)]
     write_audit(result)
     reporter.info(result.summary())
     return result

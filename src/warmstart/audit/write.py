@@ -10,10 +10,12 @@ import io
 from pathlib import Path
 
 from ..data.images import open_image
+from ..files import spreadsheet_safe
 
 PAGE_ROWS = 200  # per section of the page; the CSV files hold every row
 COLUMNS = {"label_issues": ["path", "split", "label", "suggested", "score"],
            "duplicates": ["path_a", "path_b", "split_a", "split_b", "label_a", "label_b", "similarity"],
+           "duplicate_groups": ["group", "size", "path", "split", "label"],
            "outliers": ["path", "split", "label", "score"]}
 
 
@@ -23,7 +25,7 @@ def write_audit(result) -> None:
         with (result.out / f"{name}.csv").open("w", newline="", encoding="utf-8") as handle:
             writer = csv.DictWriter(handle, columns, extrasaction="ignore")
             writer.writeheader()
-            writer.writerows(getattr(result, name))
+            writer.writerows({k: spreadsheet_safe(v) for k, v in row.items()} for row in getattr(result, name))
     (result.out / "audit.html").write_text(_page(result), encoding="utf-8")
 
 

@@ -14,7 +14,8 @@ from ..data.loaders import EpochBatches, Pass, make_loader, passes_loader
 from ..data.transforms import train_transform
 from ..errors import UserError
 from ..models.fold import fold_batchnorm
-from ..models.outputs import Classified, PreLogits, architecture, as_used, backbone_fingerprint
+from ..models.outputs import (Classified, PreLogits, architecture, as_used, backbone_fingerprint,
+                              splits_at_classifier)
 from .engine import (EngineUnavailable, GraphCache, OnnxForward, TorchForward, choose_engine, identity_of,
                      _stderr)
 
@@ -98,7 +99,13 @@ class Runtime:
         """A trained network's logits (mirror-averaged with `tta`, divided by `temperature`) for
         inference: its pooled features by the run's engine (the graph extraction uses for the
         same backbone), its classifier in PyTorch."""
-        if self.engine == "onnxruntime":
+        if self.engine == "onnxruntime" and not splits_at_classifier(network, input_size):
+            reason = "its logits are not its classifier applied to its pooled features"
+            if self.engine_choice == "onnxruntime":
+                raise UserError(f"--engine onnxruntime cannot compute {architecture(network)}: {reason}; use --engine "
+                                f"torch (or auto)")
+            (say or _stderr)(f"engine: PyTorch computes {architecture(network)}: {reason}")
+        elif self.engine == "onnxruntime":
             features = self.frozen(PreLogits(network), f"{architecture(network)} pooled features",
                                    backbone_fingerprint(network), input_size, say)
             if features.engine == "onnxruntime":
@@ -109,9 +116,12 @@ class Runtime:
         return TorchForward(self.forward(self.for_inference(as_used(network, tta, temperature))))
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
+        """Images on the run's device in its memory format, whichever pipeline made them (the batched
+        one hands over channels_last batches: --no-channels-last gets NCHW all the same)."""
         images = images.to(self.device, non_blocking=True)
-        return images.contiguous(memory_format=torch.channels_last) if self.channels_last and images.ndim == 4 \
-            else images
+        if images.ndim != 4:
+            return images
+        return images.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
 
     def forward(self, module):
         """`module` as the run computes it: inputs moved and formatted, under the run's precision."""

@@ -49,7 +49,25 @@ class Classified(nn.Module):
         self.features, self.classifier = features, classifier
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(images).to(next(self.classifier.parameters()).device))
+        parameter = next(self.classifier.parameters(), None)
+        features = self.features(images)
+        return self.classifier(features if parameter is None else features.to(parameter.device))
+
+
+def splits_at_classifier(network: nn.Module, input_size) -> bool:
+    """Whether the network's logits are its classifier applied to its pooled features (what an
+    engine computing the features alone relies on), checked on one seeded image."""
+    example = torch.randn((1, *input_size), generator=torch.Generator().manual_seed(0))
+    parameter = next(network.parameters(), None)
+    example = example.to(parameter.device) if parameter is not None else example
+    try:
+        with torch.inference_mode():
+            expected = network(example).float()
+            got = Classified(PreLogits(network), network.get_classifier())(example).float()
+    except Exception:  # noqa: BLE001 - a head that is not one module (e.g. a distilled pair)
+        return False
+    scale = max(float(expected.abs().max()), 1.0)
+    return got.shape == expected.shape and float((expected - got).abs().max()) <= 1e-4 * scale
 
 
 def as_used(network, tta: bool = False, temperature: float | None = None):

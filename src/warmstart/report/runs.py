@@ -22,10 +22,29 @@ def _load(path: Path) -> dict:
         for name, value in (("metrics.json", metrics), ("config.yaml", config)):
             if not isinstance(value, dict):
                 raise ValueError(f"{name} is not a mapping")
+        problem = _metrics_problem(metrics)
+        if problem:
+            raise ValueError(f"metrics.json: {problem}")
     except (OSError, ValueError, UserError, yaml.YAMLError) as exc:
         return {"run": str(path), "metrics": {}, "config": {}, "damaged": f"{exc.__class__.__name__}: "
                 f"{excerpt(str(exc), 60)}"}
     return {"run": str(path), "metrics": metrics, "config": config}
+
+
+TEXT_FIELDS = ("model", "recipe", "training_path", "strategy")
+NUMBER_FIELDS = ("top1", "test_top1", "wall_seconds", "epochs")
+
+
+def _metrics_problem(metrics: dict) -> str | None:
+    """A field the listing shows with the wrong type (a hand-edited or foreign metrics.json)."""
+    for name in TEXT_FIELDS:
+        if metrics.get(name) is not None and not isinstance(metrics[name], str):
+            return f"'{name}' is {excerpt(metrics[name], 30)}, not text"
+    for name in NUMBER_FIELDS:
+        value = metrics.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return f"'{name}' is {excerpt(value, 30)}, not a number"
+    return None
 
 
 def list_runs(directory: str | Path = "runs") -> list[dict]:

@@ -1,10 +1,16 @@
 """What the service lets in: a bound on requests in progress and one budget for the memory they
 hold (request bodies as they arrive, images while they decode), per server process. Beyond either
-a request is answered 503 with Retry-After, never queued in memory; /health is always answered."""
+a request is answered 503 with Retry-After, never queued in memory; /health is always answered,
+and says "degraded" while requests are being refused.
+
+A request counts as in progress only once its whole body has arrived (its bytes held from the
+budget meanwhile): bodies that trickle in cannot hold the request slots and take /predict down,
+and the protocol closes them (serve/protocol.py: a floor on the body's rate, the request timeout)."""
 
 from __future__ import annotations
 
 import json
+import time
 
 MB = 1024 * 1024
 RETRY_AFTER = "1"
@@ -64,26 +70,84 @@ class Allowance:
         self.held = 0
 
 
-class Admission:
-    """ASGI middleware: at most `max_requests` requests in progress (the next one 503 with
-    Retry-After, /health always answered), each given its Allowance as request.state.allowance."""
+DEGRADED_SECONDS = 5.0  # /health says "degraded" this long after a request was refused
 
-    def __init__(self, app, budget: Budget, max_requests: int):
+
+class Pressure:
+    """When the service last refused a request for want of room (what /health reports)."""
+
+    def __init__(self):
+        self.refused_at = float("-inf")
+
+    @property
+    def degraded(self) -> bool:
+        return time.monotonic() - self.refused_at < DEGRADED_SECONDS
+
+
+class Admission:
+    """ASGI middleware: a request's body is received whole first (held from the budget, at most
+    `max_body(path)` bytes: a larger Content-Length is refused before a byte is read), then it counts against `max_requests` requests in progress (the next one 503
+    with Retry-After; /health always answered); each gets its Allowance as request.state.allowance."""
+
+    def __init__(self, app, budget: Budget, max_requests: int, max_body: int, pressure: Pressure):
         self.app, self.budget, self.max_requests, self.in_progress = app, budget, max_requests, 0
+        self.max_body, self.pressure = max_body, pressure
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] in ALWAYS_ANSWERED:
             return await self.app(scope, receive, send)
-        if self.in_progress >= self.max_requests:
-            return await self._refuse(send, busy(f"{self.in_progress} requests are in progress"))
         allowance = Allowance(self.budget)
-        scope.setdefault("state", {})["allowance"] = allowance
-        self.in_progress += 1
         try:
-            await self.app(scope, receive, send)
+            try:
+                receive, arrived = await self._body_first(scope, receive, allowance)
+            except ClientError as error:
+                self._note(error)
+                return await self._refuse(send, error)
+            if not arrived:
+                return None  # the client left before its body was whole: nobody to answer
+            if self.in_progress >= self.max_requests:
+                error = busy(f"{self.in_progress} requests are in progress")
+                self._note(error)
+                return await self._refuse(send, error)
+            scope.setdefault("state", {})["allowance"] = allowance
+            self.in_progress += 1
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                self.in_progress -= 1
         finally:
-            self.in_progress -= 1
             allowance.release()
+
+    def _note(self, error: ClientError) -> None:
+        if error.status == 503:
+            self.pressure.refused_at = time.monotonic()
+
+    async def _body_first(self, scope, receive, allowance: Allowance):
+        """(receive replaying the body's messages, whether the body arrived whole): the body
+        received now, its bytes held from `allowance`."""
+        limit = self.max_body(scope["path"])
+        length = dict(scope.get("headers", [])).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            raise ClientError(413, f"upload of {int(length):,} bytes is over the limit of {limit:,} bytes")
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                return receive, False
+            body = message.get("body", b"")
+            size += len(body)
+            if size > limit:
+                raise ClientError(413, f"request body is over the limit of {limit:,} bytes")
+            allowance.take(len(body), "this request's body")
+            if not message.get("more_body"):
+                break
+        pending = iter(messages)
+
+        async def replay():
+            return next(pending, None) or await receive()
+
+        return replay, True
 
     @staticmethod
     async def _refuse(send, error: ClientError) -> None:

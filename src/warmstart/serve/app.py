@@ -30,7 +30,7 @@ from starlette.requests import ClientDisconnect
 from ..data.images import ImageTooLarge, check_size, decode, open_lazily
 from ..errors import UserError
 from ..predict import load_backend, top_k
-from .admission import MB, Admission, Allowance, Budget, ClientError
+from .admission import MB, Admission, Allowance, Budget, ClientError, Pressure
 from .settings import ServeSettings
 
 PAGE = Path(__file__).with_name("page.html")
@@ -173,10 +173,15 @@ def limited(request: Request, limit: int, declared: int) -> Request:
     return Request(request.scope, receive)
 
 
+def body_limit(settings: ServeSettings, many: bool) -> int:
+    """The most bytes a request body may hold: one image's limit (or --max-files of them) and the form."""
+    return settings.max_upload_bytes * (settings.max_files if many else 1) + FORM_OVERHEAD
+
+
 async def read_uploads(request: Request, settings: ServeSettings, many: bool) -> list[tuple[str, bytes]]:
     """(name, bytes) of the uploaded images: a multipart form's files, or a raw image body."""
     per_file = settings.max_upload_bytes
-    limit = per_file * (settings.max_files if many else 1) + FORM_OVERHEAD
+    limit = body_limit(settings, many)
     length = request.headers.get("content-length", "")
     declared = int(length) if length.isdigit() else 0
     if declared > limit:
@@ -259,7 +264,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
     # (and should not make its users' browsers fetch); the schema is served as /openapi.json
     app = FastAPI(title="warmstart", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.batcher, app.state.budget = batcher, Budget(int(settings.max_inflight_mb * MB))
-    app.add_middleware(Admission, budget=app.state.budget, max_requests=settings.max_requests)
+    app.state.pressure = Pressure()
+    app.add_middleware(Admission, budget=app.state.budget, max_requests=settings.max_requests,
+                       max_body=lambda path: body_limit(settings, many=path != "/predict"),
+                       pressure=app.state.pressure)
     add_error_handlers(app)
 
     def ranked(row, k: int) -> list[dict]:
@@ -295,16 +303,18 @@ def create_app(settings: ServeSettings) -> FastAPI:
                             else {"file": name, "predictions": ranked(outcome[i], top_k_)}
                             for i, (name, _) in enumerate(files)]}
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # uptime monitors ask with HEAD
     async def health():
-        return {"status": "ok", "classes": len(backend.class_names), "batches": batcher.batches}
+        # "degraded": requests were refused for want of room in the last seconds (still answered 200)
+        return {"status": "degraded" if app.state.pressure.degraded else "ok", "classes": len(backend.class_names),
+                "batches": batcher.batches}
 
     @app.get("/metadata")
     async def metadata():
         return {**backend.meta, "precision": backend.meta.get("precision", "fp32"),
                 "server": {k: v for k, v in asdict(settings).items() if k != "model"}, "backend": type(backend).__name__}
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def page():
         return PAGE.read_text()
 

@@ -3,6 +3,9 @@
 - A request (headers and body) must arrive within WARMSTART_SERVE_REQUEST_TIMEOUT seconds of its
   first byte (or of the connection), or the connection is closed: a client that sends nothing, or
   half a request, cannot hold it forever (slowloris).
+- A body must keep arriving at MIN_BODY_RATE bytes a second (over its whole length, after
+  BODY_GRACE seconds), or the connection is closed: a body trickled a byte at a time is cut off
+  in seconds, not at the request timeout.
 - Open connections are bounded by WARMSTART_SERVE_MAX_CONNECTIONS, but idle ones never keep a
   working client out: a connection over the bound closes the longest-idle ones (no request in
   progress) to make room, and past half the bound an idle connection waits at most PRESSED_IDLE
@@ -21,6 +24,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 log = logging.getLogger("uvicorn.error")  # uvicorn's own log (INFO and up), despite its name
 RECEIVING = (h11.IDLE, h11.SEND_BODY)  # the client's side while a request is still arriving
 PRESSED_IDLE = 1.0  # seconds an idle connection is kept once half the connections are in use
+MIN_BODY_RATE, BODY_GRACE = 1024.0, 5.0  # bytes/s a body must average once it has had BODY_GRACE seconds
 
 
 def _setting(name: str, default: float) -> float:
@@ -38,12 +42,25 @@ class TimedH11Protocol(H11Protocol):
     def data_received(self, data: bytes) -> None:
         self.last_active = time.monotonic()
         super().data_received(data)
+        if self.conn.their_state == h11.SEND_BODY and self._body_too_slow(len(data)):
+            log.info("closing a connection whose request body arrives too slowly (%s)", self.client)
+            self.transport.close()
+            return
         if self.conn.their_state in RECEIVING:
             if self._read_timer is None or self._read_pressed:
                 self._disarm()
                 self._arm()  # a request has begun: it gets the whole request timeout
         else:
             self._disarm()  # the request has arrived: the response may take as long as it needs
+
+    def _body_too_slow(self, received: int) -> bool:
+        """Whether the body now arriving averages under MIN_BODY_RATE after its grace period."""
+        now = time.monotonic()
+        if getattr(self, "_body_started", None) is None or getattr(self, "_body_cycle", None) is not self.cycle:
+            self._body_started, self._body_bytes, self._body_cycle = now, 0, self.cycle
+        self._body_bytes += received
+        elapsed = now - self._body_started
+        return elapsed > BODY_GRACE and self._body_bytes < MIN_BODY_RATE * elapsed
 
     def connection_lost(self, exc) -> None:
         self._disarm()

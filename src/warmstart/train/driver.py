@@ -6,12 +6,14 @@ line and --keep-best (raw or EMA weights, or the head it started from as epoch 0
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
+from ..errors import Diverged
 from ..stop import check
 from .session import Session
 from .steps import after_epoch, epoch_line
@@ -82,6 +84,7 @@ def drive(loop: EpochLoop, session: Session, validating: bool, first_epoch: int 
         for epoch in range(first_epoch, config.epochs):
             check()
             record = loop.run_epoch(epoch)
+            _stop_if_diverged(record, config)
             if validating:
                 val_start = time.perf_counter()
                 scores = loop.validate()
@@ -102,6 +105,19 @@ def drive(loop: EpochLoop, session: Session, validating: bool, first_epoch: int 
         driven.best_epoch = keep.epoch
         reporter.info(f"kept epoch {keep.epoch} ({keep.which}): val top-1 {keep.score:.4f}")
     return driven
+
+
+def _stop_if_diverged(record: dict, config) -> None:
+    """A non-finite loss ends the run at once, before the epoch is recorded or checkpointed: the
+    weights are garbage from here on, and a model saved from them would answer NaN."""
+    loss = record.get("train_loss")
+    if loss is None or math.isfinite(loss):
+        return
+    causes = [f"--lr (now {config.resolved_lr():g})"]
+    if config.head_prior:
+        causes.append(f"--head-prior (now {config.head_prior:g})")
+    raise Diverged(f"training diverged in epoch {record['epoch']}: the loss is {loss}; no model was saved (earlier "
+                   f"checkpoints are kept): lower {' or '.join(causes)}")
 
 
 def _score_start(loop: EpochLoop, start: Start, keep: BestWeights | None, driven: Driven, reporter) -> None:

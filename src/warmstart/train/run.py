@@ -238,12 +238,12 @@ def build(config: RunConfig, reporter: Reporter) -> Built:
                             options=SourceOptions.of(config))
     excluded = 0
     if config.exclude:
-        splits, excluded = exclude(splits, config.exclude)
+        splits, excluded = exclude(splits, config.exclude, config.drop_empty_classes)
     train_set = splits["train"]
     reporter.info(f"data: {describe_splits(splits)}" + (f" ({excluded} excluded by --exclude {config.exclude})"
                                                         if config.exclude else ""))
     for name in train_set.extra.get("dropped_classes", []):
-        reporter.warn(f"dropped class {name}: its folder has no images (--drop-empty-classes)")
+        reporter.warn(f"dropped class {name}: it has no training images (--drop-empty-classes)")
     ignored = [entry for split in splits.values() for entry in split.ignored]
     for item, reason in ignored:
         reporter.warn(f"skipped {item}: {reason}")

@@ -23,8 +23,8 @@ from typing import Any
 import yaml
 
 from ..config import RunConfig, check_declared, setting
-from ..errors import UserError
-from ..files import load_yaml
+from ..errors import Diverged, UserError
+from ..files import load_yaml, spreadsheet_safe_row
 from ..run_dir import RunDir
 from .space import load_space, trial_values
 
@@ -175,7 +175,10 @@ def _objective(trial, base: dict, space, study_dir: Path, quiet: bool) -> float:
             if trial.should_prune():
                 raise optuna.TrialPruned(f"val top-1 {record['val_top1']:.4f} after epoch {record['epoch']}")
 
-    result = train(config, reporter=Reporter(quiet=True, silent=True), on_epoch=report)
+    try:
+        result = train(config, reporter=Reporter(quiet=True, silent=True), on_epoch=report)
+    except Diverged as exc:  # settings the space allows but the data cannot take: this trial only
+        raise optuna.TrialPruned(str(exc)) from None
     trial.set_user_attr("val_top5", result.metrics["top5"])
     trial.set_user_attr("wall_seconds", result.metrics["wall_seconds"])
     if not quiet:
@@ -199,7 +202,7 @@ def _summarise(study, base: dict, study_dir: Path, storage_url: str, quiet: bool
     with table.open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(header)
-        writer.writerows(rows)
+        writer.writerows(spreadsheet_safe_row(row) for row in rows)
     best_config = None
     best = max(complete, key=lambda t: (t.value, -t.number)) if complete else None
     if best is not None:
