@@ -198,10 +198,12 @@ def _cli(*args) -> subprocess.CompletedProcess:
 
 def test_the_run_records_its_engine_and_eval_predict_report_audit_use_it(color_tree, tmp_path):
     run = tmp_path / "run"
-    trained = _cli("train", "--data", color_tree, "--epochs", "2", "--out", run, *FAST)
+    trained = _cli("train", "--data", color_tree, "--epochs", "2", "--augment", "none", "--out", run, *FAST)
     assert trained.returncode == 0, trained.stderr
     assert "engine: onnxruntime computes the frozen network (auto:" in trained.stdout + trained.stderr
     assert "engine: auto" in (run / "config.yaml").read_text()
+    filled = [json.loads(p.read_text())["computed_by"] for p in (run / "cache").glob("*/meta.json")]
+    assert filled and all("|onnxruntime|" in f for f in filled)  # the feature cache says which engine filled it
 
     evaluated = {}
     for choice in ("onnxruntime", "torch"):

@@ -406,3 +406,26 @@ def test_16_small_things(color_run, tmp_path, capsys):
     assert main(["data", "audit", str(root), "--out", str(root / "audit"), *FAST]) == 2
     assert "is inside the data" in _one_line(capsys)
     assert not (root / "audit").exists()
+
+
+def test_2_a_run_whose_weights_hold_nan_never_shows_nan(color_run, tmp_path, capsys):
+    """--json stays valid JSON and no 'nan' is printed: predict names the problem per image, eval
+    is one line, the service answers JSON."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    run_dir, root = color_run
+    damaged = tmp_path / "nan-weights"
+    shutil.copytree(run_dir, damaged, ignore=shutil.ignore_patterns("cache"))
+    with safe_open(str(damaged / "model.safetensors"), "pt") as handle:
+        metadata, state = handle.metadata(), {k: handle.get_tensor(k) for k in handle.keys()}
+    name = next(k for k in state if k.startswith("classifier.weight"))
+    state[name][0, 0] = float("nan")
+    save_file(state, str(damaged / "model.safetensors"), metadata=metadata)
+    image = str(next((root / "val").rglob("*.jpg")))
+    assert main(["predict", str(damaged), image, "--json"]) == 1
+    out = capsys.readouterr().out
+    answer = json.loads(out)  # strict enough: Python's parser accepts NaN, so look for it too
+    assert "nan" not in out.lower() and "not finite" in answer[0]["error"]
+    assert main(["eval", str(damaged)]) == 2
+    assert "not finite" in _one_line(capsys)

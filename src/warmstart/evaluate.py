@@ -156,6 +156,11 @@ def evaluate_model(forward, images: ImageSet, transform, runtime: Runtime, batch
         out = outputs_of(runtime.loader(shard, transform, batch_size, workers), forward, runtime.device)
         parts = dist.gather((out.outputs, out.labels, out.seconds, out.skipped))
     outputs = [p[0] for p in parts if len(p[1])]
+    if outputs and not all(bool(torch.isfinite(o).all()) for o in outputs):
+        from .errors import UserError
+
+        raise UserError("the model's outputs are not finite (NaN or infinity): its weights are damaged or its "
+                        "training diverged; restore the run from a backup, or train it again")
     result = metrics_from_logits(torch.cat(outputs) if outputs else torch.empty(0), torch.cat([p[1] for p in parts]),
                                  images.class_names)
     result.seconds = max(p[2] for p in parts)

@@ -158,8 +158,11 @@ def predict_images(backend, images: list, k: int = 5, batch_size: int = 32) -> l
             except Exception as exc:
                 results[i] = (str(path), [], f"not a readable image ({exc.__class__.__name__})")
         if decoded:
-            for i, ranked in zip(positions, top_k(backend.probabilities(decoded), backend.class_names, k)):
-                results[i] = (str(images[i]), ranked, None)
+            probabilities = backend.probabilities(decoded)
+            finite = np.isfinite(probabilities).all(1)
+            for i, ranked, ok in zip(positions, top_k(probabilities, backend.class_names, k), finite):
+                results[i] = (str(images[i]), ranked, None) if ok else \
+                    (str(images[i]), [], "the model's output is not finite: its weights are damaged")
     return results
 
 

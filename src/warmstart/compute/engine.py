@@ -1,5 +1,5 @@
 """The engine that computes a frozen network's forward (extraction, eval, predict, report, the
-audit, the service): PyTorch, or onnxruntime on a CPU, where the same graph runs 2-5x faster
+audit, the service): PyTorch, or onnxruntime on a CPU, where the same graph runs 1.4-3x faster
 (BENCHMARKS.md §14). Training, which back-propagates, is always PyTorch.
 
 An exported graph belongs to a network, not to a data set: it is kept in a per-user cache
@@ -37,9 +37,10 @@ OPSET = 18
 CHUNK = 8
 TOLERANCE = 1e-4  # max abs difference from PyTorch at export, relative to the output's scale
 CACHE_ENV, LIMIT_ENV, DEFAULT_LIMIT_MB = "WARMSTART_ENGINE_CACHE", "WARMSTART_ENGINE_CACHE_MB", 4096
-# auto's rule, from BENCHMARKS.md §14 (2-core AMD EPYC, batch 32, fp32): onnxruntime's frozen forward
-# ran 1.4-5x PyTorch's (folded BatchNorm, channels_last) for EfficientNet-Lite0/Lite2 and ResNet50
-AUTO_REASON = "auto: on a CPU onnxruntime runs the frozen network 1.4-5x faster than PyTorch (BENCHMARKS.md §14)"
+# auto's rule, from BENCHMARKS.md §14 (2-core CPU, batch 32, fp32): onnxruntime's frozen forward ran
+# 1.4x (ResNet50) to 2.9-3.2x (EfficientNet-Lite0/Lite2) PyTorch's (folded BatchNorm, channels_last),
+# and every recipe, eval and predict 1.9-2.5x faster end to end; on a GPU PyTorch keeps it
+AUTO_REASON = "auto: on a CPU onnxruntime runs the frozen network 1.4-3x faster than PyTorch (BENCHMARKS.md §14)"
 
 
 class EngineUnavailable(Exception):

@@ -171,7 +171,7 @@ class _Store:
             raise UserError(f"cannot create the feature cache folder {folder} ({exc.strerror}): pass a --cache-dir "
                             f"you can write to") from None
         self.folder, self.n, self.warn = folder, n, cache.warn
-        self.meta = self._verified_meta(folder, key, n)
+        self.meta = self._verified_meta(cache, folder, key, n)
         path = folder / "status.npy"
         self.status = (open_memmap(path, mode="r+") if path.is_file()
                        else open_memmap(path, mode="w+", dtype=np.int8, shape=(n,)))
@@ -184,10 +184,11 @@ class _Store:
             self.sums = open_memmap(folder / "rowsums.npy", mode="r+")
             self._recheck_rows(folder, self.features, self.sums, self.status, self.meta)
 
-    def _verified_meta(self, folder: Path, key: str, n: int) -> dict:
+    def _verified_meta(self, cache: FeatureCache, folder: Path, key: str, n: int) -> dict:
         """The folder's meta data when the folder is intact; otherwise a fresh start (with a warning
         when something was damaged rather than merely stale)."""
-        fresh = {"key": key, "n": n, "dim": None, "complete": False}
+        # what filled it (architecture, precision, memory format, engine, weights), for a person reading it
+        fresh = {"key": key, "n": n, "dim": None, "complete": False, "computed_by": cache.model_fingerprint}
         meta_path = folder / "meta.json"
         if not meta_path.is_file() and not (folder / "status.npy").is_file():
             return fresh

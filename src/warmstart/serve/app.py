@@ -15,6 +15,8 @@ import io
 import logging
 import os
 import time
+
+import numpy as np
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import asdict, replace
@@ -241,6 +243,12 @@ def add_error_handlers(app: FastAPI) -> None:
                             for e in exc.errors())
         return JSONResponse({"error": reasons}, status_code=422)
 
+    @app.exception_handler(Exception)
+    async def failed(request: Request, exc: Exception):  # a failure of ours: still one JSON shape, and logged
+        log.error("%s %s failed: %s: %s", request.method, request.url.path, exc.__class__.__name__, exc)
+        return JSONResponse({"error": f"the service failed on this request ({exc.__class__.__name__}): see its "
+                                      f"log"}, status_code=500)
+
     @app.exception_handler(ClientDisconnect)
     async def gone(request: Request, exc: ClientDisconnect):
         log.info("client %s disconnected before its request was complete", request.client.host if request.client
@@ -271,6 +279,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
     add_error_handlers(app)
 
     def ranked(row, k: int) -> list[dict]:
+        if not np.isfinite(row).all():
+            raise ClientError(500, "the model's output is not finite: its weights are damaged; restore or retrain the run")
         return [{"class": c, "probability": p} for c, p in top_k(row[None], backend.class_names, k)[0]]
 
     @app.post("/predict")
