@@ -158,7 +158,8 @@ def test_bf16_channels_last_and_synthetic_data(tmp_path):
 
 @pytest.mark.slow
 def test_boundary_cache_trains_the_tail_like_the_whole_model(color_tree, tmp_path):
-    kw = dict(strategy="partial", unfreeze_last=1, epochs=3, lr=0.05, seed=2)
+    kw = dict(strategy="partial", unfreeze_last=1, epochs=3, lr=0.05, seed=2, engine="torch")  # one engine: the
+    # mechanism alone (engine parity: test_engine.py)
     full = train(_config(color_tree, tmp_path / "full", **kw))
     tail = train(_config(color_tree, tmp_path / "tail", cache_boundary=True, **kw))
     assert not full.metrics["feature_cache"] and tail.metrics["feature_cache"]

@@ -57,11 +57,15 @@ def test_a_run_calibrates_on_val_and_every_output_is_softmax_of_logits_over_t(co
     from warmstart.predict import OnnxBackend, TorchBackend
     from safetensors.torch import load_file
 
+    from conftest import COLORS, make_color_images
+
+    for c, folder in enumerate(sorted((color_tree / "val").iterdir())):  # 8 val photos a class: 24 fit a temperature
+        make_color_images(folder, COLORS[c], 8, seed=200 + c)
     run = train(RunConfig(data=str(color_tree), epochs=4, label_smoothing=0.3, out=str(tmp_path / "r"), **FAST))
     log = capsys.readouterr().out
     meta = json.loads((run.run_dir / "model.json").read_text())
     t = meta["temperature"]
-    assert f"calibration: temperature {t:.3f} fitted on 12 val images" in log
+    assert f"calibration: temperature {t:.3f} fitted on 24 val images" in log
     c = run.metrics["calibration"]
     assert c["temperature"] == t and c["ece_after"] <= c["ece_before"] and run.metrics["ece"] == c["ece_after"]
     assert json.loads((run.run_dir / "eval.json").read_text())["ece"] == pytest.approx(c["ece_after"])

@@ -235,3 +235,15 @@ def test_an_engine_that_cannot_run_is_exit_2_before_anything_is_written(color_tr
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.strip().count("\n") == 0 and "--engine onnxruntime computes in fp32" in out.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_graph_cache_that_cannot_be_written_falls_back_under_auto(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setenv(engine.CACHE_ENV, str(blocker / "engines"))  # under a file: no folder can be made
+    lines, say = _said()
+    forward = _runtime("auto").frozen(_Small(), "small", "w", (3, 16, 16), say)
+    assert forward.engine == "torch" and len(lines) == 1 and "cannot be written to" in lines[0]
+    assert f"set {engine.CACHE_ENV}" in lines[0]
+    with pytest.raises(UserError, match="cannot be written to"):
+        _runtime("onnxruntime").frozen(_Small(), "small", "w", (3, 16, 16), say)

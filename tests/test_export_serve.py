@@ -120,14 +120,24 @@ def test_int8_export_carries_the_metadata_and_keeps_the_top1(int8_export, dog_ru
     assert "Maltese dog" in capsys.readouterr().out
 
 
-def test_the_int8_gate_fires_and_keeps_the_fp32_file(dog_run, tmp_path, capsys):
+def test_the_int8_gate_fires_and_keeps_the_fp32_file(dog_run, tmp_path, capsys, monkeypatch):
+    """A gate that fails leaves the fp32 file and the int8 file that passed before it (#32.6)."""
+    from dataclasses import replace
+
+    from warmstart import quantize
+
     run_dir, _, _ = dog_run
     out = tmp_path / "gated.onnx"
     assert main(["export", str(run_dir), "--out", str(out), "--int8", "--calibration", "8",
-                 "--max-int8-drop", "-1"]) == 2
+                 "--max-int8-drop", "100"]) == 0
+    passed = (tmp_path / "gated.int8.onnx").read_bytes()
+    capsys.readouterr()
+    real_gate = quantize._gate
+    monkeypatch.setattr(quantize, "_gate", lambda *a, **k: replace(real_gate(*a, **k), int8_top1=-1.0))  # lost it all
+    assert main(["export", str(run_dir), "--out", str(out), "--int8", "--calibration", "8", "--force"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "more than --max-int8-drop -1" in err and "lost" in err, err
-    assert out.exists() and not (tmp_path / "gated.int8.onnx").exists()
+    assert err.count("\n") == 1 and "more than --max-int8-drop 1" in err and "lost" in err, err
+    assert "the earlier" in err and out.exists() and (tmp_path / "gated.int8.onnx").read_bytes() == passed
 
 
 def test_a_model_that_cannot_be_quantised_is_one_line(dog_run, tmp_path, capsys, monkeypatch):

@@ -5,6 +5,7 @@ which class is on top, only how sure the model says it is."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -13,6 +14,8 @@ import torch.nn.functional as F
 from .errors import Diverged
 
 BINS = 15
+LOG_T_BOUND = 3.0  # a fitted T lies in [e^-3, e^3], about [0.0498, 20.1]
+TEMPERATURE_BOUNDS = (math.exp(-LOG_T_BOUND) * (1 - 1e-6), math.exp(LOG_T_BOUND) * (1 + 1e-6))  # float32 rounding
 MIN_PHOTOS = 20  # fewer validation photos determine no temperature: on 1-2 the fit runs to its bound
 
 
@@ -58,7 +61,7 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
             return loss
 
         optimizer.step(objective)
-    return float(log_t.detach().clamp(-3.0, 3.0).exp())  # 0.05 < T < 20
+    return float(log_t.detach().clamp(-LOG_T_BOUND, LOG_T_BOUND).exp())
 
 
 @dataclass

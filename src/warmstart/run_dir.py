@@ -268,7 +268,6 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
-TEMPERATURE_BOUNDS = (0.05, 20.0)  # what calibration.fit_temperature can return
 
 
 def _number(value) -> bool:
@@ -279,10 +278,12 @@ def _number(value) -> bool:
 def meta_problem(meta: dict) -> str | None:
     """What is wrong with a model.json's fields (None: nothing): every number a run is used with
     finite and in range, every list of the right type and length."""
+    from .calibration import TEMPERATURE_BOUNDS
+
     low, high = TEMPERATURE_BOUNDS
     temperature = meta.get("temperature")
     if temperature is not None and not (_number(temperature) and low <= temperature <= high):
-        return (f"field 'temperature' is {excerpt(temperature)}; it must be a number from {low:g} to {high:g} "
+        return (f"field 'temperature' is {excerpt(temperature)}; it must be a number from {low:.4g} to {high:.4g} "
                 f"(or null: not calibrated)")
     names, ids = meta["class_names"], meta["class_ids"]
     for field, values in (("class_names", names), ("class_ids", ids)):

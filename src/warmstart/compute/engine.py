@@ -82,12 +82,11 @@ def _stderr(message: str) -> None:
 
 
 class TorchForward:
-    """A frozen forward computed by PyTorch."""
+    """A frozen forward run from PyTorch (`engine`: what computes its network: the classifier on an
+    engine's features is PyTorch's, the features onnxruntime's)."""
 
-    engine = "torch"
-
-    def __init__(self, forward):
-        self.forward = forward
+    def __init__(self, forward, engine: str = "torch"):
+        self.forward, self.engine = forward, engine
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return self.forward(images)
@@ -211,16 +210,17 @@ class GraphCache:
             return found
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UserError(f"cannot create the engine cache {self.root} ({exc.strerror}): set {CACHE_ENV} to a "
-                            f"folder you can write to") from None
-        with _locked(self.root / f"{key}.lock"):
-            found = self._verified(graph, record, key)  # another run may have exported it meanwhile
-            if found is not None:
-                return found
-            if graph.exists() or record.exists():
-                say(f"warning: engine cache {graph} is damaged or not the graph it claims to be; exporting it again")
-            return self._export(module, identity, key, input_size, say)
+            with _locked(self.root / f"{key}.lock"):
+                found = self._verified(graph, record, key)  # another run may have exported it meanwhile
+                if found is not None:
+                    return found
+                if graph.exists() or record.exists():
+                    say(f"warning: engine cache {graph} is damaged or not the graph it claims to be; exporting it "
+                        f"again")
+                return self._export(module, identity, key, input_size, say)
+        except OSError as exc:  # a read-only home, a full disk: PyTorch computes (auto), or one line
+            raise EngineUnavailable(f"its graph cannot be written to {self.root} ({exc.strerror or exc}): set "
+                                    f"{CACHE_ENV} to a folder you can write to") from None
 
     def _verified(self, graph: Path, record: Path, key: str):
         """The session of an intact graph of `key`, or None (missing, torn, or another graph)."""
@@ -232,7 +232,8 @@ class GraphCache:
             session = _open(graph)
         except Exception:  # noqa: BLE001 - unreadable, not JSON, not a graph: exported again
             return None
-        os.utime(record)  # used now: the last to be evicted
+        with contextlib.suppress(OSError):  # a read-only cache is used as it is
+            os.utime(record)  # used now: the last to be evicted
         return session
 
     def _export(self, module, identity: dict, key: str, input_size: tuple, say):
@@ -243,7 +244,10 @@ class GraphCache:
         try:
             export_graph(module, example, temporary)
             seconds = time.perf_counter() - start
-            session = _open(temporary)
+            try:
+                session = _open(temporary)
+            except Exception as exc:  # noqa: BLE001 - an op onnxruntime's CPU provider lacks
+                raise EngineUnavailable(f"onnxruntime cannot load its graph: {_first_line(exc)}") from None
             difference = _parity(module, session, example)
             if not difference <= TOLERANCE:
                 raise EngineUnavailable(f"its outputs differ from PyTorch's by {difference:.2g} (relative; at most "

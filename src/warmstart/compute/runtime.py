@@ -110,9 +110,7 @@ class Runtime:
                                    backbone_fingerprint(network), input_size, say)
             if features.engine == "onnxruntime":
                 model = as_used(Classified(features, network.get_classifier()), tta, temperature).eval()
-                forward = TorchForward(model)
-                forward.engine = features.engine
-                return forward
+                return TorchForward(model, features.engine)
         return TorchForward(self.forward(self.for_inference(as_used(network, tta, temperature))))
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
@@ -152,6 +150,8 @@ class Runtime:
             config = config.replace(precision="fp32")  # trained on a GPU, used on a CPU
         if config.pipeline == "gpu" and not torch.cuda.is_available():
             config = config.replace(pipeline="cpu")
+        if config.engine == "onnxruntime" and torch.cuda.is_available():
+            config = config.replace(engine="auto")  # trained on a CPU, used where a GPU computes
         return cls.for_config(config.replace(engine=engine) if engine else config)
 
     # -- loaders: every pass over images is built here, with the run's pipeline --------------

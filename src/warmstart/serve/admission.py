@@ -10,8 +10,10 @@ and the protocol closes them (serve/protocol.py: a floor on the body's rate, the
 from __future__ import annotations
 
 import json
+import logging
 import time
 
+log = logging.getLogger("uvicorn.error")  # uvicorn's own log (INFO and up), despite its name
 MB = 1024 * 1024
 RETRY_AFTER = "1"
 ALWAYS_ANSWERED = ("/health",)
@@ -103,8 +105,10 @@ class Admission:
             except ClientError as error:
                 self._note(error)
                 return await self._refuse(send, error)
-            if not arrived:
-                return None  # the client left before its body was whole: nobody to answer
+            if not arrived:  # the client left before its body was whole: nobody to answer
+                client = scope.get("client") or ("?",)
+                log.info("client %s disconnected before its request was complete", client[0])
+                return None
             if self.in_progress >= self.max_requests:
                 error = busy(f"{self.in_progress} requests are in progress")
                 self._note(error)
@@ -127,9 +131,11 @@ class Admission:
         received now, its bytes held from `allowance`."""
         limit = self.max_body(scope["path"])
         length = dict(scope.get("headers", [])).get(b"content-length", b"")
-        if length.isdigit() and int(length) > limit:
-            raise ClientError(413, f"upload of {int(length):,} bytes is over the limit of {limit:,} bytes")
-        messages, size = [], 0
+        declared = int(length) if length.isdigit() else 0
+        if declared > limit:
+            raise ClientError(413, f"upload of {declared:,} bytes is over the limit of {limit:,} bytes")
+        allowance.take(declared, "this request's body")  # what it declares, before a byte is read
+        messages, size, held = [], 0, declared
         while True:
             message = await receive()
             messages.append(message)
@@ -139,7 +145,9 @@ class Admission:
             size += len(body)
             if size > limit:
                 raise ClientError(413, f"request body is over the limit of {limit:,} bytes")
-            allowance.take(len(body), "this request's body")
+            if size > held:  # more than declared (or chunked): held as it arrives
+                allowance.take(size - held, "this request's body")
+                held = size
             if not message.get("more_body"):
                 break
         pending = iter(messages)

@@ -149,16 +149,17 @@ class MicroBatcher:
 
 
 def limited(request: Request, limit: int, declared: int) -> Request:
-    """The request with its body counted as it arrives: 413 as soon as it passes `limit` bytes,
-    whatever Content-Length said (or chunked encoding left unsaid). Its memory is held from the
-    service's in-flight budget (request.state.allowance): what Content-Length declares before a
-    byte is read, anything beyond it as it arrives; no room is 503 before the body is read."""
+    """The request with its body counted as it is read: 413 as soon as it passes `limit` bytes,
+    whatever Content-Length said (or chunked encoding left unsaid). The files read from it are held
+    from the service's in-flight budget (request.state.allowance; the bytes as received are held by
+    Admission, which received the body first): what Content-Length declares at once, anything beyond
+    it as it is read."""
     allowance, held, received = request.state.allowance, 0, 0
 
     def hold(size: int) -> None:
         nonlocal held
         if size > held:
-            allowance.take(2 * (size - held), "this request's body")  # bytes received, then the files read from them
+            allowance.take(size - held, "this request's body")  # the files read from the received bytes
             held = size
 
     async def receive():
