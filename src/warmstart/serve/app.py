@@ -314,7 +314,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
                             else {"file": name, "predictions": ranked(outcome[i], top_k_)}
                             for i, (name, _) in enumerate(files)]}
 
-    @app.api_route("/health", methods=["GET", "HEAD"])  # uptime monitors ask with HEAD
+    @app.get("/health")
+    @app.head("/health", include_in_schema=False)  # uptime monitors ask with HEAD
     async def health():
         # "degraded": requests were refused for want of room in the last seconds (still answered 200)
         return {"status": "degraded" if app.state.pressure.degraded else "ok", "classes": len(backend.class_names),
@@ -325,7 +326,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return {**backend.meta, "precision": backend.meta.get("precision", "fp32"),
                 "server": {k: v for k, v in asdict(settings).items() if k != "model"}, "backend": type(backend).__name__}
 
-    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
+    @app.get("/", response_class=HTMLResponse)
+    @app.head("/", response_class=HTMLResponse, include_in_schema=False)
     async def page():
         return PAGE.read_text()
 
