@@ -194,3 +194,14 @@ def test_a_new_data_source_is_one_module_and_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(sources, "SOURCES", [pets, *sources.SOURCES])
     splits = sources.resolve_splits("pets:home", 0.5, 0)
     assert splits["train"].class_names == ["cat", "dog"] and len(splits["train"]) + len(splits["val"]) == 6
+
+
+def test_every_package_and_module_is_named_in_architecture_md():
+    """The map is complete: each package under src/warmstart/ (as `name/`) and each top-level
+    module (as `name` or `name.py`) appears in ARCHITECTURE.md."""
+    text = (PACKAGE.parents[1] / "ARCHITECTURE.md").read_text()
+    packages = [p.parent.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("__init__.py") if p.parent != PACKAGE]
+    modules = [p.stem for p in PACKAGE.glob("*.py") if not p.stem.startswith("_")]
+    missing = [f"{p}/" for p in packages if f"`{p}/" not in text]
+    missing += [m for m in modules if f"`{m}`" not in text and f"`{m}.py" not in text and f"`{m} " not in text]
+    assert missing == [], f"ARCHITECTURE.md does not name: {missing}"

@@ -1,2 +1,5 @@
-"""Training: one epoch loop (epoch), the three paths to it (paths, loop, cached), schedules,
-checkpoints and exact resume, torchrun, and one run end to end (run)."""
+"""Training: one run end to end (run: build, open the run, fit, calibrate, refit, test, write);
+`paths` decides the training path once and `fit` maps it to its trainer: cached features or
+activations (`cached`, `head`), or images (`images`); every path is an epoch loop that the one
+driver runs (`driver`), one epoch at a time (`epoch`, `steps`); the head's start, pull and teacher
+(`prior`), schedules, mixup, checkpoints and exact resume (`checkpoint`), history, lr-find."""
