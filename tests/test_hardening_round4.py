@@ -215,11 +215,12 @@ def test_3_a_body_still_arriving_holds_no_slot_and_a_refusal_makes_health_degrad
 
     from warmstart.serve.admission import Admission, Budget, Pressure
 
-    release = asyncio.Event()
+    release, bodies = asyncio.Event(), []
 
     async def app(scope, receive, send):  # a request being answered holds its slot until released
-        while (await receive()).get("more_body"):
-            pass
+        message = await receive()
+        bodies.append(message["body"])  # the body Admission received first, replayed whole
+        assert not message.get("more_body")
         await release.wait()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"{}"})
@@ -243,7 +244,7 @@ def test_3_a_body_still_arriving_holds_no_slot_and_a_refusal_makes_health_degrad
         assert start["status"] == 503 and (b"retry-after", b"1") in start["headers"] and pressure.degraded
         release.set()
         await tasks[1]
-        assert first_sent[0]["status"] == 200
+        assert first_sent[0]["status"] == 200 and bodies == [b"x"]  # the trickling body never reached the app
         tasks[0].cancel()
 
     asyncio.run(scenario())

@@ -24,17 +24,19 @@ def frozen_features(model: torch.nn.Module, arch: str, runtime: Runtime, input_s
     """(forward, fingerprint): the model's pooled features (the classifier's input) computed by the
     run's engine, and what they depend on (the frozen weights' values and how they are computed,
     the engine included: the feature cache never mixes rows of two engines)."""
-    weights = backbone_fingerprint(model)
-    forward = runtime.frozen(PreLogits(model), f"{architecture(model)} pooled features", weights, input_size, say)
-    return forward, f"{arch}|{runtime.precision}|cl={runtime.channels_last}|{forward.engine}|{weights}"
+    return _frozen(PreLogits(model), f"{architecture(model)} pooled features", backbone_fingerprint(model), arch,
+                   runtime, input_size, say)
 
 
 def frozen_prefix(prefix: torch.nn.Module, arch: str, runtime: Runtime, input_size, say=None) -> tuple:
     """(forward, fingerprint) of the frozen prefix's activations (--cache-boundary), as `frozen_features`."""
-    weights = fingerprint_tensors(prefix.state_dict())
-    forward = runtime.frozen(prefix, f"{arch} prefix of {len(prefix)} segments", weights, input_size, say)
-    return forward, (f"{arch}|prefix={len(prefix)}|{runtime.precision}|cl={runtime.channels_last}|{forward.engine}|"
-                     f"{weights}")
+    return _frozen(prefix, f"{arch} prefix of {len(prefix)} segments", fingerprint_tensors(prefix.state_dict()),
+                   f"{arch}|prefix={len(prefix)}", runtime, input_size, say)
+
+
+def _frozen(module, name: str, weights: str, key: str, runtime: Runtime, input_size, say) -> tuple:
+    forward = runtime.frozen(module, name, weights, input_size, say)
+    return forward, f"{key}|{runtime.precision}|cl={runtime.channels_last}|{forward.engine}|{weights}"
 
 
 def cached(cache: FeatureCache, images, view: View, forward, session: Session) -> CachedFeatures:
