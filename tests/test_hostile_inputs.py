@@ -155,7 +155,12 @@ def test_service_memory_is_bounded_and_health_answers_while_decoding(server):
     assert status == 200 and all("predictions" in r for r in body["results"]), body
     grew = server.peak() - before
     assert grew < 300 * MB, f"the service's peak RSS grew by {grew / MB:.0f} MB"
-    assert len(latencies) >= 5 and max(latencies) < 0.1, latencies
+    # the decoding runs off the event loop: /health answers at once all through. One decode of these
+    # images takes ~0.16 s on this machine, so a loop held by each decode would show ~8 slow answers
+    # and one held by the batch a single answer of over a second; one hiccup (the scheduler of a
+    # 2-core machine, onnxruntime's threads) is allowed
+    slow = [latency for latency in latencies if latency >= 0.1]
+    assert len(latencies) >= 5 and len(slow) <= 1 and max(latencies) < 0.5, latencies
     # together over the request limit: refused from the headers, nothing decoded
     status, body = server.post("/predict/batch", [(f"big{i}.png", big) for i in range(9)])
     assert status == 413 and "together" in body["error"]
