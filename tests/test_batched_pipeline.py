@@ -4,8 +4,6 @@ fallbacks, and whole runs through it."""
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
@@ -18,7 +16,7 @@ from warmstart.data.batched import (DevicePipeline, RawImageDataset, TensorView,
                                     device_decodes_jpeg, read)
 from warmstart.data.loaders import EpochBatches, ImageDataset, collate_skipping, make_loader
 from warmstart.data.sources import resolve_splits
-from warmstart.data.transforms import data_config_for, eval_transform, mirrored_eval_transform, train_transform
+from warmstart.data.transforms import eval_transform, mirrored_eval_transform, train_transform
 
 CPU = torch.device("cpu")
 LEVEL = 1 / 255 / 0.5  # one grey level in the bundled models' normalisation (std 0.5)

@@ -4,7 +4,6 @@ cells never run as formulas, and commands take options and paths in any order.""
 
 import csv
 import json
-import math
 import shutil
 from pathlib import Path
 
@@ -171,8 +170,13 @@ def test_11_calibration_on_a_handful_of_photos_fits_no_temperature_and_says_so()
     fitted = Calibration.fit(logits, torch.tensor([0, 1]))
     assert fitted.temperature == 1.0 and fitted.images == 2 < MIN_PHOTOS
     assert fitted.line().startswith("warning: calibration: 2 val images are too few")
-    many = Calibration.fit(torch.randn(200, 5) * 10, torch.randint(0, 5, (200,)))
-    assert not math.isclose(many.temperature, 1.0)
+    generator = torch.Generator().manual_seed(0)
+    z = torch.randn(200, 5, generator=generator) * 2
+    labels = torch.multinomial(z.softmax(1), 1, generator=generator).flatten()
+    many = Calibration.fit(z * 3, labels)  # three times too sure: T about 3
+    assert many.determined and 2 < many.temperature < 4.5
+    noise = Calibration.fit(torch.randn(200, 5, generator=generator) * 10, torch.randint(0, 5, (200,), generator=generator))
+    assert not noise.determined and noise.temperature == 1.0  # logits unrelated to the labels: T runs to its bound
 
 
 def test_12_options_and_paths_in_any_order():
@@ -430,3 +434,31 @@ def test_2_a_run_whose_weights_hold_nan_never_shows_nan(color_run, tmp_path, cap
     assert "nan" not in out.lower() and "not finite" in answer[0]["error"]
     assert main(["eval", str(damaged)]) == 2
     assert "not finite" in _one_line(capsys)
+
+
+def test_16_drop_empty_classes_drops_the_class_from_every_split_and_the_pipeline_warns_nothing(tmp_path):
+    import warnings
+
+    import numpy as np
+
+    from conftest import COLORS, make_color_images
+    from warmstart.data.batched import _as_tensor
+    from warmstart.data.sources import resolve_splits
+    from warmstart.data.sources.options import SourceOptions
+
+    root = tmp_path / "data"
+    for c, name in enumerate(["blue", "green", "red"]):
+        make_color_images(root / "train" / name, COLORS[c], 0 if name == "green" else 3, seed=c)
+        make_color_images(root / "val" / name, COLORS[c], 0 if name == "green" else 2, seed=10 + c)
+    with pytest.raises(UserError, match="green.*--drop-empty-classes"):
+        resolve_splits(str(root), 0.2, 0)
+    splits = resolve_splits(str(root), 0.2, 0, options=SourceOptions(drop_empty_classes=True))
+    assert splits["train"].class_ids == splits["val"].class_ids == ["blue", "red"] and len(splits["val"]) == 4
+    (root / "val" / "green" / "stray.png").write_bytes(next((root / "val" / "red").iterdir()).read_bytes())
+    with pytest.raises(UserError, match="not in the training classes: green"):  # val photos of a class not trained
+        resolve_splits(str(root), 0.2, 0, options=SourceOptions(drop_empty_classes=True))
+    pixels = np.zeros((4, 5, 3), dtype=np.uint8)
+    pixels.flags.writeable = False  # as PIL hands them over
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _as_tensor(pixels).shape == (3, 4, 5)

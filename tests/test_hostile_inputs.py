@@ -194,6 +194,22 @@ def _send_chunks(sock, total: int) -> int:
 
 
 @pytest.mark.slow
+def test_abused_http_framing_is_a_400_at_once(server):
+    """Issue 32 item 16: Content-Length with Transfer-Encoding (request smuggling), and a chunk
+    declared larger than any body the service accepts, were closed only at the request timeout."""
+    heads = [b"Content-Length: 10\r\nTransfer-Encoding: chunked\r\n\r\n",
+             b"Transfer-Encoding: chunked\r\n\r\nffffffffffff\r\n"]
+    for head in heads:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            answer, reader = _reading(sock)
+            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n" + head)
+            reader.join(timeout=10)
+        # (the request timeout closes without an answer; a wait for the chunk would answer nothing)
+        assert answer.decode(errors="replace").startswith("HTTP/1.1 400"), (head, answer[:200])
+    assert urllib.request.urlopen(server.url + "/health", timeout=5).status == 200
+
+
+@pytest.mark.slow
 def test_chunked_upload_is_stopped_at_the_limit(server):
     for content_type in (b"image/png", b"multipart/form-data; boundary=b"):
         before = server.reset_peak()

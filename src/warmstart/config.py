@@ -19,6 +19,7 @@ from .errors import UserError, excerpt
 from .files import load_yaml
 from .recipes import RECIPES
 
+CALIBRATION_FITS = ("auto", "val", "cross-fit")  # train/cross_fit.py
 ENGINES = ("auto", "torch", "onnxruntime")  # compute/engine.py computes with them
 
 STRATEGIES = ("feature-extractor", "partial", "fine-tune")
@@ -158,6 +159,10 @@ class RunConfig:
     calibrate: bool = setting(True, "fit a temperature on the validation logits so that the probabilities shown "
                               "match how often the model is right (default, whenever there is validation)",
                               group="optimisation")
+    calibration_fit: str = setting("auto", "where the temperature is fitted: val's logits, or cross-fit (a head on "
+                                   "cached features: the out-of-fold logits of every train and val photo, 5 folds); "
+                                   "auto: cross-fit for such a head when val has under 200 photos, else val",
+                                   group="optimisation", choices=CALIBRATION_FITS)
     probe_first: bool = setting(False, "before training the network, fit the new head as a logistic regression "
                                 "on the frozen network's features (LP-FT)", group="optimisation")
     keep_best: bool = setting(False, "keep the epoch with the best val top-1 (raw or EMA weights, or the probe "

@@ -278,13 +278,16 @@ def _number(value) -> bool:
 def meta_problem(meta: dict) -> str | None:
     """What is wrong with a model.json's fields (None: nothing): every number a run is used with
     finite and in range, every list of the right type and length."""
-    from .calibration import TEMPERATURE_BOUNDS
+    from .calibration import FITTED_ON, TEMPERATURE_BOUNDS
 
     low, high = TEMPERATURE_BOUNDS
     temperature = meta.get("temperature")
     if temperature is not None and not (_number(temperature) and low <= temperature <= high):
         return (f"field 'temperature' is {excerpt(temperature)}; it must be a number from {low:.4g} to {high:.4g} "
                 f"(or null: not calibrated)")
+    fitted_on = meta.get("temperature_fitted_on")
+    if fitted_on is not None and fitted_on not in FITTED_ON:
+        return f"field 'temperature_fitted_on' is {excerpt(fitted_on)}; it must be one of {', '.join(FITTED_ON)} (or null)"
     names, ids = meta["class_names"], meta["class_ids"]
     for field, values in (("class_names", names), ("class_ids", ids)):
         if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):

@@ -37,21 +37,15 @@ def probabilities(head: torch.nn.Linear, feats: torch.Tensor) -> np.ndarray:
         return head(feats).softmax(1).double().numpy()
 
 
-def out_of_fold(feats: torch.Tensor, labels: torch.Tensor, classes: int, config, prior=None, folds: int = 5,
-                seed: int = 0) -> np.ndarray:
-    """Each photo's class probabilities from a head that never saw it (stratified k folds)."""
-    generator = np.random.default_rng(seed)
-    fold = np.zeros(len(labels), dtype=int)
-    for c in range(classes):
-        members = np.flatnonzero(labels.numpy() == c)
-        fold[generator.permutation(members)] = np.arange(len(members)) % folds
-    probs = np.zeros((len(labels), classes))
-    for k in range(folds):
-        held = torch.from_numpy(fold == k)
-        if held.any():
-            head = fit_head(feats[~held], labels[~held], classes, config, prior)
-            probs[held.numpy()] = probabilities(head, feats[held])
-    return probs
+def out_of_fold(feats: torch.Tensor, labels: torch.Tensor, classes: int, config, prior=None, seed: int = 0) -> np.ndarray:
+    """Each photo's class probabilities from a head that never saw it (train/cross_fit.py's folds)."""
+    from ..train.cross_fit import out_of_fold as cross_fitted
+
+    def fit_and_score(fitted_on: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(probabilities(fit_head(feats[fitted_on], labels[fitted_on], classes, config, prior),
+                                              feats[held]))
+
+    return cross_fitted(labels, classes, fit_and_score, seed=seed).numpy()
 
 
 def label_issues(labels: np.ndarray, probs: np.ndarray) -> list[tuple[int, int, float]]:

@@ -26,6 +26,7 @@ import math
 import os
 import queue
 import threading
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -147,7 +148,11 @@ _ORIENTATION = next(k for k, v in ExifTags.TAGS.items() if v == "Orientation")
 
 
 def _as_tensor(pixels) -> torch.Tensor:
-    return torch.as_tensor(pixels).permute(2, 0, 1)  # HWC uint8 -> CHW (a view)
+    """HWC uint8 -> CHW (a view). PIL's arrays are read-only; nothing here writes to them, and
+    torch's warning about it would reach the user's terminal from every worker."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        return torch.as_tensor(pixels).permute(2, 0, 1)
 
 
 def read(item, jpeg_bytes: bool = True) -> tuple[str, torch.Tensor, int, int]:

@@ -10,6 +10,9 @@
   working client out: a connection over the bound closes the longest-idle ones (no request in
   progress) to make room, and past half the bound an idle connection waits at most PRESSED_IDLE
   seconds for its next request. Requests in progress are bounded by the app (serve/admission.py).
+- HTTP framing that is abused rather than used is a 400 and a closed connection: a request with both
+  Content-Length and Transfer-Encoding (request smuggling; RFC 9112 §6.3 says a server ought to
+  refuse it), and a chunk declared larger than any body the service accepts.
 """
 
 from __future__ import annotations
@@ -31,8 +34,28 @@ def _setting(name: str, default: float) -> float:
     return float(os.environ.get(f"WARMSTART_SERVE_{name}", default))
 
 
+class StrictConnection(h11.Connection):
+    """h11's server side with the two framing checks above: uvicorn answers its protocol errors 400."""
+
+    def next_event(self):
+        event = super().next_event()
+        if isinstance(event, h11.Request):
+            names = {name for name, _ in event.headers}
+            if b"content-length" in names and b"transfer-encoding" in names:
+                raise h11.RemoteProtocolError("a request with both Content-Length and Transfer-Encoding", 400)
+        if getattr(self._reader, "_bytes_in_chunk", 0) > largest_body():  # h11's chunked reader
+            raise h11.RemoteProtocolError("a chunk larger than any body the service accepts", 400)
+        return event
+
+
+def largest_body() -> float:
+    """Bytes of the largest body the service accepts (every file of a batch at the upload limit)."""
+    return _setting("MAX_UPLOAD_MB", 20) * 2**20 * _setting("MAX_FILES", 16) + 2**20  # + the multipart framing
+
+
 class TimedH11Protocol(H11Protocol):
     def connection_made(self, transport) -> None:
+        self.conn.__class__ = StrictConnection  # the same connection, with the framing checks
         super().connection_made(transport)
         self.last_active = time.monotonic()
         self._read_timer = None

@@ -4,6 +4,7 @@ part ran once per image and view (`cached.py`); each path here is an epoch loop 
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
@@ -16,6 +17,7 @@ from ..models.outputs import PreLogits
 from ..models.pretrained_classes import HeadPrior
 from ..models.tta import combine_views
 from ..models.trainable import set_train_mode
+from . import cross_fit
 from .cached import CachedBatches, CachedSplits, frozen_features, frozen_prefix
 from .driver import Start, drive
 from .epoch import Progress, step_logger, train_one_epoch
@@ -96,6 +98,7 @@ class LogisticProbe:
         if config.head_teacher and prior is not None and bool(prior.matched.any()):
             self.targets = teacher_targets(self.x, self.y, prior, config.head_teacher)
         self.views = feats.shape[0]
+        self.trace: list[float] = []  # the objective at each evaluation (the report plots its convergence)
         self.optimizer = torch.optim.LBFGS(head.parameters(), lr=config.resolved_lr(), max_iter=20,
                                            history_size=20, line_search_fn="strong_wolfe")
 
@@ -103,6 +106,7 @@ class LogisticProbe:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self.criterion(self.head(self.x), self.targets) + self.anchor.penalty()
         loss.backward()
+        self.trace.append(float(loss.detach()))
         return loss
 
     def step(self) -> tuple[float, int]:
@@ -128,9 +132,12 @@ class ProbeLoop(CachedLoop):
     def run_epoch(self, epoch: int) -> dict:
         start = time.perf_counter()
         self.probe.head.train()
+        self.probe.trace.clear()
         loss, correct = self.probe.step()
         self.session.log.step(epoch + 1, loss, current_lr(self.probe.optimizer))
-        return epoch_record(epoch, self.probe.optimizer, (loss * self.count, correct, self.count), start)
+        record = epoch_record(epoch, self.probe.optimizer, (loss * self.count, correct, self.count), start)
+        record["objective"] = list(self.probe.trace)  # per L-BFGS evaluation in this step (history.json)
+        return record
 
 
 def feature_logits(head, views: list[torch.Tensor], labels: torch.Tensor):
@@ -160,6 +167,7 @@ def fit_head_on_features(model, splits, session: Session, features: tuple, inclu
     val_logits = feature_logits(head, [v.features[data.val_rows].to(runtime.device) for v in data.val]
                                 if len(data.val_rows) else [], val_labels)
     train_start = time.perf_counter()
+    start_state = copy.deepcopy(head.state_dict())  # what every cross-fitted head starts from
     if not config.epochs:
         loop = CachedLoop(model, head, val_logits, session)
     elif config.optimizer == "lbfgs":
@@ -177,7 +185,60 @@ def fit_head_on_features(model, splits, session: Session, features: tuple, inclu
     logits, _ = val_logits()
     result.val_logits, result.val_labels = logits.cpu(), val_labels.cpu()
     result.val_seconds = data.val_extraction_seconds()
+    if not include_val and feats and cross_fit.wanted(config, len(val_labels)):
+        val_views = [v.features[data.val_rows].to(runtime.device) for v in data.val] if len(data.val_rows) else []
+        result.cross_fit_logits, result.cross_fit_labels = cross_fitted(model, start_state, session, feats, labels,
+                                                                        val_views, val_labels)
     return result
+
+
+def cross_fitted(model, start: dict, session: Session, train: list[torch.Tensor], labels: torch.Tensor,
+                 val: list[torch.Tensor], val_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The out-of-fold logits of every train and val photo (cross_fit.py): each fold's head trained
+    from the same start, the same way as the run's head, on the other photos' training views (a val
+    photo's un-augmented view stands in for each of its views); a held photo is scored as val is
+    (the un-augmented view; with --tta, a val photo's views combined)."""
+    n = len(labels)
+    views = [torch.cat([t, val[0]]) for t in train] if val else train
+    everyone = torch.cat([labels, val_labels]) if val else labels
+
+    def fit_and_score(fitted_on: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
+        head = _fold_head(model, start, session, [v[fitted_on.to(v.device)] for v in views],
+                          everyone[fitted_on.to(everyone.device)])
+        with torch.inference_mode():
+            out = head(views[0][held.to(views[0].device)])
+            own = held[held >= n] - n  # val photos: scored on val's own views
+            if len(own) and len(val) > 1:
+                out[(held >= n).to(out.device)] = combine_views([head(v[own.to(v.device)]) for v in val])
+        return out.float()
+
+    session.reporter.info(f"calibration: cross-fitting the head on {len(everyone)} train + val images "
+                          f"({cross_fit.FOLDS} folds) for out-of-fold logits")
+    return cross_fit.out_of_fold(everyone.cpu(), len(model.get_classifier().weight), fit_and_score,
+                                 seed=session.config.seed), everyone.cpu()
+
+
+def _fold_head(model, start: dict, session: Session, feats: list[torch.Tensor], labels: torch.Tensor):
+    """A head trained as the run's was (its optimizer, schedule, epochs, start and pull), quietly."""
+    config = session.config
+    if config.optimizer == "lbfgs":
+        head = copy.deepcopy(model.get_classifier())
+        head.load_state_dict(start)
+        criterion = make_criterion(config, labels.tolist(), head.out_features, labels.device)
+        probe = LogisticProbe(head, torch.stack(feats), labels, criterion, config, session.prior)
+        for _ in range(config.epochs):
+            probe.step()
+        return head.eval()
+    fold_model = copy.deepcopy(model)
+    head = fold_model.get_classifier()
+    head.load_state_dict(start)
+    _, step = _head_plan(fold_model, labels, session, len(head.weight))
+    batches, progress = CachedBatches(feats, labels, config), Progress(0)
+    for epoch in range(config.epochs):
+        head.train()
+        progress = Progress(epoch, step=progress.step)
+        train_one_epoch(batches, step, progress)
+    return head.eval()
 
 
 def _head_plan(model, labels: torch.Tensor, session: Session, num_classes: int) -> tuple:

@@ -186,7 +186,7 @@ def _journey(run: Run, on_epoch) -> RunResult:
         session.log.close()
     if run.main:  # before evaluation: a failure there loses nothing trained
         save_model(run.directory, run.built.model, model_meta(run))
-    evaluation = calibrate(run, validate(run, fitted, session.runtime))
+    evaluation = calibrate(run, validate(run, fitted, session.runtime), fitted)
     if run.main:
         evaluation.write(run.directory)
         if run.calibration is not None:
@@ -331,6 +331,8 @@ def model_meta(run: Run) -> dict:
         "tta": config.tta,  # prediction, serving and export average the image and its mirror image
         # probabilities are softmax(logits / temperature), fitted on val (None: not calibrated)
         "temperature": run.calibration.temperature if run.calibration else None,
+        # how: on val's logits, or cross-fitted on train + val's out-of-fold logits (train/cross_fit.py)
+        "temperature_fitted_on": run.calibration.fitted_on if run.calibration else None,
     }
 
 
@@ -347,19 +349,24 @@ def validate(run: Run, fitted: FitResult, runtime: Runtime) -> EvalResult:
     return evaluation
 
 
-def calibrate(run: Run, evaluation: EvalResult) -> EvalResult:
-    """--calibrate: the temperature that makes val's probabilities honest (fitted before a refit,
-    and kept by it); the evaluation as the saved model will answer."""
-    if not evaluation.num_images:
+def calibrate(run: Run, evaluation: EvalResult, fitted: FitResult) -> EvalResult:
+    """--calibrate: the temperature that makes held-out probabilities honest (fitted before a refit,
+    and kept by it): on val's logits, or the cross-fitted ones of train + val where training made
+    them (--calibration-fit); the evaluation as the saved model will answer."""
+    cross_fitted = fitted.cross_fit_logits is not None and len(fitted.cross_fit_labels)
+    if not evaluation.num_images and not cross_fitted:
         run.reporter.info("no validation split: the probabilities are not calibrated (they may be over- or "
                           "under-confident)")
         return evaluation
     if not run.config.calibrate:
         run.reporter.info(f"calibration off (--no-calibrate): val ECE {evaluation.ece:.3f}, NLL {evaluation.nll:.3f}")
         return evaluation
-    run.calibration = Calibration.fit(evaluation.logits, evaluation.labels)
+    if cross_fitted:
+        run.calibration = Calibration.fit(fitted.cross_fit_logits, fitted.cross_fit_labels, "cross-fit")
+    else:
+        run.calibration = Calibration.fit(evaluation.logits, evaluation.labels)
     run.reporter.info(run.calibration.line())
-    return evaluation.scaled(run.calibration.temperature)
+    return evaluation.scaled(run.calibration.temperature) if evaluation.num_images else evaluation
 
 
 def refit(run: Run, session: Session, fitted: FitResult) -> dict | None:

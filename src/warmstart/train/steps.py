@@ -35,6 +35,9 @@ class FitResult:
     best_epoch: int | None = None  # the epoch whose weights were kept (0: the start; None: the last)
     start_top1: float | None = None  # val top-1 of the weights training started from, where measured
     head_seconds: float = 0.0  # on cached features: the head's training alone (extraction excluded)
+    # --calibration-fit cross-fit: every train and val photo's out-of-fold logits (train/cross_fit.py)
+    cross_fit_logits: torch.Tensor | None = None
+    cross_fit_labels: torch.Tensor | None = None
 
     def took(self, driven) -> None:
         """What the epoch driver (train.driver.drive) recorded: history, kept epoch, the start's score."""

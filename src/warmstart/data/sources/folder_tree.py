@@ -22,8 +22,9 @@ def load(data: str, class_ids: list[str] | None, options: SourceOptions) -> dict
     if "train" in splits:
         train = _scan_class_tree(splits["train"], class_ids, options.drop_empty_classes)
         # val/test use the training classes, in the same order
-        return {"train": train, **{n: _scan_class_tree(splits[n], train.class_ids) for n in ("val", "test")
-                                   if n in splits}}
+        # (a class dropped from train for want of images: its empty val/test folders go too)
+        return {"train": train, **{n: _scan_class_tree(splits[n], train.class_ids, options.drop_empty_classes)
+                                   for n in ("val", "test") if n in splits}}
     if set(splits) - {"train"}:
         raise UserError(f"{root} has {'/'.join(sorted(splits))} folder(s) but no train/: add {root}/train/<class>/*")
     return {"all": _scan_class_tree(root, class_ids, options.drop_empty_classes)}
