@@ -65,6 +65,32 @@ def test_report_sections_match_the_run(trained):
     for png in ("curves.png", "per_class_accuracy.png", "confusion_matrix.png", "reliability.png"):
         assert (result.run_dir / "report" / png).stat().st_size > 1000
     assert "src='data:image/png;base64," in page  # self-contained
+    text = _visible_text(page)
+    for repr_mark in ("{'", "None", "[", "True", "False"):  # every value as a person reads it
+        assert repr_mark not in text, (repr_mark, text[text.find(repr_mark) - 80:text.find(repr_mark) + 80])
+    assert "calibration · temperature" in text and "recipe" in text and "strategy feature-extractor" in text
+    assert summary["curves"].startswith("loss and top-1 per epoch")
+
+
+def _visible_text(page: str) -> str:
+    import re
+
+    body = re.sub(r"<style>.*?</style>", "", page, flags=re.S)
+    return re.sub(r"<[^>]+>", " ", re.sub(r"src='[^']*'", "", body))
+
+
+def test_an_lbfgs_head_shows_its_convergence_not_flat_epochs(trained, tmp_path):
+    """Issue 33: a logistic-probe run plotted 10 "epochs" of a loss flat to the 4th decimal and a
+    constant learning rate of 1.0; its figure is the objective per L-BFGS evaluation."""
+    root, _, _ = trained
+    probe = train(RunConfig(data=str(root), recipe="linear-probe", input_size=64, workers=0, quiet=True,
+                            refit=False, out=str(tmp_path / "probe")))
+    objective = [v for h in probe.history for v in h["objective"]]
+    assert len(objective) > len(probe.history) and objective[0] > objective[-1]  # several evaluations a step
+    build_report(probe.run_dir, workers=0)
+    summary = json.loads((probe.run_dir / "report" / "report.json").read_text())
+    assert summary["curves"] == "L-BFGS convergence per evaluation"
+    assert "Training: L-BFGS convergence per evaluation" in (probe.run_dir / "report.html").read_text()
 
 
 def test_report_in_a_real_browser(trained, tmp_path):
@@ -80,11 +106,13 @@ def test_report_in_a_real_browser(trained, tmp_path):
         page.goto(path.as_uri())
         sizes = page.eval_on_selector_all("img", "imgs => imgs.map(i => [i.complete, i.naturalWidth])")
         top1 = page.inner_text("#top1")
+        text = page.inner_text("body")  # what a person sees (the settings' <details> closed)
         page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
         browser.close()
     assert not errors
     assert len(sizes) >= 6 and all(done and width > 0 for done, width in sizes)
     assert float(top1) == pytest.approx(result.metrics["top1"], abs=1e-4)
+    assert "{'" not in text and "None" not in text and "probabilities" in text and "recipe" in text
 
 
 def test_runs_and_compare(trained, capsys):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from ..calibration import BINS, reliability
 from ..compute.runtime import Runtime
@@ -17,6 +18,7 @@ from ..data.images import open_image
 from ..data.transforms import eval_transform
 from ..evaluate import compute_outputs, metrics_from_logits, run_split
 from ..run_dir import RunDir
+from ..train.run import describe_rates
 from . import plots
 
 STYLE = """
@@ -28,6 +30,9 @@ th{background:#f4f4f4} img.figure{max-width:100%} .muted{color:#777}
 .card{border:1px solid #ddd;border-radius:6px;padding:.4rem;font-size:.8rem}
 .card img{width:100%;height:140px;object-fit:cover;border-radius:4px}
 .wrong{color:#b00020} .true{color:#1b5e20}
+.headline{display:grid;grid-template-columns:repeat(auto-fill,minmax(230px,1fr));gap:.8rem;margin:1rem 0}
+.tile{border:1px solid #ddd;border-radius:6px;padding:.6rem .8rem} .tile>b{font-size:1.5rem;display:block}
+details summary{cursor:pointer;margin:.8rem 0}
 """
 
 
@@ -47,6 +52,63 @@ def _table(headers: list[str], rows: list[list]) -> str:
     head = "".join(f"<th>{html.escape(str(h))}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def readable(value) -> str:
+    """A value as a person reads it: never a Python repr (None is —, lists are comma-separated,
+    floats 4 significant digits)."""
+    if value is None or value == [] or value == "":
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(readable(v) for v in value)
+    return str(value)
+
+
+def rows(mapping: dict, prefix: str = "") -> list[list[str]]:
+    """[name, value] rows, nested mappings as rows of their own ("calibration · temperature")."""
+    out = []
+    for key, value in mapping.items():
+        name = f"{prefix}{key}".replace("_", " ")
+        if isinstance(value, dict):
+            out += rows(value, f"{prefix}{key} · ")
+        else:
+            out.append([name, readable(value)])
+    return out
+
+
+def headline(metrics: dict, split: str, evaluation, calib: dict, before: dict | None, meta: dict, seconds: float,
+             engine: str) -> str:
+    """The first screen: how good, how honest, on what, how long, and how it was trained, in words."""
+    c = metrics.get("calibration") or {}
+    fitted = {"cross-fit": "cross-fitted on train + val", "val": "fitted on val"}.get(c.get("fitted_on"), "")
+    honest = (f"ECE {before['ece']:.3f} → <b>{calib['ece']:.3f}</b> with temperature "
+              f"{meta['temperature']:.3f} ({fitted}, {c.get('images', '?')} photos)" if before else
+              f"ECE <b>{calib['ece']:.3f}</b> (not calibrated)")
+    start = metrics.get("head_start") or {}
+    started = (f"the head started from the pretrained classifier ({start.get('classes_matched')} of "
+               f"{start.get('classes')} classes known)" if start.get("from") == "pretrained classifier" else
+               "the head started from zero")
+    test = (f"; test top-1 {metrics['test_top1']:.1%} on {metrics.get('test_images')} photos"
+            if metrics.get("test_top1") is not None and split != "test" else "")
+    tiles = [("top-1", f"<span id='top1'>{evaluation.top1:.4f}</span>", f"top-5 {evaluation.top5:.4f} on the "
+              f"{split} split{test}"),
+             ("probabilities", f"{calib['ece']:.3f}", honest),
+             ("photos", f"{evaluation.num_images}", f"{split} photos of {len(meta['class_names'])} classes; trained "
+              f"on {metrics.get('train_images', '?')}"),
+             ("time", f"{metrics.get('wall_seconds', 0):.1f} s",
+              f"the run end to end; {describe_rates(metrics)}; this report's pass {seconds:.1f} s ({engine})")]
+    recipe = f"recipe <b>{html.escape(str(metrics.get('recipe') or 'none (the defaults)'))}</b>"
+    words = (f"<p>{recipe}: {html.escape(metrics['model'])} ({html.escape(str(metrics.get('architecture', '')))}), "
+             f"strategy {html.escape(str(metrics.get('strategy', '')))}, trained on "
+             f"{html.escape(str(metrics.get('training_path', '')))} for {metrics['epochs']} epochs; {started}"
+             f"{'; flip test-time augmentation' if metrics.get('tta') else ''}.</p>")
+    cells = "".join(f"<div class='tile'>{name}<b>{value}</b><span class='muted'>{note}</span></div>"
+                    for name, value, note in tiles)
+    return f"<div class='headline'>{cells}</div>{words}"
 
 
 def most_confused(names: list[str], confusion: np.ndarray, top: int = 15) -> list[dict]:
@@ -81,8 +143,9 @@ def build_report(run_dir: str | Path, data: str | None = None, split: str = "val
         "per_class": plots.per_class(names, per_class_values, figures / "per_class_accuracy.png"),
         "confusion": plots.confusion_matrix(names, evaluation.confusion, figures / "confusion_matrix.png"),
     }
+    shown = None
     if history:
-        files["curves"] = plots.curves(history, figures / "curves.png")
+        files["curves"], shown = plots.curves(history, figures / "curves.png")
     confidence, predicted = (probs.max(1) if len(probs) else (torch.empty(0), torch.empty(0, dtype=torch.long)))
     correct = (predicted == out.labels).numpy()
     temperature = run.meta.get("temperature")  # the model's outputs are logits / T
@@ -107,20 +170,23 @@ def build_report(run_dir: str | Path, data: str | None = None, split: str = "val
         "ece": calib["ece"], "ece_before_calibration": before["ece"] if before else None,
         "temperature": temperature, "misclassified": len(wrong), "most_confused": pairs,
         "per_class_accuracy": dict(zip(names, evaluation.per_class_accuracy)), "engine": forward.engine,
+        "curves": shown,
     }
     (figures / "report.json").write_text(json.dumps(summary, indent=2))
-    metric_rows = [[k, f"{v:.4f}" if isinstance(v, float) else v] for k, v in metrics.items()]
+    fitted_where = ("cross-fitted on the run's train + val photos" if run.meta.get("temperature_fitted_on") == "cross-fit"
+                    else "fitted on the run's validation photos")
+    config = yaml.safe_load(RunDir(run_dir).config.read_text()) if RunDir(run_dir).config.is_file() else {}
     sections = [
-        f"<h1>warmstart report</h1><p class='muted'>{html.escape(str(run_dir))} · {html.escape(metrics['model'])} · "
-        f"{html.escape(metrics.get('strategy', ''))} · {metrics['epochs']} epochs</p>",
+        f"<h1>warmstart report</h1><p class='muted'>{html.escape(str(run_dir))}</p>",
         "<h2 id='summary'>Summary</h2>",
-        f"<p>On the <b>{split}</b> split ({evaluation.num_images} images): top-1 <b id='top1'>{evaluation.top1:.4f}"
-        f"</b>, top-5 <b>{evaluation.top5:.4f}</b>, expected calibration error <b>{calib['ece']:.4f}</b>; "
-        f"the network computed by {forward.engine} ({out.seconds:.1f}s).</p>",
-        _table(["metrics.json", "value"], metric_rows),
+        headline(metrics, split, evaluation, calib, before, run.meta, out.seconds, forward.engine),
+        "<details><summary>Every setting of the run (config.yaml)</summary>",
+        _table(["setting", "value"], rows(config)), "</details>",
+        "<details><summary>Everything the run measured (metrics.json)</summary>",
+        _table(["measure", "value"], rows(metrics)), "</details>",
     ]
     if "curves" in files:
-        sections += ["<h2 id='curves'>Training curves</h2>",
+        sections += [f"<h2 id='curves'>Training: {shown}</h2>",
                      f"<img class='figure' src='{_png_data(files['curves'])}' alt='training curves'>"]
     worst = sorted(zip(names, evaluation.per_class_accuracy, evaluation.confusion.sum(1).tolist()),
                    key=lambda x: (x[1] is None, x[1] if x[1] is not None else 0))
@@ -139,8 +205,7 @@ def build_report(run_dir: str | Path, data: str | None = None, split: str = "val
         "<h2 id='calibration'>Calibration</h2>",
         f"<img class='figure' src='{_png_data(files['calibration'])}' alt='reliability diagram'>",
         f"<p>Expected calibration error ({BINS} bins): <b id='ece'>{calib['ece']:.4f}</b>"
-        + (f" (before calibration: {before['ece']:.4f}; temperature {temperature:.3f}, fitted on the run's "
-           f"validation images)" if before else " (not calibrated: the run had no validation split, or "
+        + (f" (before calibration: {before['ece']:.4f}; temperature {temperature:.3f}, {fitted_where})" if before else " (not calibrated: the run had no validation split, or "
            "--no-calibrate)") + "</p>",
         _table(["confidence", "images", "accuracy", "mean confidence"],
                [[f"{b['low']:.2f}–{b['high']:.2f}", b["count"], f"{b['accuracy']:.3f}", f"{b['confidence']:.3f}"]

@@ -17,9 +17,17 @@ def _save(figure, path: Path) -> Path:
     return path
 
 
-def curves(history: list[dict], path: Path) -> Path:
+def curves(history: list[dict], path: Path) -> tuple[Path, str]:
+    """The figure that fits the path that trained: an L-BFGS head's convergence per evaluation
+    (its "epochs" are steps of up to 20 iterations, flat after the first), else the loss and top-1
+    per epoch, with the learning rate only where it changed. Returns the PNG and what it shows."""
+    if any(h.get("objective") for h in history):
+        return _convergence(history, path), "L-BFGS convergence per evaluation"
     epochs = [h["epoch"] for h in history]
-    figure, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(13, 3.6))
+    rates = [h["lr"] for h in history]
+    varies = max(rates) > min(rates) * (1 + 1e-9)
+    figure, axes = plt.subplots(1, 3 if varies else 2, figsize=(13 if varies else 9, 3.6))
+    loss_ax, acc_ax = axes[0], axes[1]
     loss_ax.plot(epochs, [h["train_loss"] for h in history], marker="o")
     loss_ax.set(title="training loss", xlabel="epoch")
     acc_ax.plot(epochs, [h["train_top1"] for h in history], marker="o", label="train")
@@ -28,10 +36,22 @@ def curves(history: list[dict], path: Path) -> Path:
                     [h["val_top1"] for h in history if "val_top1" in h], marker="o", label="val")
     acc_ax.set(title="top-1 accuracy", xlabel="epoch")
     acc_ax.legend()
-    lr_ax.plot(epochs, [h["lr"] for h in history], marker="o")
-    lr_ax.set(title="learning rate (end of epoch)", xlabel="epoch")
-    for ax in (loss_ax, acc_ax, lr_ax):
+    if varies:
+        axes[2].plot(epochs, rates, marker="o")
+        axes[2].set(title="learning rate (end of epoch)", xlabel="epoch")
+    for ax in axes:
         ax.grid(alpha=0.3)
+    return _save(figure, path), "loss and top-1 per epoch" + (" and the learning rate" if varies else "")
+
+
+def _convergence(history: list[dict], path: Path) -> Path:
+    values = np.array([v for h in history for v in h.get("objective", [])])
+    figure, ax = plt.subplots(figsize=(7, 3.6))
+    above = np.maximum(values - values.min(), 1e-12)
+    ax.semilogy(np.arange(1, len(values) + 1), above, marker=".")
+    ax.set(title=f"L-BFGS: objective above its final value ({values.min():.4f})", xlabel="evaluation",
+           ylabel="objective - final")
+    ax.grid(alpha=0.3)
     return _save(figure, path)
 
 
