@@ -23,22 +23,20 @@ warmstart's LogisticProbe (10 L-BFGS steps):
 from __future__ import annotations
 
 import argparse
-from contextlib import contextmanager
 
 import torch
 
 from warmstart.compute.runtime import Runtime
-from warmstart.config import RunConfig
 from warmstart.data.feature_cache import FeatureCache, View
 from warmstart.data.sources import resolve_splits
 from warmstart.data.transforms import data_config_for, eval_transform, mirrored_eval_transform
 from warmstart.evaluate import top1
 from warmstart.models.create import create_model
-from warmstart.models.pretrained_classes import HeadPrior, imagenet_labels, match_classes
+from warmstart.models.pretrained_classes import PretrainedStart, imagenet_labels, match_classes
 from warmstart.models.tta import combine_views
 from warmstart.train.cached import frozen_features
-from warmstart.train import prior as prior_module
-from warmstart.train.head import LogisticProbe
+from warmstart.train.probe import fit_probe
+from warmstart.train.pull import TEMPERATURE, HeadFit
 
 from .common import SHARED, save
 from .pretrained_prior import WORK, data_sets
@@ -48,12 +46,12 @@ HEADS = ("pretrained classifier alone", "probe from zero", "pretrained start, L2
          "+ mirrored training rows", "+ distillation, T = 2", "+ distillation, T = 4")
 
 
-def best_features(model_name: str, splits: dict, unmirrored: tuple = ()) -> tuple[dict, HeadPrior]:
+def best_features(model_name: str, splits: dict, unmirrored: tuple = ()) -> tuple[dict, PretrainedStart]:
     """Each split's features [views, N, D] in `best`'s view and its mirror (but for `unmirrored`
     splits), through the runs' feature cache; and the pretrained classifier's rows for the classes."""
     model, _, arch = create_model(model_name, 1000, "bundled")
     model.eval()
-    runtime = Runtime.for_config(RunConfig(data="x", precision="fp32"))
+    runtime = Runtime(torch.device("cpu"))  # fp32, PyTorch
     config = data_config_for(model, None, 1.0, 1.3)
     forward, fingerprint = frozen_features(model, arch, runtime, config["input_size"])
     cache = FeatureCache(WORK / "cache", fingerprint)
@@ -67,38 +65,24 @@ def best_features(model_name: str, splits: dict, unmirrored: tuple = ()) -> tupl
         features[name] = torch.stack([v.features for v in views]), views[0].labels
     some, labels = next(iter(splits.values())), imagenet_labels("imagenet-1k")
     old = model.get_classifier()
-    return features, HeadPrior.from_old_head(labels, match_classes(some.class_ids, some.class_names, labels),
+    return features, PretrainedStart.from_old_head(labels, match_classes(some.class_ids, some.class_names, labels),
                                              {"weight": old.weight.detach(), "bias": old.bias.detach()},
                                              torch.nn.Linear(old.in_features, len(some.class_ids)))
 
 
-@contextmanager
-def temperature(value: float):
-    """warmstart's distillation temperature, changed for one measurement."""
-    kept, prior_module.TEMPERATURE = prior_module.TEMPERATURE, value
-    try:
-        yield
-    finally:
-        prior_module.TEMPERATURE = kept
-
-
-def fit(head_name: str, views: torch.Tensor, labels: torch.Tensor, prior: HeadPrior) -> torch.nn.Linear:
+def fit(head_name: str, views: torch.Tensor, labels: torch.Tensor, start: PretrainedStart) -> torch.nn.Linear:
     """One of HEADS on training views [V, N, D] (view 0: the photos as they are, view 1: mirrored)."""
-    head = torch.nn.Linear(views.shape[-1], len(prior.matches))
-    start = head_name != "probe from zero"
+    head = torch.nn.Linear(views.shape[-1], len(start.matches))
+    pretrained = head_name != "probe from zero"
     with torch.no_grad():
-        head.weight.copy_(prior.weight if start else 0), head.bias.copy_(prior.bias if start else 0)
+        head.weight.copy_(start.weight if pretrained else 0), head.bias.copy_(start.bias if pretrained else 0)
     if head_name == "pretrained classifier alone":
         return head
     rows = views if head_name == "+ mirrored training rows" else views[:1]
     teacher = "distillation" in head_name
-    config = RunConfig(data="x", optimizer="lbfgs", augment="none", weight_decay=1e-3, head_prior=PRIOR,
-                       head_teacher=SHARE if teacher else 0.0)
-    with temperature(float(head_name.split("= ")[1]) if teacher else prior_module.TEMPERATURE):
-        probe = LogisticProbe(head, rows, labels, torch.nn.CrossEntropyLoss(), config, prior if start else None)
-    for _ in range(10):
-        probe.step()
-    return head
+    settings = HeadFit(lr=1.0, weight_decay=1e-3, pull=PRIOR, teacher=SHARE if teacher else 0.0, steps=10,
+                       teacher_temperature=float(head_name.split("= ")[1]) if teacher else TEMPERATURE)
+    return fit_probe(rows, labels, start if pretrained else None, settings, head=head)
 
 
 def scored(head: torch.nn.Linear, views: torch.Tensor, labels: torch.Tensor) -> float:

@@ -17,25 +17,26 @@ import time
 
 import torch
 
-from warmstart.config import RunConfig
+from warmstart.recipes import recipe_settings
 from warmstart.data.sources import resolve_splits
 from warmstart.data.transforms import data_config_for, eval_transform, mirrored_eval_transform
 from warmstart.evaluate import compute_outputs, top1
 from warmstart.models import create_model
 from warmstart.models.registry import installed_bundled
 from warmstart.train.cached import frozen_features
-from warmstart.train.head import LogisticProbe
+from warmstart.train.probe import fit_probe
+from warmstart.train.pull import HeadFit
 from warmstart.compute.runtime import Runtime
 
 from .common import SHARED, _per_class, save
 
-BEST = RunConfig.from_dict({"recipe": "best", "data": "x"})
+BEST = recipe_settings("best")
 
 
 def features(name: str, splits: dict, runtime: Runtime) -> tuple[dict, float]:
     model, _, _ = create_model(name, len(splits["train"].class_ids), "bundled")
     runtime.prepare(model.eval())
-    config = data_config_for(model, crop_pct=BEST.crop_pct, input_scale=BEST.input_scale)
+    config = data_config_for(model, crop_pct=BEST["crop_pct"], input_scale=BEST["input_scale"])
     forward = frozen_features(model, name, runtime, config["input_size"])[0]
     start = time.perf_counter()
     views = {"train": (splits["train"], eval_transform(config)), "val": (splits["val"], eval_transform(config)),
@@ -48,12 +49,9 @@ def features(name: str, splits: dict, runtime: Runtime) -> tuple[dict, float]:
 def val_probabilities(feats: list[dict], train_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """`best`'s head on the concatenated features; the flip-averaged val probabilities."""
     x = {k: torch.cat([f[k] for f in feats], 1) for k in ("train", "val", "val-mirror")}
-    head = torch.nn.Linear(x["train"].shape[1], num_classes)
-    torch.nn.init.zeros_(head.weight), torch.nn.init.zeros_(head.bias)
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=BEST.label_smoothing)
-    probe = LogisticProbe(head, x["train"].unsqueeze(0), train_labels, criterion, BEST)
-    for _ in range(BEST.epochs):
-        probe.step()
+    settings = HeadFit(lr=BEST["lr"], weight_decay=BEST["weight_decay"], steps=BEST["epochs"])  # from zero: no teacher
+    head = fit_probe(x["train"], train_labels, None, settings, num_classes,
+                     criterion=torch.nn.CrossEntropyLoss(label_smoothing=BEST["label_smoothing"]))
     with torch.no_grad():
         return (head(x["val"]).softmax(1) + head(x["val-mirror"]).softmax(1)) / 2
 

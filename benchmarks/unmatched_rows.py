@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import torch
 
-from warmstart.config import RunConfig
 from warmstart.data.images import open_image
 from warmstart.data.sources import resolve_splits
 from warmstart.data.transforms import data_config_for, eval_transform
 from warmstart.models.create import create_model
-from warmstart.models.pretrained_classes import ClassMatch, HeadPrior, imagenet_labels, match_classes
-from warmstart.train.head import LogisticProbe
+from warmstart.models.pretrained_classes import ClassMatch, PretrainedStart, imagenet_labels, match_classes
+from warmstart.train.probe import fit_probe
+from warmstart.train.pull import HeadFit
 
 from .common import SHARED, save
 
@@ -72,11 +72,8 @@ def run(quick: bool = False) -> dict:
             head = torch.nn.Linear(x.shape[1], len(ids))
             with torch.no_grad():
                 head.weight.copy_(W), head.bias.copy_(b)
-            config = RunConfig(data="x", optimizer="lbfgs", augment="none", weight_decay=1e-3, head_prior=30.0)
-            probe = LogisticProbe(head, x[None], y, torch.nn.CrossEntropyLoss(), config,
-                                  HeadPrior("imagenet-1k", matches, W.clone(), b.clone()))
-            for _ in range(10):
-                probe.step()
+            fit_probe(x, y, PretrainedStart("imagenet-1k", matches, W.clone(), b.clone()),
+                      HeadFit(lr=1.0, weight_decay=1e-3, pull=30.0, steps=10), head=head)
             row = {"per_class": per, "start": init}
             with torch.no_grad():
                 for split in ("val", "clean"):

@@ -198,18 +198,14 @@ def test_input_scale_trains_and_evaluates_larger():
 def test_lbfgs_head_is_the_l2_logistic_regression_scikit_learn_fits():
     from sklearn.linear_model import LogisticRegression
 
-    from warmstart.train.head import LogisticProbe
+    from warmstart.train.probe import fit_probe
+    from warmstart.train.pull import HeadFit
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(300, 16, generator=generator)
     y = (x[:, :3] + 0.5 * torch.randn(300, 3, generator=generator)).argmax(1)
     config = RunConfig(data="x", optimizer="lbfgs", augment="none", weight_decay=1e-2).validated()
-    head = torch.nn.Linear(16, 3)
-    torch.nn.init.zeros_(head.weight)
-    torch.nn.init.zeros_(head.bias)
-    fit = LogisticProbe(head, x[None], y, torch.nn.CrossEntropyLoss(), config)
-    for _ in range(10):
-        fit.step()
+    head = fit_probe(x, y, None, HeadFit.of(config), classes=3)  # from zero
     # the same objective: mean loss + wd/2 |W|^2  ==  C x summed loss + 1/2 |W|^2 with C = 1 / (wd n)
     reference = LogisticRegression(C=1 / (1e-2 * 300), tol=1e-10, max_iter=10_000).fit(x.numpy(), y.numpy())
     ours = head.weight.detach() - head.weight.detach().mean(0)  # softmax weights are defined up to a shift

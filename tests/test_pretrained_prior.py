@@ -11,10 +11,10 @@ import torch
 from warmstart import RunConfig, train
 from warmstart.errors import UserError
 from warmstart.models.create import create_model
-from warmstart.models.pretrained_classes import (HeadPrior, head_prior_for, imagenet_labels, label_set,
+from warmstart.models.pretrained_classes import (PretrainedStart, pretrained_start_for, imagenet_labels, label_set,
                                                  match_classes, read_class_map)
-from warmstart.train.head import LogisticProbe
-from warmstart.train.prior import TEMPERATURE, AnchoredLoss, HeadAnchor, teacher_targets
+from warmstart.train.probe import fit_probe
+from warmstart.train.pull import TEMPERATURE, AnchoredLoss, HeadAnchor, HeadFit, teacher_targets
 
 from conftest import require_shared
 
@@ -89,7 +89,7 @@ def test_the_starting_head_reproduces_the_pretrained_logits_of_matched_classes()
     settings = SimpleNamespace(head_init="auto", weights="bundled", pretrained_labels=None, class_map=None)
     pretrained, _, _ = create_model("efficientnet_lite0", 1000, "bundled")
     model, report, _ = create_model("efficientnet_lite0", 3, "bundled")
-    prior = head_prior_for(model, report.old_head, _dog_classes(), ["Chihuahua", "not a class", "golden retriever"],
+    prior = pretrained_start_for(model, report.old_head, _dog_classes(), ["Chihuahua", "not a class", "golden retriever"],
                            settings)
     assert prior.matched.tolist() == [True, False, True]
     assert prior.summary() == ("pretrained classifier (imagenet-1k) knows 2 of 3 classes (by WordNet id); the other "
@@ -102,7 +102,7 @@ def test_the_starting_head_reproduces_the_pretrained_logits_of_matched_classes()
     assert torch.equal(model.get_classifier().weight[0], pretrained.get_classifier().weight[151])
     assert torch.equal(new[:, 1], torch.zeros(2))  # unmatched: zero weight and bias
     zero, report, _ = create_model("efficientnet_lite0", 3, "bundled")
-    assert head_prior_for(zero, report.old_head, _dog_classes(), ["a", "b", "c"],
+    assert pretrained_start_for(zero, report.old_head, _dog_classes(), ["a", "b", "c"],
                           SimpleNamespace(**{**vars(settings), "head_init": "zero"})) is None
     assert not zero.get_classifier().weight.any()
 
@@ -111,9 +111,9 @@ def test_head_init_pretrained_says_what_is_missing(tmp_path):
     model, report, _ = create_model("efficientnet_lite0", 2, "bundled")
     required = SimpleNamespace(head_init="pretrained", weights="bundled", pretrained_labels=None, class_map=None)
     with pytest.raises(UserError, match="none of the classes matches a label of imagenet-1k"):
-        head_prior_for(model, report.old_head, ["0", "1"], ["0", "1"], required)
+        pretrained_start_for(model, report.old_head, ["0", "1"], ["0", "1"], required)
     with pytest.raises(UserError, match="label set of --weights w.pth is not known: pass --pretrained-labels"):
-        head_prior_for(model, report.old_head, ["0", "1"], ["0", "1"], SimpleNamespace(**{**vars(required),
+        pretrained_start_for(model, report.old_head, ["0", "1"], ["0", "1"], SimpleNamespace(**{**vars(required),
                                                                                          "weights": "w.pth"}))
 
 
@@ -121,7 +121,7 @@ def _prior(head, matched_rows: int = 2):
     weight = torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(1))
     weight[matched_rows:] = 0
     matches = [SimpleNamespace(row=0 if c < matched_rows else None) for c in range(len(weight))]
-    return HeadPrior("test", matches, weight, torch.zeros(len(weight)))
+    return PretrainedStart("test", matches, weight, torch.zeros(len(weight)))
 
 
 def test_l2_sp_pulls_the_head_toward_its_start():
@@ -134,10 +134,7 @@ def test_l2_sp_pulls_the_head_toward_its_start():
         head = torch.nn.Linear(8, 3)
         prior = _prior(head)
         prior.apply(head)
-        config = RunConfig(data="x", optimizer="lbfgs", augment="none", weight_decay=1e-3, head_prior=strength)
-        probe = LogisticProbe(head, x[None], y, torch.nn.CrossEntropyLoss(), config, prior)
-        for _ in range(5):
-            probe.step()
+        fit_probe(x, y, prior, HeadFit(lr=1.0, weight_decay=1e-3, pull=strength, steps=5), head=head)
         distances[strength] = float((head.weight[:2] - prior.weight[:2]).abs().max().detach())
     assert distances[1e6] < 1e-3 < distances[0.0]
     # the penalty itself: each row's strength times its squared distance from its start, halved
@@ -145,7 +142,7 @@ def test_l2_sp_pulls_the_head_toward_its_start():
     with torch.no_grad():
         head.weight.fill_(1.0)
     prior = _prior(head)
-    anchor = HeadAnchor.of(head, prior, SimpleNamespace(head_prior=20.0, weight_decay=0.5), images=10)
+    anchor = HeadAnchor.of(head, prior, HeadFit(pull=20.0, weight_decay=0.5), images=10)
     expected = 0.5 * (2.0 * (1 - prior.weight[:2]).pow(2).sum() + 0.5 * 8)  # 20 / 10 images on the mean loss
     assert torch.allclose(anchor.penalty(), expected)
     loss = AnchoredLoss(torch.nn.CrossEntropyLoss(), anchor)(head(x), y)
@@ -183,11 +180,7 @@ def test_the_probe_distils_the_classifier_only_when_asked_and_only_with_lbfgs():
         head = torch.nn.Linear(8, 3)
         prior = _prior(head)
         prior.apply(head)
-        config = RunConfig(data="x", optimizer="lbfgs", augment="none", weight_decay=1e-3, head_prior=0.0,
-                           head_teacher=share)
-        probe = LogisticProbe(head, x[None], y, torch.nn.CrossEntropyLoss(), config, prior)
-        for _ in range(5):
-            probe.step()
+        fit_probe(x, y, prior, HeadFit(lr=1.0, weight_decay=1e-3, pull=0.0, teacher=share, steps=5), head=head)
         with torch.no_grad():
             agreement[share] = float((head(x).argmax(1) == teacher).float().mean())
     assert agreement[1.0] > 0.95 and agreement[0.0] < 0.05

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 from ..config import RunConfig
 from ..errors import UserError
 from ..progress import Reporter
+from ..train.probe import fit_probe
+from ..train.pull import HeadFit
 from . import find
 from .write import write_audit
 
@@ -83,17 +84,17 @@ def audit(config: RunConfig, reporter: Reporter | None = None,
         raise UserError(f"--out {out} is inside the data ({config.data}): its CSVs and cache would become part of the "
                         f"data; write the audit elsewhere")
     config = config.replace(cache_dir=config.cache_dir or str(out / "cache")).validated()
-    # the head as --recipe linear-probe fits it (L-BFGS, lr 1, weight decay 1e-3, the run's --head-prior,
-    # the labels alone: soft targets from the pretrained classifier would hide where labels disagree with it)
-    probe = SimpleNamespace(resolved_lr=lambda: 1.0, weight_decay=1e-3, head_prior=config.head_prior, head_teacher=0.0)
+    # the head as --recipe linear-probe fits it, with the run's --head-prior; the labels alone: soft
+    # targets from the pretrained classifier would hide where labels disagree with it
+    probe = HeadFit.linear_probe(config.head_prior)
     splits, outs, built = features_of(config, reporter)
     rows = {s: torch.nonzero(o.valid).flatten() for s, o in outs.items()}  # unreadable photos left out
     feats = {s: outs[s].features[rows[s]].float() for s in splits}
     labels = {s: torch.as_tensor(splits[s].labels)[rows[s]] for s in splits}
     classes = len(splits["train"].class_ids)
     result = AuditResult(out, sum(len(r) for r in rows.values()))
-    probs = {"train": find.out_of_fold(feats["train"], labels["train"], classes, probe, built.prior, seed=config.seed)}
-    head = find.fit_head(feats["train"], labels["train"], classes, probe, built.prior)
+    probs = {"train": find.out_of_fold(feats["train"], labels["train"], classes, probe, built.pretrained, seed=config.seed)}
+    head = fit_probe(feats["train"], labels["train"], built.pretrained, probe, classes)
     probs.update({s: find.probabilities(head, feats[s]) for s in splits if s != "train"})
     names = splits["train"].class_names
 

@@ -17,33 +17,20 @@ OUTLIER_NEIGHBOURS = 5
 OUTLIER_Z = 3.0  # flagged: more than this many standard deviations from the typical distance
 
 
-def fit_head(feats: torch.Tensor, labels: torch.Tensor, classes: int, config, prior=None) -> torch.nn.Linear:
-    """A logistic-regression head on the features, as `--recipe linear-probe` fits one (L-BFGS,
-    the pretrained classifier's rows as start and pull where its classes match)."""
-    from ..train.head import LogisticProbe
-
-    head = torch.nn.Linear(feats.shape[-1], classes)
-    with torch.no_grad():
-        head.weight.copy_(prior.weight if prior is not None else torch.zeros_like(head.weight))
-        head.bias.copy_(prior.bias if prior is not None and prior.bias is not None else torch.zeros(classes))
-    probe = LogisticProbe(head, feats[None], labels, torch.nn.CrossEntropyLoss(), config, prior)
-    for _ in range(10):
-        probe.step()
-    return head
-
-
 def probabilities(head: torch.nn.Linear, feats: torch.Tensor) -> np.ndarray:
     with torch.no_grad():
         return head(feats).softmax(1).double().numpy()
 
 
-def out_of_fold(feats: torch.Tensor, labels: torch.Tensor, classes: int, config, prior=None, seed: int = 0) -> np.ndarray:
-    """Each photo's class probabilities from a head that never saw it (train/cross_fit.py's folds)."""
+def out_of_fold(feats: torch.Tensor, labels: torch.Tensor, classes: int, fit, start=None, seed: int = 0) -> np.ndarray:
+    """Each photo's class probabilities from a logistic probe (`fit`, from `start`) that never saw
+    it (train/cross_fit.py's folds)."""
     from ..train.cross_fit import out_of_fold as cross_fitted
+    from ..train.probe import fit_probe
 
     def fit_and_score(fitted_on: torch.Tensor, held: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(probabilities(fit_head(feats[fitted_on], labels[fitted_on], classes, config, prior),
-                                              feats[held]))
+        head = fit_probe(feats[fitted_on], labels[fitted_on], start, fit, classes)
+        return torch.from_numpy(probabilities(head, feats[held]))
 
     return cross_fitted(labels, classes, fit_and_score, seed=seed).numpy()
 

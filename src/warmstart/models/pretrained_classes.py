@@ -2,7 +2,7 @@
 
 The label set of the weights in use (ImageNet-1k, -12k, -22k … as timm records them, or a file
 with one label per line), the user's classes matched to its rows by WordNet id or by name (and
-synonyms), and `HeadPrior`: the new head's starting rows (the old classifier's rows of matched
+synonyms), and `PretrainedStart`: the new head's starting rows (the old classifier's rows of matched
 classes, zero elsewhere) that training is pulled back toward (L2-SP).
 """
 
@@ -217,7 +217,7 @@ def _read_map_entries(path: Path) -> dict[str, object]:
 
 
 @dataclass
-class HeadPrior:
+class PretrainedStart:
     """The new head's start: the old classifier's rows for matched classes, zero elsewhere."""
 
     labels: str
@@ -231,7 +231,7 @@ class HeadPrior:
 
     @classmethod
     def from_old_head(cls, labels: LabelSet, matches: list[ClassMatch], old: dict[str, torch.Tensor],
-                      head: torch.nn.Module) -> "HeadPrior":
+                      head: torch.nn.Module) -> "PretrainedStart":
         """Rows of the old classifier's weight and bias (`old`: the source tensors of the head)."""
         old_weight = old.get("weight")
         if old_weight is None or old_weight.shape[0] != len(labels) or old_weight.shape[1:] != head.weight.shape[1:]:
@@ -269,11 +269,11 @@ class HeadPrior:
         return line
 
 
-def head_prior_for(model: torch.nn.Module, old_head: dict, class_ids: list[str], class_names: list[str],
-                   settings) -> HeadPrior | None:
+def pretrained_start_for(model: torch.nn.Module, old_head: dict, class_ids: list[str], class_names: list[str],
+                   settings) -> PretrainedStart | None:
     """The head's start as the settings say (`settings`: head_init, weights, pretrained_labels,
     class_map): the pretrained classifier's rows for the classes its label set knows (put in
-    `model`'s head), or None: every row from zero. A HeadPrior with no matched row says so."""
+    `model`'s head), or None: every row from zero. A PretrainedStart with no matched row says so."""
     required = settings.head_init == "pretrained"
     if settings.head_init == "zero":
         return None
@@ -285,7 +285,7 @@ def head_prior_for(model: torch.nn.Module, old_head: dict, class_ids: list[str],
             raise UserError(f"--head-init pretrained: {why}, or use --head-init zero")
         return None
     class_map = read_class_map(settings.class_map, class_ids, class_names, labels) if settings.class_map else None
-    prior = HeadPrior.from_old_head(labels, match_classes(class_ids, class_names, labels, class_map), old_head,
+    prior = PretrainedStart.from_old_head(labels, match_classes(class_ids, class_names, labels, class_map), old_head,
                                     model.get_classifier())
     if required and not bool(prior.matched.any()):
         raise UserError(f"--head-init pretrained: none of the classes matches a label of {labels.name}: name them "

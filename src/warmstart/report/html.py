@@ -122,40 +122,12 @@ def most_confused(names: list[str], confusion: np.ndarray, top: int = 15) -> lis
     return sorted(pairs, key=lambda x: (-x["count"], -x["rate"]))[:top]
 
 
-def build_report(run_dir: str | Path, data: str | None = None, split: str = "val", gallery: int = 24,
-                 batch_size: int = 64, workers: int | None = None, engine: str | None = None) -> Path:
-    run_dir = Path(run_dir)
-    run, images = run_split(run_dir, data, split)
-    metrics = json.loads(RunDir(run_dir).metrics.read_text())
-    history = json.loads(RunDir(run_dir).history.read_text()) if RunDir(run_dir).history.is_file() else []
-    runtime = Runtime.for_run(run_dir, engine)  # as the run computed: device, precision, pipeline, engine
-    forward = runtime.classify(run.network, run.data_config["input_size"], run.meta.get("tta"),
-                               run.meta.get("temperature"))
-    out = compute_outputs(run.network, images, eval_transform(run.data_config), batch_size, workers, runtime, forward)
-    evaluation = metrics_from_logits(out.outputs, out.labels, run.class_names)
-    probs = out.outputs.softmax(1) if len(out.outputs) else torch.empty(0, len(run.class_names))
-    names = run.class_names
-
-    figures = RunDir(run_dir).report_figures
-    figures.mkdir(exist_ok=True)
-    per_class_values = [a if a is not None else 0.0 for a in evaluation.per_class_accuracy]
-    files = {
-        "per_class": plots.per_class(names, per_class_values, figures / "per_class_accuracy.png"),
-        "confusion": plots.confusion_matrix(names, evaluation.confusion, figures / "confusion_matrix.png"),
-    }
-    shown = None
-    if history:
-        files["curves"], shown = plots.curves(history, figures / "curves.png")
+def _mistakes(out, probs: torch.Tensor, images, names: list[str], gallery: int) -> tuple[list[int], list[str]]:
+    """The misclassified photos (the most confident first) and cards for the first `gallery`:
+    a thumbnail, the true class, the top-3 guesses."""
     confidence, predicted = (probs.max(1) if len(probs) else (torch.empty(0), torch.empty(0, dtype=torch.long)))
-    correct = (predicted == out.labels).numpy()
-    temperature = run.meta.get("temperature")  # the model's outputs are logits / T
-    calib = reliability(out.outputs, out.labels)
-    before = reliability(out.outputs * temperature, out.labels) if temperature else None
-    files["calibration"] = plots.reliability_diagram(calib, figures / "reliability.png", before)
-    pairs = most_confused(names, evaluation.confusion)
-
-    wrong = [i for i in range(len(out.labels)) if not correct[i]]
-    wrong.sort(key=lambda i: -float(confidence[i]))  # the most confident mistakes first
+    wrong = [i for i in range(len(out.labels)) if int(predicted[i]) != int(out.labels[i])]
+    wrong.sort(key=lambda i: -float(confidence[i]))
     cards = []
     for i in wrong[:gallery]:
         item = images.items[int(out.indices[i])]
@@ -164,33 +136,26 @@ def build_report(run_dir: str | Path, data: str | None = None, split: str = "val
         cards.append(f'<div class="card"><img src="{_thumbnail(item)}" alt="{html.escape(str(item))}">'
                      f'<div class="true">true: {html.escape(names[int(out.labels[i])])}</div>'
                      f'<ol class="wrong">{guesses}</ol></div>')
+    return wrong, cards
 
-    summary = {
-        "split": split, "images": evaluation.num_images, "top1": evaluation.top1, "top5": evaluation.top5,
-        "ece": calib["ece"], "ece_before_calibration": before["ece"] if before else None,
-        "temperature": temperature, "misclassified": len(wrong), "most_confused": pairs,
-        "per_class_accuracy": dict(zip(names, evaluation.per_class_accuracy)), "engine": forward.engine,
-        "curves": shown,
-    }
-    (figures / "report.json").write_text(json.dumps(summary, indent=2))
-    fitted_where = ("cross-fitted on the run's train + val photos" if run.meta.get("temperature_fitted_on") == "cross-fit"
-                    else "fitted on the run's validation photos")
-    config = yaml.safe_load(RunDir(run_dir).config.read_text()) if RunDir(run_dir).config.is_file() else {}
-    sections = [
-        f"<h1>warmstart report</h1><p class='muted'>{html.escape(str(run_dir))}</p>",
-        "<h2 id='summary'>Summary</h2>",
-        headline(metrics, split, evaluation, calib, before, run.meta, out.seconds, forward.engine),
-        "<details><summary>Every setting of the run (config.yaml)</summary>",
-        _table(["setting", "value"], rows(config)), "</details>",
-        "<details><summary>Everything the run measured (metrics.json)</summary>",
-        _table(["measure", "value"], rows(metrics)), "</details>",
-    ]
-    if "curves" in files:
-        sections += [f"<h2 id='curves'>Training: {shown}</h2>",
-                     f"<img class='figure' src='{_png_data(files['curves'])}' alt='training curves'>"]
+
+def _calibration_section(figure: Path, calib: dict, before: dict | None, meta: dict) -> list[str]:
+    where = ("cross-fitted on the run's train + val photos" if meta.get("temperature_fitted_on") == "cross-fit"
+             else "fitted on the run's validation photos")
+    said = (f" (before calibration: {before['ece']:.4f}; temperature {meta['temperature']:.3f}, {where})" if before
+            else " (not calibrated: the run had no validation split, or --no-calibrate)")
+    return ["<h2 id='calibration'>Calibration</h2>",
+            f"<img class='figure' src='{_png_data(figure)}' alt='reliability diagram'>",
+            f"<p>Expected calibration error ({BINS} bins): <b id='ece'>{calib['ece']:.4f}</b>{said}</p>",
+            _table(["confidence", "images", "accuracy", "mean confidence"],
+                   [[f"{b['low']:.2f}–{b['high']:.2f}", b["count"], f"{b['accuracy']:.3f}", f"{b['confidence']:.3f}"]
+                    for b in calib["bins"]])]
+
+
+def _class_sections(files: dict, names: list[str], evaluation, pairs: list[dict]) -> list[str]:
     worst = sorted(zip(names, evaluation.per_class_accuracy, evaluation.confusion.sum(1).tolist()),
                    key=lambda x: (x[1] is None, x[1] if x[1] is not None else 0))
-    sections += [
+    return [
         "<h2 id='per-class'>Per-class accuracy</h2>",
         f"<img class='figure' src='{_png_data(files['per_class'])}' alt='per-class accuracy'>",
         _table(["class", "images", "accuracy"], [[n, c, "—" if a is None else f"{a:.3f}"] for n, a, c in worst]),
@@ -199,20 +164,58 @@ def build_report(run_dir: str | Path, data: str | None = None, split: str = "val
         "<h3>Most confused pairs</h3>",
         _table(["true", "predicted as", "images", "share of the class"],
                [[p["true"], p["predicted"], p["count"], f"{p['rate']:.1%}"] for p in pairs]) if pairs
-        else "<p>No confusions.</p>",
+        else "<p>No confusions.</p>"]
+
+
+def build_report(run_dir: str | Path, data: str | None = None, split: str = "val", gallery: int = 24,
+                 batch_size: int = 64, workers: int | None = None, engine: str | None = None) -> Path:
+    """RUN/report.html (self-contained) and RUN/report/*.png: the run on `split` for a person."""
+    run_dir, where = Path(run_dir), RunDir(run_dir)
+    run, images = run_split(run_dir, data, split)
+    metrics = json.loads(where.metrics.read_text())
+    history = json.loads(where.history.read_text()) if where.history.is_file() else []
+    runtime = Runtime.for_run(run_dir, engine)  # as the run computed: device, precision, pipeline, engine
+    forward = runtime.classify(run.network, run.data_config["input_size"], run.meta.get("tta"),
+                               run.meta.get("temperature"))
+    out = compute_outputs(run.network, images, eval_transform(run.data_config), batch_size, workers, runtime, forward)
+    evaluation = metrics_from_logits(out.outputs, out.labels, run.class_names)
+    probs = out.outputs.softmax(1) if len(out.outputs) else torch.empty(0, len(run.class_names))
+    names, temperature = run.class_names, run.meta.get("temperature")  # the model's outputs are logits / T
+
+    figures = where.report_figures
+    figures.mkdir(exist_ok=True)
+    files = {"per_class": plots.per_class(names, [a if a is not None else 0.0 for a in evaluation.per_class_accuracy],
+                                          figures / "per_class_accuracy.png"),
+             "confusion": plots.confusion_matrix(names, evaluation.confusion, figures / "confusion_matrix.png")}
+    shown = None
+    if history:
+        files["curves"], shown = plots.curves(history, figures / "curves.png")
+    calib = reliability(out.outputs, out.labels)
+    before = reliability(out.outputs * temperature, out.labels) if temperature else None
+    files["calibration"] = plots.reliability_diagram(calib, figures / "reliability.png", before)
+    pairs = most_confused(names, evaluation.confusion)
+    wrong, cards = _mistakes(out, probs, images, names, gallery)
+    (figures / "report.json").write_text(json.dumps({
+        "split": split, "images": evaluation.num_images, "top1": evaluation.top1, "top5": evaluation.top5,
+        "ece": calib["ece"], "ece_before_calibration": before["ece"] if before else None,
+        "temperature": temperature, "misclassified": len(wrong), "most_confused": pairs,
+        "per_class_accuracy": dict(zip(names, evaluation.per_class_accuracy)), "engine": forward.engine,
+        "curves": shown}, indent=2))
+    config = yaml.safe_load(where.config.read_text()) if where.config.is_file() else {}
+    sections = [
+        f"<h1>warmstart report</h1><p class='muted'>{html.escape(str(run_dir))}</p>",
+        "<h2 id='summary'>Summary</h2>", headline(metrics, split, evaluation, calib, before, run.meta, out.seconds,
+                                                  forward.engine),
+        "<details><summary>Every setting of the run (config.yaml)</summary>", _table(["setting", "value"], rows(config)),
+        "</details><details><summary>Everything the run measured (metrics.json)</summary>",
+        _table(["measure", "value"], rows(metrics)), "</details>",
+        *([f"<h2 id='curves'>Training: {shown}</h2>",
+           f"<img class='figure' src='{_png_data(files['curves'])}' alt='training curves'>"] if shown else []),
+        *_class_sections(files, names, evaluation, pairs),
         f"<h2 id='misclassified'>Misclassified images ({len(wrong)}; most confident first)</h2>",
         f"<div class='gallery'>{''.join(cards)}</div>" if cards else "<p>None.</p>",
-        "<h2 id='calibration'>Calibration</h2>",
-        f"<img class='figure' src='{_png_data(files['calibration'])}' alt='reliability diagram'>",
-        f"<p>Expected calibration error ({BINS} bins): <b id='ece'>{calib['ece']:.4f}</b>"
-        + (f" (before calibration: {before['ece']:.4f}; temperature {temperature:.3f}, {fitted_where})" if before else " (not calibrated: the run had no validation split, or "
-           "--no-calibrate)") + "</p>",
-        _table(["confidence", "images", "accuracy", "mean confidence"],
-               [[f"{b['low']:.2f}–{b['high']:.2f}", b["count"], f"{b['accuracy']:.3f}", f"{b['confidence']:.3f}"]
-                for b in calib["bins"]]),
-    ]
+        *_calibration_section(files["calibration"], calib, before, run.meta)]
     page = (f"<!doctype html><html><head><meta charset='utf-8'><title>warmstart report</title>"
             f"<style>{STYLE}</style></head><body>{''.join(sections)}</body></html>")
-    path = RunDir(run_dir).report
-    path.write_text(page)
-    return path
+    where.report.write_text(page)
+    return where.report

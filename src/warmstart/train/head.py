@@ -14,7 +14,6 @@ from ..data.feature_cache import FeatureCache
 from ..data.loaders import EpochBatches
 from ..evaluate import top1
 from ..models.outputs import PreLogits
-from ..models.pretrained_classes import HeadPrior
 from ..models.tta import combine_views
 from ..models.trainable import set_train_mode
 from . import cross_fit
@@ -22,18 +21,19 @@ from .cached import CachedBatches, CachedSplits, frozen_features, frozen_prefix
 from .driver import Start, drive
 from .epoch import Progress, step_logger, train_one_epoch
 from .paths import FitRequest
-from .prior import HeadAnchor, anchored, teacher_targets
+from .probe import LogisticProbe, fit_probe
+from .pull import HeadFit, regularised
 from ..compute.runtime import Runtime
 from .schedule import make_scheduler
 from .session import Session
 from .steps import FitResult, build_optimizer, current_lr, epoch_record, make_criterion, train_step
 
-PRIOR_START = "pretrained classifier alone"
+PRETRAINED_ALONE = "pretrained classifier alone"
 
 
-def prior_start(session: Session) -> Start | None:
+def scored_start(session: Session) -> Start | None:
     """The head starts from the pretrained classifier: score it before training (epoch 0)."""
-    return Start(PRIOR_START) if session.prior is not None else None
+    return Start(PRETRAINED_ALONE) if session.pretrained is not None else None
 
 
 class CachedLoop:
@@ -80,45 +80,6 @@ class MinibatchLoop(CachedLoop):
         return record
 
 
-class LogisticProbe:
-    """--optimizer lbfgs: the head as an L2-regularised logistic regression fitted on all cached
-    features at once (as scikit-learn's LogisticRegression and CLIP's linear probes do), with
-    L-BFGS and a strong-Wolfe line search. One "epoch" is one L-BFGS step of up to 20 iterations.
-    The penalty is on the mean loss, each row's distance from its start (HeadAnchor): from zero,
-    weight_decay/2 x |W|^2; biases are not penalised. With --head-teacher the targets are soft
-    (`teacher_targets`); the correct count is still against the labels."""
-
-    def __init__(self, head, feats: torch.Tensor, labels: torch.Tensor, criterion, config,
-                 prior: HeadPrior | None = None):
-        self.head, self.criterion = head, criterion
-        self.anchor = HeadAnchor.of(head, prior, config, len(labels))
-        self.x = feats.reshape(-1, feats.shape[-1])  # every stored view is a sample
-        self.y = labels.repeat(feats.shape[0])
-        self.targets = self.y
-        if config.head_teacher and prior is not None and bool(prior.matched.any()):
-            self.targets = teacher_targets(self.x, self.y, prior, config.head_teacher)
-        self.views = feats.shape[0]
-        self.trace: list[float] = []  # the objective at each evaluation (the report plots its convergence)
-        self.optimizer = torch.optim.LBFGS(head.parameters(), lr=config.resolved_lr(), max_iter=20,
-                                           history_size=20, line_search_fn="strong_wolfe")
-
-    def _objective(self):
-        self.optimizer.zero_grad(set_to_none=True)
-        loss = self.criterion(self.head(self.x), self.targets) + self.anchor.penalty()
-        loss.backward()
-        self.trace.append(float(loss.detach()))
-        return loss
-
-    def step(self) -> tuple[float, int]:
-        """One L-BFGS step; after it, the objective it minimises (mean loss + the penalty) and the
-        correct count over the training images."""
-        self.optimizer.step(self._objective)
-        with torch.no_grad():
-            logits = self.head(self.x)
-            loss = float(self.criterion(logits, self.targets) + self.anchor.penalty())
-        return loss, int((logits.argmax(1) == self.y).sum()) // self.views
-
-
 class ProbeLoop(CachedLoop):
     """The logistic probe, one L-BFGS step an epoch."""
 
@@ -126,7 +87,7 @@ class ProbeLoop(CachedLoop):
         head = model.get_classifier()
         super().__init__(model, head, val_logits, session)
         criterion = make_criterion(session.config, labels.tolist(), head.out_features, labels.device)
-        self.probe = LogisticProbe(head, feats, labels, criterion, session.config, session.prior)
+        self.probe = LogisticProbe(head, feats, labels, HeadFit.of(session.config), session.pretrained, criterion)
         self.count = len(labels)
 
     def run_epoch(self, epoch: int) -> dict:
@@ -175,7 +136,7 @@ def fit_head_on_features(model, splits, session: Session, features: tuple, inclu
     else:
         loop = MinibatchLoop(model, head, val_logits, session, _head_plan(model, labels, session, len(head.weight)),
                              CachedBatches(feats, labels, config), head.train)
-    driven = drive(loop, session, bool(len(val_labels)), start=prior_start(session))
+    driven = drive(loop, session, bool(len(val_labels)), start=scored_start(session))
     result.took(driven)
     result.images_processed = len(labels) * config.epochs
     result.seconds = time.perf_counter() - start - data.val_extraction_seconds()  # val features: evaluation's
@@ -225,10 +186,8 @@ def _fold_head(model, start: dict, session: Session, feats: list[torch.Tensor], 
         head = copy.deepcopy(model.get_classifier())
         head.load_state_dict(start)
         criterion = make_criterion(config, labels.tolist(), head.out_features, labels.device)
-        probe = LogisticProbe(head, torch.stack(feats), labels, criterion, config, session.prior)
-        for _ in range(config.epochs):
-            probe.step()
-        return head.eval()
+        return fit_probe(torch.stack(feats), labels, session.pretrained, HeadFit.of(config), head=head,
+                         criterion=criterion)
     fold_model = copy.deepcopy(model)
     head = fold_model.get_classifier()
     head.load_state_dict(start)
@@ -254,14 +213,15 @@ def _head_plan(model, labels: torch.Tensor, session: Session, num_classes: int) 
 
 
 def _plan(model, session: Session, labels: torch.Tensor, num_classes: int):
-    """Optimizer, schedule and loss for minibatch training on cached inputs; with a head prior the
-    head's rows are pulled toward it (and get no plain weight decay)."""
+    """Optimizer, schedule and loss for minibatch training on cached inputs; with a pretrained
+    start the head's rows are pulled toward it (pull.regularised)."""
     config, runtime = session.config, session.runtime
-    optimizer = build_optimizer(model, config, head_decay=session.prior is None)
+    criterion, head_decay = regularised(make_criterion(config, labels.tolist(), num_classes, runtime.device), model,
+                                        session.pretrained, HeadFit.of(config), len(labels))
+    optimizer = build_optimizer(model, config, head_decay=head_decay)
     scheduler = make_scheduler(optimizer, config, EpochBatches(labels.tolist(), config.batch_size, config.seed,
                                                                config.balance).batches_per_epoch())
-    criterion = make_criterion(config, labels.tolist(), num_classes, runtime.device)
-    return optimizer, scheduler, anchored(criterion, model, session.prior, config, len(labels))
+    return optimizer, scheduler, criterion
 
 
 def tail_logits(model, run_tail, data: CachedSplits, runtime: Runtime, seconds: list):
@@ -307,7 +267,7 @@ def fit_tail_on_activations(model, trainable, split: tuple, splits, session: Ses
                             data.rows)
     loop = MinibatchLoop(model, model, val_logits, session, (optimizer, step), batches,
                          lambda: set_train_mode(model, trainable))
-    driven = drive(loop, session, bool(len(data.val_rows)), start=prior_start(session))
+    driven = drive(loop, session, bool(len(data.val_rows)), start=scored_start(session))
     result.took(driven)
     result.images_processed = len(labels) * config.epochs
     result.seconds = time.perf_counter() - start - data.val_extraction_seconds() - val_seconds[0]

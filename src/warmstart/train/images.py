@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import signal
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from timm.utils import ModelEmaV3
 
+from ..data.feature_cache import FeatureCache
 from ..data.transforms import eval_transform
 from ..errors import UserError
 from ..evaluate import outputs_of
@@ -18,15 +18,16 @@ from ..models.tta import FlipTTA
 from ..models.trainable import TrainableSet, set_train_mode, with_frozen_norms
 from ..models.unfreeze import GradualUnfreezing
 from ..evaluate import top1
-from ..recipes import recipe_settings
 from ..stop import requested
 from .checkpoint import TrainingInterrupted, rng_state, save_checkpoint, set_rng_state
 from .driver import Driven, Start, drive
 from .epoch import Progress, Totals, step_logger, train_one_epoch
-from .head import prior_start, train_on_features
+from .cached import CachedSplits, frozen_features
+from .head import feature_logits, scored_start
+from .probe import fit_probe
 from .mixing import BatchMixer
 from .paths import FitRequest
-from .prior import anchored
+from .pull import HeadFit, regularised
 from .schedule import make_scheduler
 from .session import Session
 from .steps import (FitResult, build_optimizer, current_lr, epoch_record, log_skipped, make_criterion,
@@ -45,11 +46,12 @@ class ImageTraining:
         self.model, self.trainable, self.train_set, self.session = model, trainable, train_set, session
         self.loader = runtime.training_loader(train_set, session.data_config, config, dist.rank, dist.world)
         self.unfreezing = GradualUnfreezing(config) if config.unfreeze_schedule else None
+        self.criterion, head_decay = regularised(
+            make_criterion(config, train_set.labels, len(train_set.class_ids), runtime.device), model,
+            session.pretrained, HeadFit.of(config), len(train_set))
         self.optimizer = build_optimizer(model, config, self.unfreezing.final_names(model) if self.unfreezing else None,
-                                         head_decay=session.prior is None)
+                                         head_decay=head_decay)
         self.scheduler = make_scheduler(self.optimizer, config, self.loader.batch_sampler.batches_per_epoch())
-        self.criterion = anchored(make_criterion(config, train_set.labels, len(train_set.class_ids), runtime.device),
-                                  model, session.prior, config, len(train_set))
         self.mix = BatchMixer(config, len(train_set.class_ids))
         self.ema = ModelEmaV3(model, decay=config.ema_decay, use_warmup=True) if config.ema_decay else None
         self.scaler = runtime.grad_scaler()
@@ -190,7 +192,7 @@ class ImageTraining:
             self.restore(resume)
         self.val_set = val_set
         validating = val_set is not None and len(val_set) > 0 and session.checkpoints is not None
-        start = Start("the probe it started from", probe_top1) if probe_top1 is not None else prior_start(session)
+        start = Start("the probe it started from", probe_top1) if probe_top1 is not None else scored_start(session)
         began = time.perf_counter()
         driven = drive(self, session, validating, self.progress.epoch, Driven(self.result.history, best_top1=self.best),
                        start)
@@ -210,17 +212,23 @@ def train_on_images(request: FitRequest) -> FitResult:
 
 
 def probe_head(model, splits: dict, session: Session, arch: str = "", include_val: bool = False) -> float | None:
-    """LP-FT's first stage: the linear-probe recipe's head, fitted on the frozen network's cached
-    features (with `include_val`, val's too); the head is left in `model`. Returns its val top-1
-    (None without validation)."""
-    probe = session.config.replace(**{**recipe_settings("linear-probe"), "probe_first": False, "keep_best": False,
-                                      "refit": False, "ema_decay": 0.0, "mixup": 0.0, "cutmix": 0.0,
-                                      "layer_decay": None, "head_lr": None, "unfreeze_schedule": [],
-                                      "tta": session.config.tta})
-    session = replace(session, config=probe, on_epoch=None)
-    fitted = train_on_features(FitRequest(model, None, splits, session, arch, include_val=include_val))
-    if not len(fitted.val_labels):
+    """LP-FT's first stage: `--recipe linear-probe`'s head (HeadFit.linear_probe, with the run's
+    --head-prior) fitted from the head's start on the frozen network's cached features of each
+    training photo's un-augmented view (with `include_val`, val's too); the head is left in
+    `model`. Returns its val top-1 (None without validation)."""
+    runtime = session.runtime
+    model.eval()
+    forward, fingerprint = frozen_features(model, arch, runtime, session.data_config["input_size"],
+                                           session.reporter.info)
+    cache = FeatureCache(session.cache_dir, fingerprint, session.reporter.warn)
+    data = CachedSplits.extract(cache, splits, forward, session, include_val=include_val)
+    head = model.get_classifier()
+    fit_probe(data.train[0].features[data.rows].to(runtime.device), data.labels.to(runtime.device),
+              session.pretrained, HeadFit.linear_probe(session.config.head_prior), head=head)
+    if not len(data.val_rows):
         return None
-    score = top1(fitted.val_logits, fitted.val_labels)
+    logits, labels = feature_logits(head, [v.features[data.val_rows].to(runtime.device) for v in data.val],
+                                    data.val_labels.to(runtime.device))()
+    score = top1(logits, labels)
     session.reporter.info(f"probe (LP-FT's first stage): val top-1 {score:.4f}; the network trains from this head")
     return score

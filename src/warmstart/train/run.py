@@ -24,7 +24,7 @@ from ..data.transforms import data_config_for, eval_transform
 from ..errors import UserError, excerpt
 from ..evaluate import EvalResult, evaluate_model, metrics_from_logits
 from ..models.create import create_model
-from ..models.pretrained_classes import HeadPrior, head_prior_for
+from ..models.pretrained_classes import PretrainedStart, pretrained_start_for
 from ..models.registry import resolve_architecture
 from ..models.trainable import apply_strategy
 from ..run_dir import RunDir, RunLock, new_run_dir, save_model, start_afresh
@@ -210,25 +210,25 @@ class Built:
     arch: str
     trainable: object
     data_config: dict
-    prior: HeadPrior | None = None  # the head's start from the pretrained classifier (its matched rows)
+    pretrained: PretrainedStart | None = None  # the head's start from the pretrained classifier (its matched rows)
 
     @property
-    def head_prior(self) -> HeadPrior | None:
-        """The prior training pulls toward: None where no class matched."""
-        return self.prior if self.prior is not None and bool(self.prior.matched.any()) else None
+    def pretrained_start(self) -> PretrainedStart | None:
+        """The start training pulls toward: None where no class matched."""
+        return self.pretrained if self.pretrained is not None and bool(self.pretrained.matched.any()) else None
 
 
-def start_head(model, report, train_set, config: RunConfig, reporter: Reporter) -> HeadPrior | None:
+def start_head(model, report, train_set, config: RunConfig, reporter: Reporter) -> PretrainedStart | None:
     """The new head's start (`--head-init`): the pretrained classifier's rows for the classes it
     knows (its summary line says how many; restore_report.json lists every class)."""
-    prior = head_prior_for(model, report.old_head if report else {}, train_set.class_ids, train_set.class_names,
+    start = pretrained_start_for(model, report.old_head if report else {}, train_set.class_ids, train_set.class_names,
                            config)
-    if prior is not None:
-        report.pretrained_labels, report.classes = prior.labels, [m.to_dict() for m in prior.matches]
-    if config.epochs == 0 and (prior is None or not bool(prior.matched.any())):
+    if start is not None:
+        report.pretrained_labels, report.classes = start.labels, [m.to_dict() for m in start.matches]
+    if config.epochs == 0 and (start is None or not bool(start.matched.any())):
         raise UserError("--epochs 0 keeps the head as it starts, and no class starts from the pretrained classifier "
                         "(its label set matched none): train for at least one epoch")
-    return prior
+    return start
 
 
 def build(config: RunConfig, reporter: Reporter) -> Built:
@@ -249,10 +249,10 @@ def build(config: RunConfig, reporter: Reporter) -> Built:
         reporter.warn(f"skipped {item}: {reason}")
     seed_everything(config.seed)
     model, report, arch = create_model(config.model, len(train_set.class_ids), config.weights, config.skip)
-    prior = start_head(model, report, train_set, config, reporter)
+    start = start_head(model, report, train_set, config, reporter)
     trainable = apply_strategy(model, config.strategy, config.trainable, config.unfreeze_last)
     data_config = data_config_for(model, config.input_size, config.crop_pct, config.input_scale)
-    return Built(splits, ignored, model, report, arch, trainable, data_config, prior)
+    return Built(splits, ignored, model, report, arch, trainable, data_config, start)
 
 
 def open_run(config: RunConfig, dist: Distributed, reporter: Reporter, resume, resume_weights_only: bool) -> Run:
@@ -294,8 +294,8 @@ def start_session(run: Run, on_epoch) -> Session:
         if run.main:
             built.report.save(run.directory.restore_report)
         reporter.info(built.report.summary())
-    if built.prior is not None:
-        reporter.info(built.prior.summary())
+    if built.pretrained is not None:
+        reporter.info(built.pretrained.summary())
     if dist.active:
         reporter.info(f"distributed: {dist.world} processes, batch {config.batch_size} per process "
                       f"({config.batch_size * dist.world} per step)")
@@ -312,7 +312,7 @@ def start_session(run: Run, on_epoch) -> Session:
     log = TrainingLog(run.directory, sample_items(val_set), train_set.class_names, eval_transform(built.data_config),
                       append=run.resume_state is not None, epochs=config.epochs) if run.main else QuietLog()
     return Session(config, built.data_config, runtime, reporter, log, dist, cache_dir,
-                   run.directory.checkpoints if run.main else None, built.head_prior, on_epoch)
+                   run.directory.checkpoints if run.main else None, built.pretrained_start, on_epoch)
 
 
 def model_meta(run: Run) -> dict:
@@ -390,8 +390,8 @@ def refit(run: Run, session: Session, fitted: FitResult) -> dict | None:
                       f"{epochs or 'no'} epoch{'s' if epochs != 1 else ''}{f' ({start})' if not epochs else ''}")
     seed_everything(config.seed)
     model, _, _ = create_model(config.model, len(splits["train"].class_ids), config.weights, config.skip)
-    if run.built.head_prior is not None:
-        run.built.head_prior.apply(model.get_classifier())
+    if run.built.pretrained_start is not None:
+        run.built.pretrained_start.apply(model.get_classifier())
     trainable = apply_strategy(model, config.strategy, config.trainable, config.unfreeze_last)
     session.runtime.prepare(model)
     chosen = config.replace(epochs=max(epochs, 1), keep_best=False, refit=False)
@@ -462,7 +462,7 @@ def write_artifacts(run: Run, fitted: FitResult, evaluation: EvalResult, test_me
         "precision": config.precision,
         "image_cache": config.image_cache,
         "feature_extraction_seconds": fitted.feature_seconds,
-        "head_start": _head_start(built.prior, fitted),
+        "head_start": _head_start(built.pretrained, fitted),
         "crop_to_box": config.crop_to_box,
         "eval_images_per_sec": evaluation.images_per_sec,
         **test_metrics,
@@ -478,13 +478,13 @@ def write_artifacts(run: Run, fitted: FitResult, evaluation: EvalResult, test_me
     return metrics
 
 
-def _head_start(prior: HeadPrior | None, fitted: FitResult) -> dict:
+def _head_start(start: PretrainedStart | None, fitted: FitResult) -> dict:
     """Where the head started: the label set, how many classes it knew, that start's val top-1."""
-    if prior is None:
+    if start is None:
         return {"from": "zero"}
-    matched = int(prior.matched.sum())
-    return {"from": "pretrained classifier" if matched else "zero", "labels": prior.labels,
-            "classes_matched": matched, "classes": len(prior.matches), "val_top1": fitted.start_top1}
+    matched = int(start.matched.sum())
+    return {"from": "pretrained classifier" if matched else "zero", "labels": start.labels,
+            "classes_matched": matched, "classes": len(start.matches), "val_top1": fitted.start_top1}
 
 
 def summary_line(metrics: dict, evaluation: EvalResult, directory: RunDir) -> str:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..models.pretrained_classes import HeadPrior
+from ..models.pretrained_classes import PretrainedStart
 from ..compute.distributed import Distributed
 from ..compute.runtime import Runtime
 from ..progress import Reporter
@@ -24,5 +24,5 @@ class Session:
     dist: Distributed = field(default_factory=Distributed)
     cache_dir: Path = Path(".")
     checkpoints: Path | None = None  # where checkpoints go (None: not written, e.g. on ranks other than 0)
-    prior: HeadPrior | None = None  # the head's start from the pretrained classifier (None: from zero)
+    pretrained: PretrainedStart | None = None  # the head's start from the pretrained classifier (None: from zero)
     on_epoch: Callable[[dict], None] | None = None  # the caller's per-epoch callback (may raise to stop)
