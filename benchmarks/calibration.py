@@ -17,14 +17,14 @@ import time
 import warmstart
 
 from .common import SHARED, save
-from .pretrained_prior import WORK, _link_tree
+from .pretrained_prior import WORK, link_tree
 
 RECIPES = ("linear-probe", "feature-extractor", "best")
 
 
 def run(quick: bool = False, head_inits: tuple[str, ...] = ("auto", "zero")) -> dict:
     woof = SHARED / "imagewoof-mini"
-    data = _link_tree("woof-10" if quick else "woof-all",
+    data = link_tree("woof-10" if quick else "woof-all",
                       {"train": woof / "train", "val": woof / "val", "test": SHARED / "imagewoof-clean-val"},
                       10 if quick else None)
     runs = []
@@ -62,8 +62,8 @@ def held_out(seeds: tuple[int, ...] = (0, 1, 2)) -> dict:
     three seeds (a different carve each: 200 test photos make one ECE noisy). Then where cross-fitting
     stops mattering: `best` on all of imagewoof-mini (1,000 train, 400 val) both ways."""
     woof = SHARED / "imagewoof-mini"
-    small = _link_tree("woof-10-clean", {"train": woof / "train", "test": SHARED / "imagewoof-clean-val"}, 10)
-    large = _link_tree("woof-all", {"train": woof / "train", "val": woof / "val", "test": SHARED / "imagewoof-clean-val"},
+    small = link_tree("woof-10-clean", {"train": woof / "train", "test": SHARED / "imagewoof-clean-val"}, 10)
+    large = link_tree("woof-all", {"train": woof / "train", "val": woof / "val", "test": SHARED / "imagewoof-clean-val"},
                        None)
     plan = [(small, recipe, fit, seed) for recipe, fit in HELD_OUT for seed in seeds]
     plan += [(large, "best", fit, 0) for fit in ("val", "cross-fit")]

@@ -31,12 +31,12 @@ def imagewoof(quick: bool, train_per_class: int | None = None, val_per_class: in
         train_per_class = train_per_class or 20
         val_per_class = val_per_class or 10
     if train_per_class or val_per_class:
-        splits = {name: _per_class(images, train_per_class if name == "train" else val_per_class)
+        splits = {name: per_class(images, train_per_class if name == "train" else val_per_class)
                   for name, images in splits.items()}
     return splits, root
 
 
-def _per_class(images: ImageSet, count: int | None) -> ImageSet:
+def per_class(images: ImageSet, count: int | None) -> ImageSet:
     if not count:
         return images
     taken: dict[int, int] = {}

@@ -18,7 +18,7 @@ from pathlib import Path
 import warmstart
 from warmstart.data.sources import resolve_splits
 
-from .common import SHARED, _per_class, save
+from .common import SHARED, per_class, save
 from .recipes import probe
 
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
@@ -39,7 +39,7 @@ def run(quick: bool = False) -> dict:
     root = SHARED / "stanford-dogs-120-dev"
     splits = resolve_splits(str(root), 0.2, 0)
     if quick:
-        splits = {k: _per_class(v, 5 if k == "train" else 2) for k, v in splits.items()}
+        splits = {k: per_class(v, 5 if k == "train" else 2) for k, v in splits.items()}
     baseline = probe(splits)
     print(f"probe {baseline['top1']:.4f} in {baseline['seconds']:.1f}s", flush=True)
     work = Path(tempfile.mkdtemp(prefix="ws-bench-hard-"))

@@ -36,7 +36,7 @@ METHODS = {
 }
 
 
-def _link_tree(name: str, splits: dict[str, Path], per_class: int | None) -> Path:
+def link_tree(name: str, splits: dict[str, Path], per_class: int | None) -> Path:
     """ROOT/<split>/<class>/<photo> links (the first `per_class` photos of each train class), at a
     stable path so that the feature cache finds the same images again."""
     root = WORK / name
@@ -58,9 +58,9 @@ def data_sets(quick: bool, only: tuple[str, ...] = (), sizes: tuple = (10, None)
     woof, sd = SHARED / "imagewoof-mini", SHARED / "stanford-dogs-120-dev"
     woof_splits = {"train": woof / "train", "val": woof / "val", "test": SHARED / "imagewoof-clean-val"}
     sizes = (10,) if quick else sizes
-    sets = [("imagewoof-mini", _link_tree(f"woof-{n or 'all'}", woof_splits, n), n) for n in sizes]
+    sets = [("imagewoof-mini", link_tree(f"woof-{n or 'all'}", woof_splits, n), n) for n in sizes]
     if not quick:
-        sets += [("stanford-dogs-120-dev", _link_tree(f"sd120-{n or 'all'}", {"train": sd / "train", "val": sd / "val"},
+        sets += [("stanford-dogs-120-dev", link_tree(f"sd120-{n or 'all'}", {"train": sd / "train", "val": sd / "val"},
                                                       n), n) for n in sizes]
     return [s for s in sets if not only or s[0] in only]
 

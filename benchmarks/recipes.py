@@ -29,7 +29,7 @@ from warmstart.data.transforms import data_config_for, eval_transform
 from warmstart.models import create_model
 from warmstart.recipes import RECIPES
 
-from .common import SHARED, _per_class, save, write_manifest
+from .common import SHARED, per_class, save, write_manifest
 
 # recipe -> settings changed for a CPU benchmark (whole-network epochs cost minutes here)
 CPU_EPOCHS = {"fine-tune": {"epochs": 2, "warmup_epochs": 0},
@@ -48,7 +48,7 @@ def datasets(quick: bool) -> dict[str, dict]:
     dogs = resolve_splits(str(SHARED / "stanford-dogs-4breeds" / "Images"), 0.2, 0)  # seeded stratified split
     out = {"imagewoof-mini": woof, "stanford-dogs-4breeds": dogs}
     if quick:
-        out = {name: {k: _per_class(v, 12 if k == "train" else 6) for k, v in splits.items()}
+        out = {name: {k: per_class(v, 12 if k == "train" else 6) for k, v in splits.items()}
                for name, splits in out.items()}
     return out
 

@@ -11,17 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 
-from . import (audit, calibration, clean_splits, engine, ensembles, feature_extractor, fine_tune, fold, hard_set,
-               image_path, int8, pretrained_prior, recipes, serve_load, unmatched_rows)
+from . import (audit, calibration, engine, feature_extractor, fine_tune, hard_set, image_path, int8, pretrained_prior,
+               recipes, serve_load)
 from .common import RESULTS, ROOT
 
+# the maintained benchmarks, each run by `--only NAME`; the one-off studies (benchmarks/studies/) run on their own,
+# as benchmarks/gpu.py does on a GPU; every result is rendered below in its section's order
 SUITES = {name: module.run for name, module in {
     "feature_extractor": feature_extractor, "fine_tune": fine_tune, "image_path": image_path, "serve_load": serve_load,
-    "recipes": recipes, "hard_set": hard_set, "ensembles": ensembles, "pretrained_prior": pretrained_prior,
-    "unmatched_rows": unmatched_rows, "clean_splits": clean_splits, "calibration": calibration, "int8": int8,
-    "audit": audit, "fold": fold, "engine": engine}.items()}
+    "int8": int8, "recipes": recipes, "hard_set": hard_set, "pretrained_prior": pretrained_prior,
+    "calibration": calibration, "audit": audit, "engine": engine}.items()}
 SUITES["calibration_held_out"] = lambda quick: calibration.held_out((0,) if quick else (0, 1, 2))
-# benchmarks/gpu.py runs on its own, on a GPU; its results are rendered here like the others'
 
 
 def _machine_line(m: dict) -> str:
@@ -49,8 +49,14 @@ def _feature_extractor(r: dict) -> list[str]:
         f"| **end-to-end speed-up** | 1× | **{r['end_to_end_ratio']:.1f}×** | **{r['bf16_end_to_end_ratio']:.1f}×** |",
         f"| top-1 difference (points) | | {r['top1_difference_points']:+.2f} | {r['bf16_top1_difference_points']:+.2f} |",
         "",
-        "### 4. Feature extraction throughput",
-        "",
+    ]
+
+
+def _extraction(r: dict) -> list[str]:
+    p, w, b = r["plain"], r["warmstart"], r["warmstart_bf16"]
+    return [
+        "### 4. Feature extraction throughput (from benchmark 1's run)",
+        "", f"Machine: {_machine_line(r['machine'])}", "",
         f"warmstart extracts {w['extraction_images_per_sec']:.1f} img/s (fp32, channels_last, inference mode) and "
         f"{b['extraction_images_per_sec']:.1f} img/s (bf16); the plain loop's frozen forward runs "
         f"{p['forward_images_per_sec']:.1f} img/s: {r['extraction_vs_plain_forward']:.2f}× (fp32).",
@@ -397,7 +403,7 @@ def _before_after(r: dict) -> list[str]:
     lines = [f"### 13. Before and after a refactor (base {r['base']}, {r['repeats']} interleaved repeats, fp32)", "",
              f"Machine: {_machine_line(r['machine'])}", "",
              "The same workloads through the public API on the base commit's code and on this tree, alternated "
-             "A B A B in one run (`python -m benchmarks.before_after --base REV`); medians.", "",
+             "A B A B in one run (`python -m benchmarks.studies.before_after --base REV`); medians.", "",
              "| workload | before | after | after / before |", "| --- | ---: | ---: | ---: |"]
     for key, label in names.items():
         lines.append(f"| {label} | {r['medians']['before'][key]:.3f} | {r['medians']['after'][key]:.3f} | "
@@ -442,24 +448,53 @@ def _engine(r: dict) -> list[str]:
     return lines + [""]
 
 
-RENDER = {"feature_extractor": _feature_extractor, "fold": _fold, "fine_tune": _fine_tune, "image_path": _image_path,
-          "serve_load": _serve_load, "int8": _int8, "int8_pair": _int8_pair, "recipes": _recipes, "hard_set": _hard_set,
-          "ensembles": _ensembles, "gpu": _gpu, "pretrained_prior": _pretrained_prior, "unmatched_rows": _unmatched_rows,
-          "clean_splits": _clean_splits, "calibration": _calibration, "calibration_held_out": _calibration_held_out, "audit": _audit, "before_after": _before_after,
-          "engine": _engine}
+SECTIONS = [  # (result, renderer, the command that produced it), in the order of their numbers
+    ("feature_extractor", _feature_extractor, "python -m benchmarks.run --only feature_extractor"),
+    ("fine_tune", _fine_tune, "python -m benchmarks.run --only fine_tune"),
+    ("image_path", _image_path, "python -m benchmarks.run --only image_path"),
+    ("feature_extractor", _extraction, "python -m benchmarks.run --only feature_extractor"),
+    ("fold", _fold, "python -m benchmarks.studies.fold"),
+    ("serve_load", _serve_load, "python -m benchmarks.run --only serve_load"),
+    ("int8", _int8, "python -m benchmarks.run --only int8"),
+    ("int8_pair", _int8_pair, "python -m benchmarks.int8 --pair"),
+    ("recipes", _recipes, "python -m benchmarks.run --only recipes"),
+    ("hard_set", _hard_set, "python -m benchmarks.run --only hard_set"),
+    ("ensembles", _ensembles, "python -m benchmarks.studies.ensembles"),
+    ("gpu", _gpu, "sh benchmarks/gpu.sh run"),
+    ("pretrained_prior", _pretrained_prior, "python -m benchmarks.run --only pretrained_prior"),
+    ("unmatched_rows", _unmatched_rows, "python -m benchmarks.studies.unmatched_rows"),
+    ("clean_splits", _clean_splits, "python -m benchmarks.studies.clean_splits"),
+    ("calibration", _calibration, "python -m benchmarks.run --only calibration"),
+    ("calibration_held_out", _calibration_held_out, "python -m benchmarks.run --only calibration_held_out"),
+    ("audit", _audit, "python -m benchmarks.run --only audit"),
+    ("before_after", _before_after, "python -m benchmarks.studies.before_after --base REV"),
+    ("engine", _engine, "python -m benchmarks.run --only engine"),
+]
+
+
+def with_command(lines: list[str], command: str, quick: bool) -> list[str]:
+    """A section with the command that produced it, after its machine line (or at its end)."""
+    said = f"Command: `{command}{' --quick' if quick and '--only' in command else ''}`."
+    if any(command in line for line in lines):
+        return lines
+    at = next((i + 1 for i, line in enumerate(lines) if line.startswith("Machine:")), None)
+    if at is None:
+        return lines[:-1] + [said, ""] if lines and lines[-1] == "" else lines + ["", said, ""]
+    return lines[:at] + ["", said] + lines[at:]
 
 
 def write_markdown() -> None:
     lines = ["# Benchmarks", "",
-             "Measured by `python -m benchmarks.run` (add `--quick` for the few-minute version); each "
-             "comparison runs warmstart and its baseline in the same process, on the same images and machine. "
-             "Raw results: `benchmarks/results/`.", ""]
+             "Measured by `python -m benchmarks.run` (add `--quick` for the few-minute version) and, for the one-off "
+             "studies that decided a default, `python -m benchmarks.studies.NAME`; each comparison runs warmstart "
+             "and its baseline in the same process, on the same images and machine; each section names its "
+             "command. Raw results: `benchmarks/results/`.", ""]
     notes = ROOT / "benchmarks" / "NOTES.md"
-    for name in RENDER:
+    for name, render, command in SECTIONS:
         for variant in (name, f"{name}_quick") if name != "gpu" else ("gpu",):  # a smoke run is no result
             path = RESULTS / f"{variant}.json"
             if path.is_file():
-                lines += RENDER[name](json.loads(path.read_text()))
+                lines += with_command(render(json.loads(path.read_text())), command, variant.endswith("_quick"))
     if notes.is_file():
         lines += [notes.read_text()]
     (ROOT / "BENCHMARKS.md").write_text("\n".join(lines))

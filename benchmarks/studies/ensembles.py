@@ -28,7 +28,7 @@ from warmstart.train.probe import fit_probe
 from warmstart.train.pull import HeadFit
 from warmstart.compute.runtime import Runtime
 
-from .common import SHARED, _per_class, save
+from ..common import SHARED, per_class, save
 
 BEST = recipe_settings("best")
 
@@ -59,7 +59,7 @@ def val_probabilities(feats: list[dict], train_labels: torch.Tensor, num_classes
 def run(quick: bool = False) -> dict:
     splits = resolve_splits(str(SHARED / "stanford-dogs-120-dev"), 0.2, 0)
     if quick:
-        splits = {k: _per_class(v, 5 if k == "train" else 2) for k, v in splits.items()}
+        splits = {k: per_class(v, 5 if k == "train" else 2) for k, v in splits.items()}
     runtime = Runtime(torch.device("cpu"), "bf16", True)
     labels = torch.as_tensor(splits["train"].labels)
     val_labels = torch.as_tensor(splits["val"].labels)
@@ -88,3 +88,9 @@ def run(quick: bool = False) -> dict:
               "ensemble_wins": best_ensemble is not None and best_ensemble["top1"] > best_single["top1"]}
     save("ensembles_quick" if quick else "ensembles", result)
     return result
+
+
+if __name__ == "__main__":
+    import sys
+
+    run("--quick" in sys.argv)

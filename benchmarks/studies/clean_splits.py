@@ -17,7 +17,7 @@ warmstart's LogisticProbe (10 L-BFGS steps):
 - the same with distillation (--head-teacher 0.5: targets half one-hot, half softmax(start logits / T)),
   at T = 2 and at T = 4 (warmstart's TEMPERATURE, chosen on these clean splits: `best` now).
 
-    python -m benchmarks.clean_splits [--hard-set efficientnet_lite0 efficientnet_lite2]
+    python -m benchmarks.studies.clean_splits [--hard-set efficientnet_lite0 efficientnet_lite2]
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ from warmstart.train.cached import frozen_features
 from warmstart.train.probe import fit_probe
 from warmstart.train.pull import TEMPERATURE, HeadFit
 
-from .common import SHARED, save
-from .pretrained_prior import WORK, data_sets
+from ..common import SHARED, save
+from ..pretrained_prior import WORK, data_sets
 
 REPEATS, SIZES, PRIOR, SHARE = 40, (5, 10), 30.0, 0.5
 HEADS = ("pretrained classifier alone", "probe from zero", "pretrained start, L2-SP",

@@ -2,7 +2,7 @@
 API (`warmstart.train`, `warmstart.evaluate`), on the code of a base commit and on this tree,
 interleaved A B A B so that a drift of the machine falls on both. fp32 only.
 
-    python -m benchmarks.before_after --base b5b08e7 [--repeats 2]
+    python -m benchmarks.studies.before_after --base b5b08e7 [--repeats 2]
 
 Workloads (imagewoof-mini, the quick subsets of benchmarks 1-3): the feature-extractor recipe
 (200 train / 100 val, extraction + 10 epochs on cached features + evaluation, wall time), one
@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .common import ROOT, SHARED, save
+from ..common import ROOT, SHARED, save
 
 WORKLOAD = r'''
 import json, sys, time, tempfile, shutil

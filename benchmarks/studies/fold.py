@@ -11,7 +11,7 @@ import torch
 from warmstart.compute.runtime import Runtime
 from warmstart.models import create_model
 
-from .common import images_per_sec, save
+from ..common import images_per_sec, save
 
 NETWORKS = [("efficientnet_lite0", "bundled", 288), ("resnet50", "none", 224)]  # `best`'s Lite0 size
 BATCH = 16
@@ -43,3 +43,9 @@ def run(quick: bool = False) -> dict:
               "threads": torch.get_num_threads(), "runs": [one(*network, rounds, seconds) for network in NETWORKS]}
     save("fold" + ("_quick" if quick else ""), result)
     return result
+
+
+if __name__ == "__main__":
+    import sys
+
+    run("--quick" in sys.argv)

@@ -2,7 +2,7 @@
 fp32 against bf16 + channels_last (+ torch.compile), and feature-extraction images/sec.
 Compared in the same run with the original demo's 770 img/s on 4x GTX 1080 Ti.
 
-    python -m benchmarks.gpu_resnet50 [--steps 30] [--batch 128]
+    python -m benchmarks.studies.gpu_resnet50 [--steps 30] [--batch 128]
 
 Writes benchmarks/results/gpu_resnet50.json. Not part of the test suite.
 """
@@ -15,7 +15,7 @@ import time
 import timm
 import torch
 
-from .common import save
+from ..common import save
 
 DEMO_IMAGES_PER_SEC = 770  # ResNet50 feature extractor, 4x GTX 1080 Ti, TensorFlow 1
 

@@ -6,7 +6,7 @@ class's mean normalised feature, scaled to the pretrained rows' norm). The head:
 LogisticProbe with the L2-SP pull (A = 30), on Lite0 features (224 px, center crop), 10 and all
 training photos per class; scored on val and on imagewoof-clean-val (overall, and the renamed breeds).
 
-    python -m benchmarks.unmatched_rows
+    python -m benchmarks.studies.unmatched_rows
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from warmstart.models.pretrained_classes import ClassMatch, PretrainedStart, ima
 from warmstart.train.probe import fit_probe
 from warmstart.train.pull import HeadFit
 
-from .common import SHARED, save
+from ..common import SHARED, save
 
 HIDDEN = (0, 4, 7)
 
