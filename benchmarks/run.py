@@ -22,6 +22,7 @@ SUITES = {name: module.run for name, module in {
     "int8": int8, "recipes": recipes, "hard_set": hard_set, "pretrained_prior": pretrained_prior,
     "calibration": calibration, "audit": audit, "engine": engine}.items()}
 SUITES["calibration_held_out"] = lambda quick: calibration.held_out((0,) if quick else (0, 1, 2))
+SUITES["serve_slow_bodies"] = serve_load.slow_bodies
 
 
 def _machine_line(m: dict) -> str:
@@ -111,6 +112,18 @@ def _serve_load(r: dict) -> list[str]:
         lines += ["", f"Micro-batching: {values[0]['requests_per_sec'] / values[1]['requests_per_sec']:.2f}× the "
                       f"throughput of one forward pass per request."]
     return lines + [""]
+
+
+def _serve_slow_bodies(r: dict) -> list[str]:
+    return [f"### 5c. The service while {r['connections']} connections trickle their bodies ({r['seconds']:.0f} s)", "",
+            f"Machine: {_machine_line(r['machine'])}", "",
+            "Each connection sends its request body a byte every 2 s and reconnects when the service closes it "
+            "(a body must average 1 KB/s after 5 s); another client asks `/predict` (a real photo) and `/health` "
+            "every 0.5 s throughout.", "",
+            "| /predict requests | answered 200 | p50 (ms) | p99 (ms) | max (ms) | /health 200 |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: |",
+            f"| {r['requests']} | {r['ok']} | {r['p50_ms']:.0f} | {r['p99_ms']:.0f} | {r['max_ms']:.0f} | "
+            f"{r['health_ok']} of {r['requests']} |", ""]
 
 
 def _recipes(r: dict) -> list[str]:
@@ -455,6 +468,7 @@ SECTIONS = [  # (result, renderer, the command that produced it), in the order o
     ("feature_extractor", _extraction, "python -m benchmarks.run --only feature_extractor"),
     ("fold", _fold, "python -m benchmarks.studies.fold"),
     ("serve_load", _serve_load, "python -m benchmarks.run --only serve_load"),
+    ("serve_slow_bodies", _serve_slow_bodies, "python -m benchmarks.run --only serve_slow_bodies"),
     ("int8", _int8, "python -m benchmarks.run --only int8"),
     ("int8_pair", _int8_pair, "python -m benchmarks.int8 --pair"),
     ("recipes", _recipes, "python -m benchmarks.run --only recipes"),

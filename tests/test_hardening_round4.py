@@ -5,6 +5,7 @@ cells never run as formulas, and commands take options and paths in any order.""
 import csv
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -279,53 +280,22 @@ def test_3_a_declared_body_over_the_limit_is_refused_before_it_is_read():
 
 @pytest.mark.slow
 def test_3_forty_slow_bodies_never_take_predict_down(color_run):
-    """40 connections trickling a body a byte every 2 s (renewed as they are closed): /predict from
-    another client answers 200 in under 2 s throughout, and /health stays 200."""
-    import socket
-    import threading
-    import time
-    import urllib.request
-
+    """40 connections trickling a body a byte every 2 s (renewed as they are closed, about every 5 s):
+    /predict from another client answers 200 throughout, never held until a timeout, and /health
+    stays 200. Its latency over 60 s is benchmark 5c (benchmarks/serve_load.py, the same load)."""
     from PIL import Image
-    from test_hostile_inputs import Server, _answer, png
+    from test_hostile_inputs import Server, png
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from benchmarks.serve_load import probe_while_trickled
 
     server = Server(color_run[0])
-    image = png(Image.new("RGB", (64, 64), (200, 30, 30)))
-    stop, socks = threading.Event(), []
-
-    def trickler():
-        while not stop.is_set():
-            try:
-                sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-                socks.append(sock)
-                sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                             b"Content-Length: 100000\r\n\r\n")
-                while not stop.is_set():
-                    sock.sendall(b"x")
-                    stop.wait(2)
-            except OSError:
-                stop.wait(0.5)  # closed by the server: open another
-
-    threads = [threading.Thread(target=trickler, daemon=True) for _ in range(40)]
-    latencies, statuses = [], []
     try:
-        for thread in threads:
-            thread.start()
-        time.sleep(1)
-        end = time.monotonic() + 60
-        while time.monotonic() < end:
-            begin = time.monotonic()
-            statuses.append(_answer(server, "/predict", image)[0])
-            latencies.append(time.monotonic() - begin)
-            assert urllib.request.urlopen(server.url + "/health", timeout=5).status == 200
-            time.sleep(0.5)
+        result = probe_while_trickled(server.url, png(Image.new("RGB", (64, 64), (200, 30, 30))), seconds=15)
     finally:
-        stop.set()
-        for sock in socks:
-            sock.close()
         log = server.stop()
-    assert set(statuses) == {200}, statuses
-    assert sorted(latencies)[int(0.99 * (len(latencies) - 1))] < 2.0, max(latencies)
+    assert result["ok"] == result["health_ok"] == result["requests"] >= 10, result
+    assert result["max_ms"] < 10_000, result  # the slow bodies' slots would hold it for 30 s
     assert "Traceback" not in log, log[-3000:]
 
 
