@@ -179,6 +179,11 @@ def test_a_head_on_cached_features_cross_fits_its_temperature_on_train_and_val(c
     assert alone.metrics["calibration"]["fitted_on"] == "val" and alone.metrics["calibration"]["temperature"] == 1.0
     assert "12 val images are too few to fit a temperature" in capsys.readouterr().out
     assert json.loads((alone.run_dir / "model.json").read_text())["temperature_fitted_on"] == "val"
+    # training on images (a fresh augmentation each epoch) keeps val's T, and says so when asked otherwise
+    images = train(RunConfig(data=str(color_tree), epochs=1, out=str(tmp_path / "i"), calibration_fit="cross-fit",
+                             **{**FAST, "augment": "standard"}))
+    assert "--calibration-fit cross-fit needs a head trained on cached features" in capsys.readouterr().out
+    assert images.metrics["calibration"]["fitted_on"] == "val"
 
 
 @pytest.mark.slow

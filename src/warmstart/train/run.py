@@ -364,6 +364,9 @@ def calibrate(run: Run, evaluation: EvalResult, fitted: FitResult) -> EvalResult
     if cross_fitted:
         run.calibration = Calibration.fit(fitted.cross_fit_logits, fitted.cross_fit_labels, "cross-fit")
     else:
+        if run.config.calibration_fit == "cross-fit":
+            run.reporter.info(f"calibration: --calibration-fit cross-fit needs a head trained on cached features; "
+                              f"this run trained on {fitted.path or 'images'}: the temperature is fitted on val")
         run.calibration = Calibration.fit(evaluation.logits, evaluation.labels)
     run.reporter.info(run.calibration.line())
     return evaluation.scaled(run.calibration.temperature) if evaluation.num_images else evaluation
