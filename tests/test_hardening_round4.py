@@ -432,3 +432,21 @@ def test_16_drop_empty_classes_drops_the_class_from_every_split_and_the_pipeline
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert _as_tensor(pixels).shape == (3, 4, 5)
+
+
+def test_10_report_on_a_damaged_metrics_or_history_file(color_run, tmp_path, capsys):
+    """Found by the replay: `report` read metrics.json unchecked (a traceback on `"calibration":
+    "abc"` or on invalid JSON); a damaged history.json only loses the curves."""
+    run_dir, _ = color_run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns("cache"))
+    metrics = json.loads((copy / "metrics.json").read_text())
+    for damaged, said in ((json.dumps({**metrics, "calibration": "abc"}), "'calibration' is 'abc', not an object"),
+                          ("{bad", "metrics.json is damaged (JSONDecodeError"), ("[1]", "it is not an object")):
+        (copy / "metrics.json").write_text(damaged)
+        assert main(["report", str(copy), "--workers", "0"]) == 2
+        assert said in _one_line(capsys)
+    (copy / "metrics.json").write_text(json.dumps(metrics))
+    (copy / "history.json").write_text('[{"epoch": "x"}]')
+    assert main(["report", str(copy), "--workers", "0"]) == 0
+    assert json.loads((copy / "report" / "report.json").read_text())["curves"] is None

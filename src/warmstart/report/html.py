@@ -16,10 +16,12 @@ from ..calibration import BINS, reliability
 from ..compute.runtime import Runtime
 from ..data.images import open_image
 from ..data.transforms import eval_transform
+from ..errors import UserError
 from ..evaluate import compute_outputs, metrics_from_logits, run_split
 from ..run_dir import RunDir
 from ..train.run import describe_rates
 from . import plots
+from .runs import metrics_problem
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1100px;color:#222}
@@ -84,7 +86,7 @@ def headline(metrics: dict, split: str, evaluation, calib: dict, before: dict | 
              engine: str) -> str:
     """The first screen: how good, how honest, on what, how long, and how it was trained, in words."""
     c = metrics.get("calibration") or {}
-    fitted = {"cross-fit": "cross-fitted on train + val", "val": "fitted on val"}.get(c.get("fitted_on"), "")
+    fitted = {"cross-fit": "cross-fitted on train + val", "val": "fitted on val"}.get(str(c.get("fitted_on")), "")
     honest = (f"ECE {before['ece']:.3f} → <b>{calib['ece']:.3f}</b> with temperature "
               f"{meta['temperature']:.3f} ({fitted}, {c.get('images', '?')} photos)" if before else
               f"ECE <b>{calib['ece']:.3f}</b> (not calibrated)")
@@ -167,13 +169,23 @@ def _class_sections(files: dict, names: list[str], evaluation, pairs: list[dict]
         else "<p>No confusions.</p>"]
 
 
+def _json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{path} is damaged ({exc.__class__.__name__}: {str(exc)[:120]}): restore it from a backup, "
+                        f"or train the run again") from None
+
+
 def build_report(run_dir: str | Path, data: str | None = None, split: str = "val", gallery: int = 24,
                  batch_size: int = 64, workers: int | None = None, engine: str | None = None) -> Path:
     """RUN/report.html (self-contained) and RUN/report/*.png: the run on `split` for a person."""
     run_dir, where = Path(run_dir), RunDir(run_dir)
     run, images = run_split(run_dir, data, split)
-    metrics = json.loads(where.metrics.read_text())
-    history = json.loads(where.history.read_text()) if where.history.is_file() else []
+    metrics, history = _json(where.metrics), _json(where.history) if where.history.is_file() else []
+    problem = metrics_problem(metrics) if isinstance(metrics, dict) else "it is not an object"
+    if problem:
+        raise UserError(f"{where.metrics}: {problem}: the run's metrics.json is damaged; restore it or train again")
     runtime = Runtime.for_run(run_dir, engine)  # as the run computed: device, precision, pipeline, engine
     forward = runtime.classify(run.network, run.data_config["input_size"], run.meta.get("tta"),
                                run.meta.get("temperature"))
@@ -188,8 +200,11 @@ def build_report(run_dir: str | Path, data: str | None = None, split: str = "val
                                           figures / "per_class_accuracy.png"),
              "confusion": plots.confusion_matrix(names, evaluation.confusion, figures / "confusion_matrix.png")}
     shown = None
-    if history:
-        files["curves"], shown = plots.curves(history, figures / "curves.png")
+    try:
+        if history:
+            files["curves"], shown = plots.curves(history, figures / "curves.png")
+    except (KeyError, TypeError, ValueError, AttributeError):  # a damaged history.json: the report without curves
+        shown = None
     calib = reliability(out.outputs, out.labels)
     before = reliability(out.outputs * temperature, out.labels) if temperature else None
     files["calibration"] = plots.reliability_diagram(calib, figures / "reliability.png", before)

@@ -22,7 +22,7 @@ def _load(path: Path) -> dict:
         for name, value in (("metrics.json", metrics), ("config.yaml", config)):
             if not isinstance(value, dict):
                 raise ValueError(f"{name} is not a mapping")
-        problem = _metrics_problem(metrics)
+        problem = metrics_problem(metrics)
         if problem:
             raise ValueError(f"metrics.json: {problem}")
     except (OSError, ValueError, UserError, yaml.YAMLError) as exc:
@@ -31,12 +31,19 @@ def _load(path: Path) -> dict:
     return {"run": str(path), "metrics": metrics, "config": config}
 
 
-TEXT_FIELDS = ("model", "recipe", "training_path", "strategy")
-NUMBER_FIELDS = ("top1", "test_top1", "wall_seconds", "epochs")
+TEXT_FIELDS = ("model", "architecture", "recipe", "training_path", "strategy")
+NUMBER_FIELDS = ("top1", "top5", "test_top1", "test_images", "train_images", "wall_seconds", "epochs",
+                 "train_images_per_sec", "feature_extraction_images_per_sec", "head_training_images_per_sec",
+                 "eval_images_per_sec")
+MAPPING_FIELDS = ("calibration", "head_start")
 
 
-def _metrics_problem(metrics: dict) -> str | None:
-    """A field the listing shows with the wrong type (a hand-edited or foreign metrics.json)."""
+def metrics_problem(metrics: dict) -> str | None:
+    """A field the listing or the report shows with the wrong type (a hand-edited or foreign
+    metrics.json)."""
+    for name in MAPPING_FIELDS:
+        if metrics.get(name) is not None and not isinstance(metrics[name], dict):
+            return f"'{name}' is {excerpt(metrics[name], 30)}, not an object"
     for name in TEXT_FIELDS:
         if metrics.get(name) is not None and not isinstance(metrics[name], str):
             return f"'{name}' is {excerpt(metrics[name], 30)}, not text"
