@@ -98,6 +98,7 @@ def test_interrupted_extraction_resumes_and_is_never_taken_as_complete(color_tre
     assert cache.features(fc.View("train", transform), images, forward, CPU, 8, 0).computed == 0
 
 
+@pytest.mark.slow  # an end-to-end run: outside the inner loop
 def test_cached_views_are_augmented_deterministic_and_trained_on(color_tree, lite0, tmp_path):
     images = resolve_splits(str(color_tree), 0.2, 0)["train"]
     augmented = train_transform(data_config_for(lite0, 64), "standard")

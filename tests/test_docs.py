@@ -50,6 +50,7 @@ def test_every_declared_setting_is_in_the_command_line_reference():
     assert set(sub.choices) - {"data"} <= set(sections)  # every command has its section
 
 
+@pytest.mark.slow  # an end-to-end run: outside the inner loop
 @pytest.mark.skipif(importlib.util.find_spec("mkdocs") is None, reason="the [docs] extra is not installed")
 def test_the_documentation_site_builds_strictly(tmp_path):
     mkdocs = shutil.which("mkdocs", path=str(Path(sys.executable).parent)) or "mkdocs"

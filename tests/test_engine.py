@@ -6,7 +6,6 @@ audit use the run's engine."""
 
 import json
 import subprocess
-import sys
 import threading
 
 import pytest
@@ -128,9 +127,10 @@ def test_a_torn_or_foreign_graph_is_rebuilt_with_one_warning(tmp_path, monkeypat
 
 def test_changed_weights_are_exported_again(tmp_path, monkeypatch):
     """The key holds the frozen weights' fingerprint: a changed weights file is another graph."""
+    import timm
+
     monkeypatch.setenv(engine.CACHE_ENV, str(tmp_path))
-    model, _, arch = create_model("efficientnet_lite0", 3, "bundled")
-    model.eval()
+    model, arch = timm.create_model("test_efficientnet", num_classes=3).eval(), "test_efficientnet"  # timm's tiny one
     lines, say = _said()
     frozen_features(model, arch, _runtime("onnxruntime"), (3, 64, 64), say)
     frozen_features(model, arch, _runtime("onnxruntime"), (3, 64, 64), say)
@@ -193,9 +193,20 @@ def test_engines_that_cannot_run_here_are_one_line():
 
 
 def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "warmstart", *map(str, args)], capture_output=True, text=True)
+    """The command in this process (as the user's shell would run it, without paying torch's import
+    six times): its exit code and what it printed."""
+    import contextlib
+    import io
+
+    from warmstart.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
+@pytest.mark.slow  # an end-to-end run: outside the inner loop
 def test_the_run_records_its_engine_and_eval_predict_report_audit_use_it(color_tree, tmp_path):
     run = tmp_path / "run"
     trained = _cli("train", "--data", color_tree, "--epochs", "2", "--augment", "none", "--out", run, *FAST)

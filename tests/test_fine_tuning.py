@@ -57,6 +57,7 @@ def test_unfreeze_schedule_is_validated(entries, message):
         RunConfig(data="x", strategy="fine-tune", unfreeze_schedule=["1:1"]).validated()
 
 
+@pytest.mark.slow  # an end-to-end run: outside the inner loop
 def test_gradual_unfreezing_in_training_moves_each_part_from_its_epoch_on(color_tree, tmp_path):
     """Checkpoints after epoch 1 and 2 of `--unfreeze-schedule 1:1`: the last stage is untouched
     (weights and BN statistics) after epoch 1 and has moved after epoch 2; earlier stages never move."""

@@ -321,6 +321,7 @@ print(json.dumps({"pairs": len(pairs), "groups": [len(g) for g in groups],
 """
 
 
+@pytest.mark.slow  # 6,000 rows in a subprocess that measures its memory
 def test_5_a_burst_of_near_identical_photos_is_one_group_in_bounded_memory():
     import subprocess
     import sys

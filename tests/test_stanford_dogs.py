@@ -100,6 +100,7 @@ def test_crop_to_box_uses_the_largest_box(mini_dogs, tmp_path):
     assert open_image(item).size == (right - left, bottom - top)
 
 
+@pytest.mark.slow  # an end-to-end run: outside the inner loop
 def test_train_and_eval_on_stanford_dogs_layout(mini_dogs, tmp_path):
     result = train(RunConfig(data=str(mini_dogs["layout"]), crop_to_box=True, augment="none", epochs=3,
                              input_size=96, workers=0, quiet=True, out=str(tmp_path / "run")))

@@ -49,6 +49,7 @@ def test_fine_tune_trains_everything():
     assert chosen.count(model) == sum(p.numel() for p in model.parameters()) and not chosen.frozen_norms
 
 
+@pytest.mark.slow  # an end-to-end run: outside the inner loop
 @pytest.mark.parametrize("strategy,extra", [("feature-extractor", {}), ("partial", {"trainable": ["blocks.6"]})])
 def test_frozen_weights_and_bn_statistics_are_bit_identical_after_training(color_tree, tmp_path, strategy, extra):
     # augmentation forces the backbone to run in train mode every step (no feature cache)
