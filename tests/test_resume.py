@@ -15,7 +15,7 @@ from warmstart.cli import main
 pytestmark = pytest.mark.slow  # end-to-end runs: skipped by the inner loop (-m "not slow")
 
 ARGS = ["--strategy", "fine-tune", "--augment", "standard", "--epochs", "4", "--batch-size", "4", "--input-size",
-        "96", "--workers", "0", "--checkpoint-every", "2", "--lr", "0.02", "--seed", "5", "--quiet"]
+        "64", "--workers", "0", "--checkpoint-every", "2", "--lr", "0.02", "--seed", "5", "--quiet"]
 
 
 def _start(color_tree, out):
