@@ -258,3 +258,26 @@ def test_a_graph_cache_that_cannot_be_written_falls_back_under_auto(tmp_path, mo
     assert f"set {engine.CACHE_ENV}" in lines[0]
     with pytest.raises(UserError, match="cannot be written to"):
         _runtime("onnxruntime").frozen(_Small(), "small", "w", (3, 16, 16), say)
+
+
+def test_a_graph_is_exported_only_where_the_images_repay_it(tmp_path, monkeypatch):
+    """Under auto, a backbone whose graph is not exported yet (a fine-tuned one is a new graph) stays
+    in PyTorch for a pass over fewer than EXPORT_PAYS_BACK images, with one line; a cached graph, a
+    service (no count) and --engine onnxruntime use onnxruntime whatever the count."""
+    import timm
+
+    monkeypatch.setenv(engine.CACHE_ENV, str(tmp_path))
+    network = timm.create_model("test_efficientnet", num_classes=3).eval()
+    lines, say = _said()
+    auto = _runtime("auto")
+    few = auto.classify(network, (3, 32, 32), say=say, images=12)
+    assert few.engine == "torch" and "for these 12 images" in lines[-1] and not list(tmp_path.glob("*.onnx"))
+    assert auto.classify(network, (3, 32, 32), say=say, images=None).engine == "onnxruntime"  # a service: exported
+    assert auto.classify(network, (3, 32, 32), say=say, images=12).engine == "onnxruntime"  # cached now
+    with torch.no_grad():
+        network.conv_head.weight.mul_(1.1)  # trained further: another graph
+    assert auto.classify(network, (3, 32, 32), say=say, images=engine.EXPORT_PAYS_BACK).engine == "onnxruntime"
+    with torch.no_grad():
+        network.conv_head.weight.mul_(1.1)
+    assert _runtime("onnxruntime").classify(network, (3, 32, 32), say=say, images=12).engine == "onnxruntime"
+    assert len(list(tmp_path.glob("*.onnx"))) == 3

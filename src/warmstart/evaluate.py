@@ -196,7 +196,7 @@ def evaluate_run(run_dir: str | Path, data: str | None = None, split: str = "val
     run, images = run_split(run_dir, data, split)
     runtime = Runtime.for_run(run_dir, engine)
     forward = runtime.classify(run.network, run.data_config["input_size"], run.meta.get("tta"),
-                               run.meta.get("temperature"))
+                               run.meta.get("temperature"), images=len(images))
     result = evaluate_model(forward, images, eval_transform(run.data_config), runtime, batch_size, workers)
     result.split = split
     result.write(run_dir)

@@ -82,7 +82,7 @@ class OnnxBackend:
 class TorchBackend:
     """A run directory: its network computed as the run computes (the run's engine, or `engine`)."""
 
-    def __init__(self, run_dir: str | Path, engine: str | None = None):
+    def __init__(self, run_dir: str | Path, engine: str | None = None, images: int | None = None):
         import torch
 
         from .compute.runtime import Runtime
@@ -93,7 +93,8 @@ class TorchBackend:
         self.run = load_run(run_dir)
         self.runtime = Runtime.for_run(run_dir, engine)  # as the run computed: device, precision, engine
         self.forward = self.runtime.classify(self.run.network, self.run.data_config["input_size"],
-                                             self.run.meta.get("tta"), self.run.meta.get("temperature"))
+                                             self.run.meta.get("tta"), self.run.meta.get("temperature"),
+                                             images=images)  # how many it will see (None: a service, many)
         self.engine = self.forward.engine
         self.transform = eval_transform(self.run.data_config)
         self.meta = self.run.export_metadata()
@@ -216,4 +217,6 @@ def predict(run_dir: str | Path, images: list[str | Path], top_k: int = 5, batch
     The run's network is computed by the run's engine, or `engine`."""
     if top_k < 1:
         raise UserError(f"--top-k {top_k} is not valid: it must be >= 1")
-    return [Prediction(*p) for p in predict_images(TorchBackend(run_dir, engine), list(images), top_k, batch_size)]
+    images = expand_folders(list(images))
+    backend = TorchBackend(run_dir, engine, images=len(images))
+    return [Prediction(*p) for p in predict_images(backend, images, top_k, batch_size)]

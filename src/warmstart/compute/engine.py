@@ -36,6 +36,10 @@ OPSET = 18
 # 8 / 32 / 128 a call: Lite0 288 px 139 / 125 / 117, Lite2 352 px 64 / 56, ResNet50 224 px 37 / 37)
 CHUNK = 8
 TOLERANCE = 1e-4  # max abs difference from PyTorch at export, relative to the output's scale
+# a graph not yet exported pays back its export from about this many images: Lite0 at 288 px, a fresh
+# export 8.5 s, onnxruntime 12.1 ms an image against PyTorch's 24.3 (BENCHMARKS.md §14); a trained
+# network's own backbone (fine-tuned: a new graph) evaluated on fewer images stays in PyTorch under auto
+EXPORT_PAYS_BACK = 700
 CACHE_ENV, LIMIT_ENV, DEFAULT_LIMIT_MB = "WARMSTART_ENGINE_CACHE", "WARMSTART_ENGINE_CACHE_MB", 4096
 # auto's rule, from BENCHMARKS.md §14 (2-core CPU, batch 32, fp32): onnxruntime's frozen forward ran
 # 1.4x (ResNet50) to 2.9-3.2x (EfficientNet-Lite0/Lite2) PyTorch's (folded BatchNorm, channels_last),
@@ -201,9 +205,17 @@ class GraphCache:
     def paths(self, key: str) -> tuple[Path, Path]:
         return self.root / f"{key}.onnx", self.root / f"{key}.json"
 
+    @staticmethod
+    def key(identity: dict) -> str:
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+
+    def holds(self, identity: dict) -> bool:
+        """Whether a graph of `identity` is in the cache (checked whole when it is opened)."""
+        return all(p.is_file() for p in self.paths(self.key(identity)))
+
     def session(self, module: torch.nn.Module, identity: dict, input_size: tuple, say=_stderr):
         """An onnxruntime session for `module` at `input_size`, from the cache or exported now."""
-        key = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:32]
+        key = self.key(identity)
         graph, record = self.paths(key)
         found = self._verified(graph, record, key)
         if found is not None:

@@ -16,8 +16,8 @@ from ..errors import UserError
 from ..models.fold import fold_batchnorm
 from ..models.outputs import (Classified, PreLogits, architecture, as_used, backbone_fingerprint,
                               splits_at_classifier)
-from .engine import (EngineUnavailable, GraphCache, OnnxForward, TorchForward, choose_engine, identity_of,
-                     _stderr)
+from .engine import (EXPORT_PAYS_BACK, EngineUnavailable, GraphCache, OnnxForward, TorchForward, choose_engine,
+                     identity_of, _stderr)
 
 
 def resolve_pipeline(choice: str, device: torch.device) -> str:
@@ -76,17 +76,24 @@ class Runtime:
         computes the same (models.fold): for extraction, evaluation and prediction, never training."""
         return fold_batchnorm(self.prepare(model))
 
-    def frozen(self, module: torch.nn.Module, name: str, weights: str, input_size, say=None):
+    def frozen(self, module: torch.nn.Module, name: str, weights: str, input_size, say=None,
+               images: int | None = None):
         """`module`'s forward for inference (never training), computed by the run's engine: a callable
         from images to outputs whose `engine` says which computes it. `name` and `weights` (the
         fingerprint of what it computes) key the engine's graph; `input_size` is (C, H, W). Where
         onnxruntime cannot take the module, --engine auto falls back to PyTorch with one line and
-        --engine onnxruntime is a UserError."""
+        --engine onnxruntime is a UserError. `images`: how many this forward will see, where known:
+        under auto, a graph not exported yet is exported only if they repay it (EXPORT_PAYS_BACK)."""
         say = say or _stderr
         if self.engine == "onnxruntime":
+            identity, cache = identity_of(name, weights, type(module).__name__), GraphCache()
+            if self.engine_choice == "auto" and images is not None and images < EXPORT_PAYS_BACK and \
+                    not cache.holds({**identity, "input": list(input_size)}):
+                say(f"engine: PyTorch computes {name} for these {images} images: exporting its graph for "
+                    f"onnxruntime would cost more than it saves (it pays back from about {EXPORT_PAYS_BACK})")
+                return TorchForward(self.forward(self.for_inference(module)))
             try:
-                return OnnxForward(module, identity_of(name, weights, type(module).__name__), input_size, say,
-                                   GraphCache())
+                return OnnxForward(module, identity, input_size, say, cache)
             except EngineUnavailable as exc:
                 if self.engine_choice == "onnxruntime":
                     raise UserError(f"--engine onnxruntime cannot compute {name}: {exc}; use --engine torch "
@@ -95,10 +102,10 @@ class Runtime:
         return TorchForward(self.forward(self.for_inference(module)))
 
     def classify(self, network: torch.nn.Module, input_size, tta: bool = False, temperature: float | None = None,
-                 say=None):
+                 say=None, images: int | None = None):
         """A trained network's logits (mirror-averaged with `tta`, divided by `temperature`) for
         inference: its pooled features by the run's engine (the graph extraction uses for the
-        same backbone), its classifier in PyTorch."""
+        same backbone), its classifier in PyTorch. `images`: as for `frozen`."""
         if self.engine == "onnxruntime" and not splits_at_classifier(network, input_size):
             reason = "its logits are not its classifier applied to its pooled features"
             if self.engine_choice == "onnxruntime":
@@ -107,7 +114,7 @@ class Runtime:
             (say or _stderr)(f"engine: PyTorch computes {architecture(network)}: {reason}")
         elif self.engine == "onnxruntime":
             features = self.frozen(PreLogits(network), f"{architecture(network)} pooled features",
-                                   backbone_fingerprint(network), input_size, say)
+                                   backbone_fingerprint(network), input_size, say, images)
             if features.engine == "onnxruntime":
                 model = as_used(Classified(features, network.get_classifier()), tta, temperature).eval()
                 return TorchForward(model, features.engine)

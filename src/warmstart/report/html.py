@@ -188,7 +188,7 @@ def build_report(run_dir: str | Path, data: str | None = None, split: str = "val
         raise UserError(f"{where.metrics}: {problem}: the run's metrics.json is damaged; restore it or train again")
     runtime = Runtime.for_run(run_dir, engine)  # as the run computed: device, precision, pipeline, engine
     forward = runtime.classify(run.network, run.data_config["input_size"], run.meta.get("tta"),
-                               run.meta.get("temperature"))
+                               run.meta.get("temperature"), images=len(images))
     out = compute_outputs(run.network, images, eval_transform(run.data_config), batch_size, workers, runtime, forward)
     evaluation = metrics_from_logits(out.outputs, out.labels, run.class_names)
     probs = out.outputs.softmax(1) if len(out.outputs) else torch.empty(0, len(run.class_names))

@@ -428,7 +428,8 @@ def test(run: Run, fitted: FitResult, runtime: Runtime) -> dict:
 def _evaluate(run: Run, images, runtime: Runtime) -> EvalResult:
     config, built = run.config, run.built
     built.model.eval()
-    forward = runtime.classify(built.model, built.data_config["input_size"], config.tta, say=run.reporter.info)
+    forward = runtime.classify(built.model, built.data_config["input_size"], config.tta, say=run.reporter.info,
+                               images=len(images))
     return evaluate_model(forward, images, eval_transform(built.data_config), runtime, max(config.batch_size, 64),
                           config.workers, run.dist)
 
