@@ -42,7 +42,7 @@ def _photos(model, count: int = 12) -> torch.Tensor:
     return torch.stack([transform(open_image(images.items[i * step])) for i in range(count)])
 
 
-@pytest.mark.parametrize("name", ["efficientnet_lite0",
+@pytest.mark.parametrize("name", [pytest.param("efficientnet_lite0", marks=pytest.mark.slow),  # real photos: end to end
                                   pytest.param("efficientnet_lite1", marks=pytest.mark.slow),
                                   pytest.param("efficientnet_lite2", marks=pytest.mark.slow)])
 def test_onnxruntime_features_match_pytorch_on_real_photos(name):
@@ -209,10 +209,12 @@ def _cli(*args) -> subprocess.CompletedProcess:
 @pytest.mark.slow  # an end-to-end run: outside the inner loop
 def test_the_run_records_its_engine_and_eval_predict_report_audit_use_it(color_tree, tmp_path):
     run = tmp_path / "run"
-    trained = _cli("train", "--data", color_tree, "--epochs", "2", "--augment", "none", "--out", run, *FAST)
+    # asked for by name: under auto these 36 + 12 images would not repay the graph's export
+    trained = _cli("train", "--data", color_tree, "--epochs", "2", "--augment", "none", "--engine", "onnxruntime",
+                   "--out", run, *FAST)
     assert trained.returncode == 0, trained.stderr
-    assert "engine: onnxruntime computes the frozen network (auto:" in trained.stdout + trained.stderr
-    assert "engine: auto" in (run / "config.yaml").read_text()
+    assert "engine: onnxruntime computes the frozen network (asked for" in trained.stdout + trained.stderr
+    assert "engine: onnxruntime" in (run / "config.yaml").read_text()
     filled = [json.loads(p.read_text())["computed_by"] for p in (run / "cache").glob("*/meta.json")]
     assert filled and all("|onnxruntime|" in f for f in filled)  # the feature cache says which engine filled it
 
@@ -272,6 +274,8 @@ def test_a_graph_is_exported_only_where_the_images_repay_it(tmp_path, monkeypatc
     auto = _runtime("auto")
     few = auto.classify(network, (3, 32, 32), say=say, images=12)
     assert few.engine == "torch" and "for these 12 images" in lines[-1] and not list(tmp_path.glob("*.onnx"))
+    forward, key = frozen_features(network, "test_efficientnet", auto, (3, 32, 32), say, images=48)  # extraction
+    assert forward.engine == "torch" and "|torch|" in key and not list(tmp_path.glob("*.onnx"))
     assert auto.classify(network, (3, 32, 32), say=say, images=None).engine == "onnxruntime"  # a service: exported
     assert auto.classify(network, (3, 32, 32), say=say, images=12).engine == "onnxruntime"  # cached now
     with torch.no_grad():

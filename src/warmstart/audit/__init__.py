@@ -63,7 +63,8 @@ def features_of(config: RunConfig, reporter: Reporter):
     model = runtime.prepare(built.model.eval())
     session = Session(config, built.data_config, runtime, reporter)
     reporter.info(runtime.engine_line())
-    forward, fingerprint = frozen_features(model, built.arch, runtime, built.data_config["input_size"], reporter.info)
+    forward, fingerprint = frozen_features(model, built.arch, runtime, built.data_config["input_size"], reporter.info,
+                                           sum(len(s) for s in built.splits.values()))
     cache = FeatureCache(config.cache_dir, fingerprint, reporter.warn)
     names = [s for s in SPLITS if s in built.splits and len(built.splits[s])]
     outs = cached_views(cache, [(View(s, eval_transform(built.data_config)), built.splits[s]) for s in names],

@@ -20,22 +20,31 @@ from .session import Session
 from .steps import FitResult, log_skipped
 
 
-def frozen_features(model: torch.nn.Module, arch: str, runtime: Runtime, input_size, say=None) -> tuple:
+def frozen_features(model: torch.nn.Module, arch: str, runtime: Runtime, input_size, say=None,
+                    images: int | None = None) -> tuple:
     """(forward, fingerprint): the model's pooled features (the classifier's input) computed by the
     run's engine, and what they depend on (the frozen weights' values and how they are computed,
-    the engine included: the feature cache never mixes rows of two engines)."""
+    the engine included: the feature cache never mixes rows of two engines). `images`: how many
+    it may compute (Runtime.frozen: a graph is exported where they repay it)."""
     return _frozen(PreLogits(model), f"{architecture(model)} pooled features", backbone_fingerprint(model), arch,
-                   runtime, input_size, say)
+                   runtime, input_size, say, images)
 
 
-def frozen_prefix(prefix: torch.nn.Module, arch: str, runtime: Runtime, input_size, say=None) -> tuple:
+def frozen_prefix(prefix: torch.nn.Module, arch: str, runtime: Runtime, input_size, say=None,
+                  images: int | None = None) -> tuple:
     """(forward, fingerprint) of the frozen prefix's activations (--cache-boundary), as `frozen_features`."""
     return _frozen(prefix, f"{arch} prefix of {len(prefix)} segments", fingerprint_tensors(prefix.state_dict()),
-                   f"{arch}|prefix={len(prefix)}", runtime, input_size, say)
+                   f"{arch}|prefix={len(prefix)}", runtime, input_size, say, images)
 
 
-def _frozen(module, name: str, weights: str, key: str, runtime: Runtime, input_size, say) -> tuple:
-    forward = runtime.frozen(module, name, weights, input_size, say)
+def passes(session: Session, splits: dict) -> int:
+    """How many images the frozen network may compute for these splits: every view of each."""
+    return len(splits["train"]) * len(training_views(session)) + \
+        sum(len(splits[s]) * len(validation_views(session)) for s in ("val", "test") if s in splits)
+
+
+def _frozen(module, name: str, weights: str, key: str, runtime: Runtime, input_size, say, images=None) -> tuple:
+    forward = runtime.frozen(module, name, weights, input_size, say, images)
     return forward, f"{key}|{runtime.precision}|cl={runtime.channels_last}|{forward.engine}|{weights}"
 
 

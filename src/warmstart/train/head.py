@@ -17,7 +17,7 @@ from ..models.outputs import PreLogits
 from ..models.tta import combine_views
 from ..models.trainable import set_train_mode
 from . import cross_fit
-from .cached import CachedBatches, CachedSplits, frozen_features, frozen_prefix
+from .cached import CachedBatches, CachedSplits, frozen_features, frozen_prefix, passes
 from .driver import Start, drive
 from .epoch import Progress, step_logger, train_one_epoch
 from .paths import FitRequest
@@ -282,7 +282,8 @@ def train_on_features(request: FitRequest) -> FitResult:
     session = request.session
     request.model.eval()
     forward, fingerprint = frozen_features(request.model, request.arch, session.runtime,
-                                           session.data_config["input_size"], session.reporter.info)
+                                           session.data_config["input_size"], session.reporter.info,
+                                           passes(session, request.splits))
     if session.config.compile and forward.engine == "torch":  # the same features, compiled
         forward = session.runtime.forward(torch.compile(session.runtime.for_inference(PreLogits(request.model))))
     cache = FeatureCache(session.cache_dir, fingerprint, session.reporter.warn)
@@ -294,7 +295,7 @@ def train_on_activations(request: FitRequest) -> FitResult:
     session, split = request.session, request.path.split
     split[0].eval()
     forward, fingerprint = frozen_prefix(split[0], request.arch, session.runtime, session.data_config["input_size"],
-                                         session.reporter.info)
+                                         session.reporter.info, passes(session, request.splits))
     cache = FeatureCache(session.cache_dir, fingerprint, session.reporter.warn)
     return fit_tail_on_activations(request.model, request.trainable, split, request.with_val_in_train(), session,
                                    (cache, forward))

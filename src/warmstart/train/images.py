@@ -22,7 +22,7 @@ from ..stop import requested
 from .checkpoint import TrainingInterrupted, rng_state, save_checkpoint, set_rng_state
 from .driver import Driven, Start, drive
 from .epoch import Progress, Totals, step_logger, train_one_epoch
-from .cached import CachedSplits, frozen_features
+from .cached import CachedSplits, frozen_features, passes
 from .head import feature_logits, scored_start
 from .probe import fit_probe
 from .mixing import BatchMixer
@@ -219,7 +219,7 @@ def probe_head(model, splits: dict, session: Session, arch: str = "", include_va
     runtime = session.runtime
     model.eval()
     forward, fingerprint = frozen_features(model, arch, runtime, session.data_config["input_size"],
-                                           session.reporter.info)
+                                           session.reporter.info, passes(session, splits))
     cache = FeatureCache(session.cache_dir, fingerprint, session.reporter.warn)
     data = CachedSplits.extract(cache, splits, forward, session, include_val=include_val)
     head = model.get_classifier()
