@@ -247,7 +247,7 @@ def _pretrained_prior(r: dict) -> list[str]:
 
 
 def _unmatched_rows(r: dict) -> list[str]:
-    lines = [f"Rows of classes the classifier does not know (`benchmarks/unmatched_rows.py`: "
+    lines = [f"Rows of classes the classifier does not know (`benchmarks/studies/unmatched_rows.py`: "
              f"{', '.join(r['hidden_classes'])} renamed to match nothing; Lite0, 224 px, A = 30):", "",
              "| photos per class | start of the renamed rows | val | val, renamed breeds | clean | clean, renamed breeds |",
              "| --- | --- | ---: | ---: | ---: | ---: |"]
@@ -259,7 +259,7 @@ def _unmatched_rows(r: dict) -> list[str]:
 
 def _clean_splits(r: dict) -> list[str]:
     c = r["clean"]
-    lines = [f"Photos no ImageNet-1k network trained on, alone (`benchmarks/clean_splits.py`): "
+    lines = [f"Photos no ImageNet-1k network trained on, alone (`benchmarks/studies/clean_splits.py`): "
              f"imagewoof-clean-val's {c['photos']} photos split {c['repeats']} times at random into K training "
              f"photos per breed and the rest to test; `best`'s view (Lite0, 288 px, whole image, flip TTA); each head "
              f"warmstart's L-BFGS probe. Mean top-1, and the difference from the L2-SP head paired split by split "
