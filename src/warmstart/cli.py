@@ -187,6 +187,24 @@ def _add_trained_model_commands(sub) -> None:
                          ServeSettings)
 
 
+def _add_source_options(parser) -> None:
+    """How `data check` and `data pack` read their data: the run settings of the same names."""
+    for name in ("allow_outside_paths", "image_column", "label_column"):
+        declared = RunConfig.__dataclass_fields__[name]
+        flag = "--" + name.replace("_", "-")
+        if declared.type in ("bool", bool):
+            parser.add_argument(flag, action="store_true", help=declared.metadata["help"])
+        else:
+            parser.add_argument(flag, default=None, metavar="NAME", help=declared.metadata["help"])
+
+
+def _source_options(args):
+    from .data.sources import SourceOptions
+
+    return SourceOptions(allow_outside_paths=args.allow_outside_paths, image_column=args.image_column,
+                         label_column=args.label_column, quiet=True)
+
+
 def _add_data_and_report_commands(sub) -> None:
     qs = sub.add_parser("quickstart", help="offline demo: EfficientNet-Lite0 features on scikit-learn's digits")
     qs.add_argument("--out", default=None)
@@ -201,12 +219,17 @@ def _add_data_and_report_commands(sub) -> None:
     dl.add_argument("--base-url", default=None, help="a mirror of the dataset's archives")
     dl.add_argument("--quiet", action="store_true")
     ck = data_sub.add_parser("check", help="scan a dataset: classes, counts, sizes, unreadable files")
-    ck.add_argument("root", help="a folder tree, CSV manifest, Stanford Dogs folder, or stanford-dogs")
+    ck.add_argument("root", help="a folder tree, CSV manifest, Stanford Dogs folder, stanford-dogs, WebDataset "
+                    "shards or hf:PATH")
     ck.add_argument("--workers", type=int, default=None)
     ck.add_argument("--json", action="store_true")
-    ck.add_argument("--allow-outside-paths", action="store_true",
-                    help="CSV manifests: read image paths outside the manifest's folder")
+    _add_source_options(ck)
 
+    pk = data_sub.add_parser("pack", help="write any data warmstart reads as WebDataset shards (+ dataset.yaml)")
+    pk.add_argument("root", help="the data (a folder tree, CSV manifest, Stanford Dogs folder, shards, hf:PATH)")
+    pk.add_argument("out", help="an empty folder for the shards")
+    pk.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+    _add_source_options(pk)
     au = data_sub.add_parser("audit", help="find likely label errors, near-duplicates (train/test leakage) and "
                              "outliers from the frozen network's features, before training (train's options)")
     au.add_argument("root", nargs="?", default=None, help="the data (as --data); --out DIR for the results "
@@ -434,9 +457,15 @@ def _cmd_data(args) -> int:
             args.data = args.root
         audit(config_from_args(args))
         return 0
+    if args.data_command == "pack":
+        from .data import pack
+
+        spec = pack(args.root, args.out, args.shard_size, _source_options(args))
+        print(f"ready: warmstart train --data {spec}")
+        return 0
     from .data.check import check_dataset
 
-    report = check_dataset(args.root, args.workers, quiet=args.json, allow_outside_paths=args.allow_outside_paths)
+    report = check_dataset(args.root, args.workers, quiet=args.json, options=_source_options(args))
     print(report.to_json() if args.json else report.to_text())
     return 1 if report.problems else 0
 

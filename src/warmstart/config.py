@@ -63,8 +63,9 @@ class RunConfig:
     recipe: str | None = setting(None, "a preset of settings (see 'warmstart recipes'); flags and the config "
                                  "file override it", group="run", choices=tuple(RECIPES))
     # what to train on
-    data: str = setting("", "ROOT with train/ and val/ or test/ class folders, ROOT/<class>/*, or a CSV manifest "
-                        "(image_path,label)", group="data", tunable=False)
+    data: str = setting("", "ROOT with train/ and val/ or test/ class folders, ROOT/<class>/*, a CSV manifest "
+                        "(image_path,label), WebDataset shards ('train-{000000..000009}.tar', a folder of them or "
+                        "their dataset.yaml), or hf:PATH (a Hugging Face dataset)", group="data", tunable=False)
     val_data: str | None = setting(None, "separate validation data (folder tree or CSV)", group="data", tunable=False)
     exclude: str | None = setting(None, "leave out the photos FILE lists (one path a line, or an audit's "
                                   "label_issues.csv, outliers.csv or duplicates.csv)", group="data", tunable=False)
@@ -76,6 +77,13 @@ class RunConfig:
                                        group="data", tunable=False)
     allow_outside_paths: bool = setting(False, "CSV manifests: read image paths outside the manifest's folder "
                                         "(refused by default)", group="data", tunable=False)
+    image_column: str | None = setting(None, "Hugging Face datasets (--data hf:PATH): the column of images, where "
+                                       "it is not the Image feature", group="data", tunable=False)
+    label_column: str | None = setting(None, "Hugging Face datasets: the column of labels, where it is not the "
+                                       "ClassLabel feature or one named label/class", group="data", tunable=False)
+    shuffle_buffer: int = setting(5000, "WebDataset shards: the training order is the shards in a seeded order, "
+                                  "each read through, mixed by a seeded buffer of this many samples (default 5000)",
+                                  group="data", bounds="[1, inf)", tunable=False)
     balance: str = setting("none", "class imbalance: none (default), sampler (class-balanced sampling), loss "
                            "(class weights)", group="data", choices=BALANCES)
     # the network and where its weights come from

@@ -101,7 +101,8 @@ def audit(config: RunConfig, reporter: Reporter | None = None,
 
     def photo(split: str, row: int) -> dict:
         index = int(rows[split][row])
-        return {"path": str(splits[split].items[index]), "split": split, "label": names[splits[split].labels[index]]}
+        item = splits[split].items[index]  # kept beside its name: a shard's sample is read through it
+        return {"path": str(item), "item": item, "split": split, "label": names[splits[split].labels[index]]}
 
     for s in splits:
         result.label_issues += [{**photo(s, i), "suggested": names[suggested], "score": round(quality, 4)}
@@ -110,10 +111,11 @@ def audit(config: RunConfig, reporter: Reporter | None = None,
     photos = [photo(s, i) for s in splits for i in range(len(rows[s]))]  # in the order of `everything`
     everything = torch.cat([feats[s] for s in splits])
     pairs = {(a, b): sim for a, b, sim in find.near_duplicates(everything, similarity)}
-    pairs.update({(a, b): 1.0 for a, b in find.identical_files([p["path"] for p in photos])})
+    pairs.update({(a, b): 1.0 for a, b in find.identical_files([p["item"] for p in photos])})
     for (a, b), sim in sorted(pairs.items(), key=lambda kv: -kv[1]):
         first, second = photos[a], photos[b]
-        result.duplicates.append({"path_a": first["path"], "path_b": second["path"], "split_a": first["split"],
+        result.duplicates.append({"path_a": first["path"], "path_b": second["path"], "item_a": first["item"],
+                                  "item_b": second["item"], "split_a": first["split"],
                                   "split_b": second["split"], "label_a": first["label"], "label_b": second["label"],
                                   "similarity": round(sim, 4)})
     groups = find.duplicate_groups(len(photos), list(pairs))

@@ -6,6 +6,7 @@ other photo)."""
 from __future__ import annotations
 
 import hashlib
+import os
 from collections import defaultdict
 
 import numpy as np
@@ -73,24 +74,41 @@ def near_duplicates(feats: torch.Tensor, threshold: float = DUPLICATE_SIMILARITY
     return [(a, b, v) for (a, b), v in pairs.items()]
 
 
-def identical_files(paths: list[str]) -> list[tuple[int, int]]:
-    """Pairs of files with the same bytes (same size, then the same SHA-256): each copy paired with
-    the first of its kind (n copies: n - 1 pairs)."""
+def identical_files(items: list) -> list[tuple[int, int]]:
+    """Pairs of photos stored as the same bytes (same size, then the same SHA-256): each copy paired
+    with the first of its kind (n copies: n - 1 pairs). Items are paths, or what reads its own
+    bytes (a shard's sample, a dataset's row); pixels in memory have no file to compare."""
     by_size = defaultdict(list)
-    for i, path in enumerate(paths):
+    for i, item in enumerate(items):
         try:
-            with open(path, "rb") as handle:
-                by_size[handle.seek(0, 2)].append(i)
-        except (OSError, TypeError):
+            by_size[_stored_size(item)].append(i)
+        except (OSError, TypeError, ValueError):
             continue
     pairs = []
     for group in (g for g in by_size.values() if len(g) > 1):
         by_hash = defaultdict(list)
         for i in group:
-            with open(paths[i], "rb") as handle:
-                by_hash[hashlib.sha256(handle.read()).hexdigest()].append(i)
+            try:
+                by_hash[hashlib.sha256(_stored_bytes(items[i])).hexdigest()].append(i)
+            except (OSError, ValueError):
+                continue
         pairs += [(same[0], other) for same in by_hash.values() for other in same[1:]]
     return pairs
+
+
+def _stored_size(item) -> int:
+    if hasattr(item, "read_bytes"):  # a shard's member knows its size from the index
+        return item.size if isinstance(getattr(item, "size", None), int) else len(item.read_bytes())
+    if isinstance(item, (str, os.PathLike)):
+        return os.path.getsize(item)
+    raise TypeError("pixels in memory, or a crop of a file")
+
+
+def _stored_bytes(item) -> bytes:
+    if hasattr(item, "read_bytes"):
+        return item.read_bytes()
+    with open(item, "rb") as handle:
+        return handle.read()
 
 
 def duplicate_groups(count: int, pairs) -> list[list[int]]:

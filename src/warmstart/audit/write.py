@@ -29,10 +29,11 @@ def write_audit(result) -> None:
     (result.out / "audit.html").write_text(_page(result), encoding="utf-8")
 
 
-def thumbnail(path: str, size: int = 120) -> str:
-    """The photo as a small inline JPEG (data: URI), or "" if it cannot be read."""
+def thumbnail(item, size: int = 120) -> str:
+    """The photo (a path, or an item of a split) as a small inline JPEG (data: URI), or "" if it
+    cannot be read."""
     try:
-        image = open_image(path)
+        image = open_image(item)
         image.thumbnail((size, size))
         buffer = io.BytesIO()
         image.convert("RGB").save(buffer, "JPEG", quality=80)
@@ -41,26 +42,26 @@ def thumbnail(path: str, size: int = 120) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _figure(path: str, caption: str) -> str:
-    return (f'<figure><img src="{thumbnail(path)}" alt=""><figcaption>{html.escape(caption)}<br>'
-            f'<small>{html.escape(Path(path).name)}</small></figcaption></figure>')
+def _figure(path: str, caption: str, item=None) -> str:
+    return (f'<figure><img src="{thumbnail(path if item is None else item)}" alt=""><figcaption>'
+            f'{html.escape(caption)}<br><small>{html.escape(Path(path).name)}</small></figcaption></figure>')
 
 
 def _issue(r: dict) -> str:
-    given = _figure(r["path"], r["split"] + ": labelled " + r["label"])
+    given = _figure(r["path"], r["split"] + ": labelled " + r["label"], r.get("item"))
     return (f'<div class="row">{given}<p>suggested <b>{html.escape(r["suggested"])}</b> '
             f'(label quality {r["score"]:.3f})</p></div>')
 
 
 def _pair(d: dict) -> str:
     leak = " — <b>leakage</b>" if d["split_a"] != d["split_b"] else ""
-    return (f'<div class="row">{_figure(d["path_a"], d["split_a"] + ": " + d["label_a"])}'
-            f'{_figure(d["path_b"], d["split_b"] + ": " + d["label_b"])}<p>similarity {d["similarity"]:.3f}{leak}</p>'
+    return (f'<div class="row">{_figure(d["path_a"], d["split_a"] + ": " + d["label_a"], d.get("item_a"))}'
+            f'{_figure(d["path_b"], d["split_b"] + ": " + d["label_b"], d.get("item_b"))}<p>similarity {d["similarity"]:.3f}{leak}</p>'
             f'</div>')
 
 
 def _outlier(o: dict) -> str:
-    return f'<div class="row">{_figure(o["path"], o["split"] + ": " + o["label"])}<p>distance {o["score"]:.3f}</p></div>'
+    return f'<div class="row">{_figure(o["path"], o["split"] + ": " + o["label"], o.get("item"))}<p>distance {o["score"]:.3f}</p></div>'
 
 
 def _page(result) -> str:

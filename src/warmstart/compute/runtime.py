@@ -11,6 +11,7 @@ import torch
 
 from ..data.batched import runs_batched
 from ..data.loaders import EpochBatches, Pass, make_loader, passes_loader
+from ..data.shards import stream_ids
 from ..data.transforms import train_transform
 from ..errors import UserError
 from ..models.fold import fold_batchnorm
@@ -171,7 +172,8 @@ class Runtime:
                         epochs: int | None = None):
         """The training images as the run sees them: its augmentation, batch size, seeded order and
         balancing, this rank's share (for `epochs`, default the run's: workers live that long)."""
-        order = EpochBatches(train_set.labels, config.batch_size, config.seed, config.balance, rank, world)
+        order = EpochBatches(train_set.labels, config.batch_size, config.seed, config.balance, rank, world,
+                             stream_ids(train_set.items), config.shuffle_buffer)
         return self.loader(train_set, train_transform(data_config, config.augment), config.batch_size,
                            config.workers, order, epochs=config.epochs if epochs is None else epochs)
 

@@ -41,7 +41,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torch.utils.data import Dataset
 
 from .. import seeds
-from .images import check_size, decode, open_image, open_lazily, stored_pixels, whole_file
+from .images import check_size, decode, encoded, open_image, open_lazily, stored_pixels
 from .batch import Batch, readable_and_skipped, reason, unreadable
 
 _RANDOM_CROPS = (RandomResizedCropAndInterpolation, T.RandomResizedCrop)
@@ -157,17 +157,23 @@ def _as_tensor(pixels) -> torch.Tensor:
 
 def read(item, jpeg_bytes: bool = True) -> tuple[str, torch.Tensor, int, int]:
     """("jpeg", file bytes, w, h) for what the GPU decoder may take, else ("pixels", uint8 CHW, w, h)."""
-    path = whole_file(item) if jpeg_bytes else None
-    if path is not None:
-        with open_lazily(path) as header:
+    source = encoded(item) if jpeg_bytes else None  # a path, or a shard member's / a dataset row's bytes
+    if source is not None:
+        with open_lazily(source) as header:
             check_size(header.width, header.height)
             plain = (header.format == "JPEG" and header.mode in ("RGB", "L")
                      and header.getexif().get(_ORIENTATION, 1) == 1)
             width, height = header.size
         # a file far larger than its pixels (data appended to a small JPEG) is not read whole: PIL
         # decodes only what the image needs
-        if plain and os.path.getsize(path) <= width * height * 3 + (16 << 20):
-            return "jpeg", torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8), width, height
+        size = source.getbuffer().nbytes if isinstance(source, io.BytesIO) else os.path.getsize(source)
+        if plain and size <= width * height * 3 + (16 << 20):
+            data = source.getvalue() if isinstance(source, io.BytesIO) else Path(source).read_bytes()
+            return "jpeg", torch.frombuffer(bytearray(data), dtype=torch.uint8), width, height
+        if isinstance(source, io.BytesIO):  # decoded here rather than read a second time
+            source.seek(0)
+            tensor = _as_tensor(np.asarray(decode(source)))
+            return "pixels", tensor, tensor.shape[-1], tensor.shape[-2]
     pixels = stored_pixels(item)
     tensor = _as_tensor(pixels if pixels is not None else np.asarray(open_image(item)))
     return "pixels", tensor, tensor.shape[-1], tensor.shape[-2]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -59,9 +61,9 @@ def inspect_image(item) -> tuple[int, int, str | None]:
 
 
 def check_dataset(data: str, workers: int | None = None, quiet: bool = False,
-                  allow_outside_paths: bool = False) -> CheckReport:
-    splits = load_source(data, options=SourceOptions(drop_empty_classes=True, allow_outside_paths=allow_outside_paths,
-                                                     quiet=quiet))
+                  allow_outside_paths: bool = False, options: SourceOptions = SourceOptions()) -> CheckReport:
+    splits = load_source(data, options=replace(options, drop_empty_classes=True, quiet=quiet,
+                                               allow_outside_paths=allow_outside_paths or options.allow_outside_paths))
     problems: list[tuple[str, str]] = []
     for split in splits.values():
         problems.extend(split.ignored)

@@ -1,4 +1,5 @@
-"""`--exclude FILE`: photos left out of every split, listed by hand (one path per line) or by an
+"""`--exclude FILE`: photos left out of every split, listed by hand (one path per line; a WebDataset
+sample by `SHARD#KEY` or its key alone) or by an
 audit (label_issues.csv, outliers.csv: their `path` column; duplicates.csv: of each pair, the
 train-side photo when a pair crosses splits, else its second photo; duplicate_groups.csv: every
 member of a group but its first)."""
@@ -17,6 +18,15 @@ from .imageset import ImageSet
 
 def _key(path) -> str:
     return os.path.normcase(os.path.abspath(str(getattr(path, "path", path))))
+
+
+def _keys(item) -> set[str]:
+    """What a list may name an item by: its path (for a shard's sample `SHARD#KEY`), and a shard
+    sample's bare key."""
+    names = {_key(item)}
+    if isinstance(getattr(item, "key", None), str):
+        names.add(_key(item.key))
+    return names
 
 
 def listed(file: str | Path) -> set[str]:
@@ -60,9 +70,10 @@ def exclude(splits: dict[str, ImageSet], file: str | Path, drop_empty_classes: b
     names = listed(file)
     seen, out = set(), {}
     for name, images in splits.items():
-        keys = [_key(item) for item in images.items]
-        seen.update(k for k in keys if k in names)
-        out[name] = images.subset([i for i, k in enumerate(keys) if k not in names])
+        keys = [_keys(item) for item in images.items]
+        matched = [k & names for k in keys]
+        seen.update(k for m in matched for k in m)
+        out[name] = images.subset([i for i, m in enumerate(matched) if not m])
         out[name].extra = dict(images.extra)
     missing = sorted(names - seen)
     if missing:

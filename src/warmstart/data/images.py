@@ -1,12 +1,14 @@
 """Opening images the way a user expects: EXIF orientation applied, always 8-bit RGB.
 
-Items are file paths, in-memory arrays (embedded data), or a `BoxedImage` (a file cropped to
-an annotated box). Anything that cannot be decoded raises; callers skip it and say so.
+Items are file paths, in-memory arrays (embedded data), a `BoxedImage` (a file cropped to an
+annotated box), or a stored file read by the item itself (`read_bytes()`: a shard's member, a
+dataset's row). Anything that cannot be decoded raises; callers skip it and say so.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +98,7 @@ def readable_photos(images) -> int:
     """How many of the images open as images (their headers read, no pixels decoded)."""
     count = 0
     for item in images.items:
-        path = whole_file(item) or getattr(item, "path", None)  # a file, or the file a crop box is in
+        path = encoded(item) or getattr(item, "path", None)  # a file, or the file a crop box is in
         if path is None:  # pixels in memory
             count += 1
             continue
@@ -136,6 +138,8 @@ def item_key(item, stat) -> str:
         return f"{hashlib.sha1(np.ascontiguousarray(item).tobytes()).hexdigest()}|{item.shape}\n"
     if isinstance(item, BoxedImage):
         return f"{item.path}|{item.box}|{stat(item.path)}\n"
+    if hasattr(item, "stat_key"):  # a stored file read by the item: where it lies, and its container's stat
+        return item.stat_key(stat) + "\n"
     return f"{item}|{stat(str(item))}\n"
 
 
@@ -143,6 +147,14 @@ def whole_file(item) -> str | None:
     """The path of an item that is a whole image file as it is stored (not an array, a crop box or a
     cache entry): what a loader may hand over as the file's bytes."""
     return str(item) if isinstance(item, (str, Path)) else None
+
+
+def encoded(item):
+    """What holds an item's encoded file as it is stored, for PIL to open: a path, the bytes of a
+    shard member or a dataset row (read here, bounded by their source's limits), else None."""
+    if hasattr(item, "read_bytes"):
+        return io.BytesIO(item.read_bytes())
+    return whole_file(item)
 
 
 def stored_pixels(item) -> np.ndarray | None:
@@ -160,4 +172,4 @@ def open_image(item, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
         return Image.fromarray(item.pixels())
     if isinstance(item, BoxedImage):
         return decode(item.path, max_pixels, box=item.box)
-    return decode(item, max_pixels)
+    return decode(encoded(item), max_pixels)

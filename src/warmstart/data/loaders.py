@@ -85,9 +85,11 @@ class EpochBatches(Sampler):
     augmentation seed, so its random view depends on (seed, epoch, index), not on worker state.
     `balance="sampler"` draws classes equally (with replacement)."""
 
-    def __init__(self, labels, batch_size: int, seed: int, balance: str = "none", rank: int = 0, world: int = 1):
+    def __init__(self, labels, batch_size: int, seed: int, balance: str = "none", rank: int = 0, world: int = 1,
+                 streams: list[int] | None = None, buffer: int = 0):
         self.labels = np.asarray(labels, dtype=np.int64)
         self.batch_size, self.seed, self.balance, self.rank, self.world = batch_size, seed, balance, rank, world
+        self.streams, self.buffer = streams, buffer
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -103,6 +105,8 @@ class EpochBatches(Sampler):
             counts = np.bincount(self.labels)
             weights = torch.as_tensor(1.0 / counts[self.labels], dtype=torch.double)
             return torch.multinomial(weights, n, replacement=True, generator=generator).tolist()
+        if self.streams is not None:
+            return streamed_order(self.streams, self.buffer, generator)
         return torch.randperm(n, generator=generator).tolist()
 
     def batches_per_epoch(self) -> int:
@@ -116,6 +120,26 @@ class EpochBatches(Sampler):
         for j in range(self.start_batch, self.batches_per_epoch()):
             mine = np.array_split(np.asarray(order[j * size:(j + 1) * size]), self.world)[self.rank]
             yield [(seed, int(i)) for i in mine]
+
+
+def streamed_order(streams: list[int], buffer: int, generator: torch.Generator) -> list[int]:
+    """The order a streaming reader gives samples stored in streams (WebDataset shards): the streams
+    in a seeded random order, each read front to back, through a seeded shuffle buffer of `buffer`
+    samples (each sample read replaces a random one of the buffer, which goes out). Reads stay
+    within ~buffer samples of one place in a shard; it is a permutation, drawn from the generator
+    alone (the same seed and epoch, the same order: resume restarts at the very batch)."""
+    members: dict[int, list[int]] = {}
+    for index, stream in enumerate(streams):
+        members.setdefault(stream, []).append(index)
+    names = list(members)
+    read = [i for s in torch.randperm(len(names), generator=generator).tolist() for i in members[names[s]]]
+    size = max(1, min(buffer, len(read)))
+    held, out = read[:size], []
+    draws = torch.randint(0, size, (max(0, len(read) - size),), generator=generator).tolist()
+    for incoming, slot in zip(read[size:], draws):
+        out.append(held[slot])
+        held[slot] = incoming
+    return out + [held[i] for i in torch.randperm(len(held), generator=generator).tolist()]
 
 
 def class_weights(labels, num_classes: int) -> torch.Tensor:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 from ...errors import UserError
 from ..imageset import ImageSet, stratified_split
-from . import csv_manifest, digits, folder_tree, stanford_dogs, synthetic
+from . import csv_manifest, digits, folder_tree, hf, stanford_dogs, synthetic, webdataset
 from .options import SPLIT_NAMES, SourceOptions
 
-SOURCES = [digits, synthetic, stanford_dogs, csv_manifest, folder_tree]
+SOURCES = [digits, synthetic, hf, stanford_dogs, webdataset, csv_manifest, folder_tree]
 BUILTIN_DIGITS = digits.NAME
 SYNTHETIC = synthetic.NAME
 
@@ -27,7 +27,8 @@ def load_source(data: str, class_ids: list[str] | None = None,
     if source is None:
         root = Path(data).expanduser()
         if not data:
-            raise UserError("no training data: pass --data ROOT (an image-folder tree or a CSV manifest)")
+            raise UserError("no training data: pass --data ROOT (an image-folder tree, a CSV manifest, WebDataset "
+                            "shards or hf:PATH)")
         if not root.exists():
             raise UserError(f"data path {root} does not exist: pass --data ROOT with your images")
         raise UserError(f"--data {root} is a file but not a .csv manifest")

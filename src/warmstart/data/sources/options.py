@@ -16,7 +16,10 @@ class SourceOptions:
     drop_empty_classes: bool = False  # leave out class folders without images
     allow_outside_paths: bool = False  # CSV manifests: paths outside the manifest's folder
     quiet: bool = False  # no download progress
+    image_column: str | None = None  # Hugging Face datasets: the column of images, where not the obvious one
+    label_column: str | None = None  # … and of labels
 
     @classmethod
     def of(cls, config) -> "SourceOptions":
-        return cls(config.crop_to_box, config.drop_empty_classes, config.allow_outside_paths, config.quiet)
+        return cls(config.crop_to_box, config.drop_empty_classes, config.allow_outside_paths, config.quiet,
+                   config.image_column, config.label_column)
