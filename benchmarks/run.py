@@ -12,7 +12,7 @@ import argparse
 import json
 
 from . import (audit, calibration, engine, feature_extractor, fine_tune, hard_set, image_path, int8, pretrained_prior,
-               recipes, serve_load)
+               recipes, serve_load, sources)
 from .common import RESULTS, ROOT
 
 # the maintained benchmarks, each run by `--only NAME`; the one-off studies (benchmarks/studies/) run on their own,
@@ -20,7 +20,7 @@ from .common import RESULTS, ROOT
 SUITES = {name: module.run for name, module in {
     "feature_extractor": feature_extractor, "fine_tune": fine_tune, "image_path": image_path, "serve_load": serve_load,
     "int8": int8, "recipes": recipes, "hard_set": hard_set, "pretrained_prior": pretrained_prior,
-    "calibration": calibration, "audit": audit, "engine": engine}.items()}
+    "calibration": calibration, "audit": audit, "engine": engine, "sources": sources}.items()}
 SUITES["calibration_held_out"] = lambda quick: calibration.held_out((0,) if quick else (0, 1, 2))
 SUITES["serve_slow_bodies"] = serve_load.slow_bodies
 
@@ -461,6 +461,27 @@ def _engine(r: dict) -> list[str]:
     return lines + [""]
 
 
+def _sources(r: dict) -> list[str]:
+    lines = [f"### 15. Data at scale: a folder, WebDataset shards and a parquet dataset ({'quick; ' if r['quick'] else ''}"
+             f"the same {r['photos']:,} train photos of imagewoof-mini)", "", f"Machine: {_machine_line(r['machine'])}",
+             "", f"Command: `{r['command']}`. `warmstart data pack` wrote the shards (250 samples each) in "
+             f"{r['pack_seconds']:.1f} s; the parquet files took {r['parquet_seconds']:.1f} s. Image path: one process "
+             "decoding the training view in the order training reads (for shards the streamed order: shards in turn "
+             "through the 5,000-sample buffer). Extraction and top-1: `train --augment none --seed 0` on each (a "
+             "subprocess; Lite0, 224 px, 10 epochs on the cached features).", "",
+             "| source | listing (s) | image path img/s | extraction img/s | val top-1 | wall (s) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, row in r["rows"].items():
+        lines.append(f"| {name} | {row['list_seconds']:.2f} | {row['image_path_images_per_sec']:.1f} | "
+                     f"{row['extraction_images_per_sec']:.1f} | {100 * row['top1']:.2f}% | {row['wall_seconds']:.1f} |")
+    t = r["torchrun"]
+    one, two = t["one_process"], t["two_processes"]
+    lines += ["", f"torchrun on the shards (`--nproc 2` on the same 2 cores: each rank extracts half): one process "
+              f"{100 * one['top1']:.2f}% in {one['wall_seconds']:.1f} s, two processes {100 * two['top1']:.2f}% in "
+              f"{two['wall_seconds']:.1f} s ({'the same top-1' if t['same_top1'] else 'top-1 differs'}).", ""]
+    return lines
+
+
 SECTIONS = [  # (result, renderer, the command that produced it), in the order of their numbers
     ("feature_extractor", _feature_extractor, "python -m benchmarks.run --only feature_extractor"),
     ("fine_tune", _fine_tune, "python -m benchmarks.run --only fine_tune"),
@@ -483,6 +504,7 @@ SECTIONS = [  # (result, renderer, the command that produced it), in the order o
     ("audit", _audit, "python -m benchmarks.run --only audit"),
     ("before_after", _before_after, "python -m benchmarks.studies.before_after --base REV"),
     ("engine", _engine, "python -m benchmarks.run --only engine"),
+    ("sources", _sources, "python -m benchmarks.run --only sources"),
 ]
 
 
