@@ -131,16 +131,17 @@ def test_a_member_claiming_gigabytes_is_skipped_from_its_header(tmp_path):
     assert any("huge" in item and ("limit" in reason or "truncated" in reason) for item, reason in train.ignored)
 
 
-def test_data_check_and_train_on_hostile_shards_speak_in_lines(tmp_path, color_tree):
+def test_data_check_and_train_on_hostile_shards_speak_in_lines(tmp_path, color_tree, capsys):
+    from warmstart.cli import main
+
     pack(str(color_tree), str(tmp_path / "wds"), shard_size=12, say=lambda _: None)
     (tmp_path / "wds" / "train-000001.tar").write_bytes(b"garbage" * 50)
-    check = subprocess.run([sys.executable, "-m", "warmstart", "data", "check", str(tmp_path / "wds"), "--json"],
-                           capture_output=True, text=True, timeout=120)
-    assert check.returncode == 1 and "Traceback" not in check.stderr
-    assert any("not an uncompressed tar" in reason for _, reason in json.loads(check.stdout)["problems"])
-    missing = subprocess.run([sys.executable, "-m", "warmstart", "train", "--data", str(tmp_path / "none-{0..3}.tar"),
-                              "--epochs", "1", "--quiet"], capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 2 and "Traceback" not in missing.stderr and len(missing.stderr.splitlines()) == 1
+    assert main(["data", "check", str(tmp_path / "wds"), "--json", "--workers", "0"]) == 1
+    problems = json.loads(capsys.readouterr().out)["problems"]
+    assert any("not an uncompressed tar" in reason for _, reason in problems)
+    assert main(["train", "--data", str(tmp_path / "none-{0..3}.tar"), "--epochs", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and "none-0.tar" in err
 
 
 def test_the_streamed_order_is_a_seeded_permutation_that_reads_shards_in_turn():
@@ -192,7 +193,7 @@ def test_hugging_face_datasets_read_the_same_photos(color_tree, tmp_path, parque
     assert splits["val"].class_names == folder["val"].class_names  # from the ClassLabel feature
 
 
-def test_hugging_face_columns_are_found_or_named(tmp_path):
+def test_hugging_face_columns_are_found_or_named(tmp_path, capsys):
     datasets = pytest.importorskip("datasets")
     rows = {"photo_bytes": [{"bytes": _jpeg(), "path": None}] * 4, "breed": ["a", "b", "a", None]}
     data = datasets.Dataset.from_dict(rows, features=datasets.Features({"photo_bytes": datasets.Image(),
@@ -204,17 +205,18 @@ def test_hugging_face_columns_are_found_or_named(tmp_path):
         load_source(f"hf:{tmp_path / 'd'}", options=SourceOptions(label_column="nope"))
     images = load_source(f"hf:{tmp_path / 'd'}", options=SourceOptions(label_column="breed"))["all"]
     assert images.class_ids == ["a", "b"] and images.labels == [0, 1, 0] and "no label" in images.ignored[0][1]
-    missing = subprocess.run([sys.executable, "-m", "warmstart", "train", "--data", f"hf:{tmp_path / 'nothing'}",
-                              "--epochs", "1", "--quiet"], capture_output=True, text=True, timeout=120)
-    assert missing.returncode == 2 and len(missing.stderr.splitlines()) == 1, missing.stderr
+    from warmstart.cli import main
+
+    assert main(["train", "--data", f"hf:{tmp_path / 'nothing'}", "--epochs", "1", "--quiet"]) == 2
 
 
-def test_a_missing_extra_is_one_line_naming_it(tmp_path):
-    script = ("import sys; sys.modules['datasets'] = None\n"
-              "from warmstart.cli import main\n"
-              f"sys.exit(main(['train', '--data', 'hf:{tmp_path}', '--epochs', '1', '--quiet']))")
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2 and "pip install 'warmstart[hf]'" in out.stderr and "Traceback" not in out.stderr
+def test_a_missing_extra_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    from warmstart.cli import main
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as where the extra is not installed
+    assert main(["train", "--data", f"hf:{tmp_path}", "--epochs", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'warmstart[hf]'" in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.slow
@@ -235,8 +237,8 @@ def test_training_on_packed_shards_and_parquet_matches_the_folder_run(tmp_path):
     runs = {}
     for name, data in (("folder", str(tree)), ("shards", str(spec.parent / "train-{000000..000004}.tar")),
                        ("parquet", f"hf:{hf}")):
-        result = train(RunConfig(data=data, epochs=4, augment="none", quiet=True, seed=5, workers=0,
-                                 out=str(tmp_path / name)))
+        result = train(RunConfig(data=data, epochs=4, augment="none", input_size=160, quiet=True, seed=5,
+                                 workers=0, out=str(tmp_path / name)))
         runs[name] = result.metrics
     assert runs["folder"]["num_classes"] == runs["shards"]["num_classes"] == runs["parquet"]["num_classes"] == 5
     assert runs["folder"]["val_images"] == runs["shards"]["val_images"] == runs["parquet"]["val_images"] == 50

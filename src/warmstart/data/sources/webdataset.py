@@ -20,6 +20,10 @@ def load(data: str, class_ids: list[str] | None, options: SourceOptions) -> dict
         raise UserError(f"--data {data} names no shards: expected a pattern such as 'train-{{000000..000009}}.tar', "
                         f"a folder of .tar files, or a dataset.yaml")
     first = "train" if "train" in sets else "all"
+    local = [s for s in sets.get(first, []) if shards.is_local(s)]
+    if local and len(local) == len(sets[first]) and not any(shards.local_path(s).is_file() for s in local):
+        raise UserError(f"--data {data}: none of its {len(local)} {first} shard(s) exists, e.g. {local[0]}: "
+                        f"check the pattern")
     indexed = {name: shards.index_shards(sets[name]) for name in (first, *[n for n in sets if n != first])}
     classes = class_ids or named_classes or _classes_from(indexed[first].labels, data)
     by_index = named_classes is not None or (class_ids is not None and not all(c.isdigit() for c in class_ids))
