@@ -291,7 +291,7 @@ def test_3_forty_slow_bodies_never_take_predict_down(color_run):
 
     server = Server(color_run[0])
     try:
-        result = probe_while_trickled(server.url, png(Image.new("RGB", (64, 64), (200, 30, 30))), seconds=15)
+        result = probe_while_trickled(server.url, png(Image.new("RGB", (64, 64), (200, 30, 30))), seconds=8)
     finally:
         log = server.stop()
     assert result["ok"] == result["health_ok"] == result["requests"] >= 10, result

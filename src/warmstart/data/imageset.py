@@ -9,6 +9,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+SPLIT_NAMES = ("train", "val", "test")
+# what a folder, a file or a dataset's split may be called, and the split it is
+SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "eval": "val", "test": "test"}
+
 
 @dataclass
 class ImageSet:

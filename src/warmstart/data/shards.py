@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from .images import IMAGE_EXTENSIONS
+from .imageset import SPLIT_ALIASES
 
 LABEL_EXTENSIONS = ("cls", "json")
 MAX_LABEL_BYTES = 64 << 10
@@ -132,8 +133,6 @@ def _listed(path: Path) -> list[str] | None:
 
 def split_sets(data: str) -> tuple[dict[str, list[str]], list[str] | None, str]:
     """({split or "all": shards}, class ids from dataset.yaml or None, where they were named)."""
-    from .sources.options import SPLIT_ALIASES
-
     path = None if is_url(data) else local_path(data)
     if path is not None and path.is_dir() and (path / SPEC_FILE).is_file():
         path = path / SPEC_FILE
@@ -176,8 +175,6 @@ def _from_spec(spec: Path) -> tuple[dict[str, list[str]], list[str] | None, str]
     """dataset.yaml: `train:`, `val:`, `test:` (a pattern or a list of shards, relative to the
     file) and `classes:` (the class ids in label order)."""
     import yaml
-
-    from .sources.options import SPLIT_ALIASES
 
     try:
         content = yaml.safe_load(spec.read_text(encoding="utf-8")) or {}

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-SPLIT_NAMES = ("train", "val", "test")
-SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "eval": "val", "test": "test"}
+from ..imageset import SPLIT_ALIASES, SPLIT_NAMES  # noqa: F401 (what the sources import from here)
 
 
 @dataclass(frozen=True)
