@@ -245,6 +245,10 @@ def test_training_on_packed_shards_and_parquet_matches_the_folder_run(tmp_path):
     assert runs["folder"]["top1"] >= 0.8
     assert abs(runs["shards"]["top1"] - runs["folder"]["top1"]) <= 0.005
     assert abs(runs["parquet"]["top1"] - runs["folder"]["top1"]) <= 0.005
+    from warmstart.evaluate import evaluate_run  # `eval --data`: the folder's run on the shards, the same photos
+
+    on_shards = evaluate_run(tmp_path / "folder", str(spec), workers=0)
+    assert on_shards.top1 == runs["folder"]["top1"] and on_shards.num_images == 50
 
 
 TORCHRUN_KEYS = """

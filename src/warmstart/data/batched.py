@@ -27,7 +27,7 @@ import os
 import queue
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -43,6 +43,7 @@ from torch.utils.data import Dataset
 from .. import seeds
 from .images import check_size, decode, encoded, open_image, open_lazily, stored_pixels
 from .batch import Batch, readable_and_skipped, reason, unreadable
+from .resample import SUPPORT, Axis, groups, resample, resample_with_pil
 
 _RANDOM_CROPS = (RandomResizedCropAndInterpolation, T.RandomResizedCrop)
 _GEOMETRY = (*_RANDOM_CROPS, T.Resize, T.CenterCrop)
@@ -112,6 +113,45 @@ class TensorView:
                 image = step(image)  # Resize and CenterCrop run on tensors as they do on PIL images
         return image
 
+    def axes(self, chosen: tuple, height: int, width: int) -> tuple[Axis, Axis, str] | None:
+        """The view's geometry of an image of this size as one resample per axis (rows, columns) and
+        its filter, for resample.resample; None where it is not one (two resizes in a row, a crop
+        larger than the image, a filter other than PIL's bilinear or bicubic)."""
+        rows, columns, kind, flipped = Axis(0, height, height, 0, height), Axis(0, width, width, 0, width), None, False
+        for step, choice in zip(self.steps, chosen):
+            if isinstance(step, _TO_TENSOR):
+                break
+            if isinstance(step, (*_RANDOM_CROPS, T.Resize)):
+                mode = _mode(step.interpolation).value
+                if kind is not None or flipped or mode not in SUPPORT or getattr(step, "max_size", None):
+                    return None
+                kind = mode
+                if isinstance(step, _RANDOM_CROPS):
+                    top, left, h, w = _inside(choice, height, width)
+                    out_h, out_w = step.size
+                    rows, columns = Axis(top, h, out_h, 0, out_h), Axis(left, w, out_w, 0, out_w)
+                else:
+                    out_h, out_w = _resized(step.size, height, width)
+                    rows, columns = Axis(0, height, out_h, 0, out_h), Axis(0, width, out_w, 0, out_w)
+            elif isinstance(step, T.CenterCrop):
+                crop_h, crop_w = (step.size, step.size) if isinstance(step.size, int) else tuple(step.size)
+                if flipped or crop_h > rows.count or crop_w > columns.count:
+                    return None
+                rows = replace(rows, first=rows.first + int(round((rows.count - crop_h) / 2.0)), count=crop_h)
+                columns = replace(columns, first=columns.first + int(round((columns.count - crop_w) / 2.0)),
+                                  count=crop_w)
+            elif isinstance(step, T.RandomHorizontalFlip) and choice:
+                columns, flipped = replace(columns, flip=not columns.flip), True
+        return rows, columns, kind or "bilinear"  # no resize at all: the identity, whatever the filter
+
+    def shaped(self, image: torch.Tensor, chosen: tuple) -> torch.Tensor:
+        """One uint8 image at the view's size on a loader worker: through PIL, as the device stage
+        computes it, where the geometry is one resample per axis (else torch's kernels)."""
+        plan = self.axes(chosen, image.shape[-2], image.shape[-1])
+        if plan is None or min(image.shape[-2:]) == 0:
+            return self.geometry(image, chosen).contiguous()
+        return resample_with_pil(image, *plan)
+
     def finish(self, batch: torch.Tensor, chosen: list[tuple]) -> torch.Tensor:
         """The steps from to-tensor on, for the whole NCHW batch at once: uint8, or float on the 0-255
         scale, clamped and rounded here as resizing uint8 images would have done one by one."""
@@ -128,6 +168,16 @@ class TensorView:
                 flip = torch.tensor([c[i] for c in chosen], device=batch.device)
                 batch = torch.where(flip.view(-1, 1, 1, 1), batch.flip(-1), batch)
         return batch
+
+
+def _resized(size, height: int, width: int) -> tuple[int, int]:
+    """torchvision's output size of Resize(size) on an image of this size."""
+    if isinstance(size, int) or len(size) == 1:
+        short_side = size if isinstance(size, int) else size[0]
+        short, long = (width, height) if width <= height else (height, width)
+        new_long = int(short_side * long / short)
+        return (new_long, short_side) if width <= height else (short_side, new_long)
+    return int(size[0]), int(size[1])
 
 
 def _inside(box: tuple, height: int, width: int) -> tuple:
@@ -237,7 +287,7 @@ class RawImageDataset(Dataset):
             kind, data, width, height = read(item, self.jpeg_bytes)
             chosen = self.view.draw(width, height, seed, index)
             if kind == "pixels" and width * height > SHAPE_ON_WORKER_ABOVE * self.view.out_pixels:
-                kind, data = "shaped", self.view.geometry(data, chosen).contiguous()  # small through shared memory
+                kind, data = "shaped", self.view.shaped(data, chosen)  # small through shared memory
         except Exception as exc:  # any reading failure: report it, keep the run alive
             return unreadable(item, exc, index)
         return (kind, data, width * height, chosen, str(item)), self.images.labels[index], index
@@ -335,8 +385,16 @@ class DevicePipeline:
 
     def __call__(self, raw: RawBatch) -> Batch:
         skipped, skipped_indices = list(raw.skipped), list(raw.skipped_indices)
+        decoded = [ValueError(f"an image of {image.shape[-1]}x{image.shape[-2]} pixels: nothing to resize")
+                   if not isinstance(image, Exception) and min(image.shape[-2:]) == 0 else image
+                   for image in decode_all(raw.kinds, raw.data, self.device, self.batch_decode, raw.pixels)]
+        shaped = self._resampled(decoded, raw)
         images, keep = [], []
-        for i, image in enumerate(decode_all(raw.kinds, raw.data, self.device, self.batch_decode, raw.pixels)):
+        for i, image in enumerate(decoded):
+            if shaped is not None and not isinstance(image, Exception):
+                images.append(shaped[i])
+                keep.append(i)
+                continue
             if not isinstance(image, Exception):
                 try:
                     # resized in float: the uint8 path's per-image cast back and rounding (several small
@@ -352,11 +410,49 @@ class DevicePipeline:
         if not images:
             empty = torch.empty(0, dtype=torch.long)
             return Batch(torch.empty(0), empty, empty, skipped, skipped_indices)
-        batch = self.view.finish(torch.stack(images), [raw.chosen[i] for i in keep])
+        batch = self.view.finish(torch.stack(images) if shaped is None else torch.cat([shaped[i][None] for i in keep])
+                                 if len(keep) < len(shaped) else shaped.stacked, [raw.chosen[i] for i in keep])
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         keep_t = torch.tensor(keep, dtype=torch.long)
         return Batch(batch, raw.labels[keep_t], raw.indices[keep_t], skipped, skipped_indices)
+
+
+    def _resampled(self, decoded: list, raw: RawBatch) -> "Resampled | None":
+        """Every decoded image cropped, resized and flipped to the view in a constant number of
+        operations per group (data.resample: PIL's own filters), or None where the view's geometry
+        is not one resample per axis for some image (then each image goes its own way, as before)."""
+        good = [i for i, image in enumerate(decoded) if not isinstance(image, Exception)]
+        plans = {}
+        for i in good:
+            height, width = decoded[i].shape[-2:]
+            plans[i] = ((Axis(0, height, height, 0, height), Axis(0, width, width, 0, width), None)
+                        if raw.kinds[i] == "shaped" else self.view.axes(raw.chosen[i], height, width))
+        if not good or any(plan is None for plan in plans.values()):
+            return None
+        kinds = {plan[2] for plan in plans.values()} - {None}
+        if len(kinds) > 1 or len({(p[0].count, p[1].count) for p in plans.values()}) != 1:
+            return None
+        kind = kinds.pop() if kinds else "bilinear"
+        parts = []
+        for group in groups([tuple(decoded[i].shape[-2:]) for i in good]):
+            members = [good[g] for g in group]
+            parts.append(resample([decoded[i] for i in members], [plans[i][0] for i in members],
+                                  [plans[i][1] for i in members], kind))
+        return Resampled(good, torch.cat(parts) if len(parts) > 1 else parts[0])
+
+
+class Resampled:
+    """The resampled images of a batch by their position in it (the unreadable ones left out)."""
+
+    def __init__(self, positions: list[int], stacked: torch.Tensor):
+        self.row, self.stacked = {p: r for r, p in enumerate(positions)}, stacked
+
+    def __len__(self) -> int:
+        return len(self.row)
+
+    def __getitem__(self, position: int) -> torch.Tensor:
+        return self.stacked[self.row[position]]
 
 
 class DeviceBatches:
