@@ -8,9 +8,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from ...errors import UserError
-from ..imageset import ImageSet, stratified_split
+from ..imageset import SPLIT_NAMES, ImageSet, stratified_split
 from . import csv_manifest, digits, folder_tree, hf, stanford_dogs, synthetic, webdataset
-from .options import SPLIT_NAMES, SourceOptions
+from .options import SourceOptions
 
 SOURCES = [digits, synthetic, hf, stanford_dogs, webdataset, csv_manifest, folder_tree]
 BUILTIN_DIGITS = digits.NAME

@@ -7,8 +7,8 @@ import csv
 from pathlib import Path
 
 from ...errors import UserError
-from ..imageset import ImageSet, readable_class_names
-from .options import SPLIT_ALIASES, SourceOptions
+from ..imageset import SPLIT_ALIASES, ImageSet, readable_class_names
+from .options import SourceOptions
 
 
 def detect(data: str) -> bool:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from ...errors import UserError
 from ..images import is_hidden_or_system, is_image_file
-from ..imageset import ImageSet, readable_class_names
-from .options import SPLIT_ALIASES, SourceOptions
+from ..imageset import SPLIT_ALIASES, ImageSet, readable_class_names
+from .options import SourceOptions
 
 
 def detect(data: str) -> bool:

@@ -16,9 +16,9 @@ from functools import lru_cache
 from pathlib import Path
 
 from ...errors import UserError
-from ..imageset import ImageSet, readable_class_names
+from ..imageset import SPLIT_ALIASES, ImageSet, readable_class_names
 from ..shards import MAX_MEMBER_BYTES
-from .options import SPLIT_ALIASES, SourceOptions
+from .options import SourceOptions
 
 PREFIX = "hf:"
 HF_EXTRA = "pip install 'warmstart[hf]'"

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..imageset import SPLIT_ALIASES, SPLIT_NAMES  # noqa: F401 (what the sources import from here)
-
 
 @dataclass(frozen=True)
 class SourceOptions:
