@@ -4,6 +4,10 @@ fallbacks, and whole runs through it."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -479,3 +483,44 @@ def test_the_device_decodes_jpegs_in_groups_bounded_by_pixels(monkeypatch, odd_f
     decoded = decode_all(["jpeg"] * 9, [payload] * 9, CPU, batch_decode, pixels)
     assert calls == [3, 3, 1, 1, 1] and all(d.shape == (3, 90, 120) for d in decoded)
     assert batched.pixel_groups([0, 1, 2], [5, 5, 5], 10) == [[0, 1], [2]]
+
+
+PREPARING = """
+import itertools, sys, threading, time
+from warmstart.data.batched import ahead_of_time
+from warmstart.stop import StopRequest, Stopped, check
+
+def prepare(item):
+    time.sleep(0.05)
+    return item
+
+with StopRequest():
+    try:
+        for item in ahead_of_time(itertools.count(), prepare, 2, threads=int(sys.argv[1])):
+            check()
+            print("batch", item, flush=True)
+    except Stopped as stop:
+        print("stopped", stop.signum, "threads left", threading.active_count(), flush=True)
+"""
+
+
+@pytest.mark.slow  # a process each (~4 s of imports)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_the_preparing_threads_shut_down_cleanly_on_a_signal(tmp_path, signum):
+    """Several preparing threads (issue 35), results in order; a stop request ends the loop at the
+    next batch and every thread with it: the process exits at once, nothing left running."""
+    script = tmp_path / "preparing.py"
+    script.write_text(PREPARING)
+    process = subprocess.Popen([sys.executable, str(script), "3"], stdout=subprocess.PIPE, text=True)
+    seen = [process.stdout.readline() for _ in range(5)]
+    assert seen == [f"batch {i}\n" for i in range(5)]  # in order though three threads prepare them
+    process.send_signal(signum)
+    out, _ = process.communicate(timeout=10)
+    assert process.returncode == 0 and f"stopped {int(signum)} threads left 1" in out, out
+
+
+def test_two_preparing_threads_on_a_many_core_gpu_host_one_elsewhere():
+    from warmstart.data.batched import preparing_threads
+
+    assert preparing_threads(torch.device("cpu"), 16) == 1
+    assert preparing_threads(torch.device("cuda", 0), 16) == 2 and preparing_threads(torch.device("cuda", 0), 4) == 1

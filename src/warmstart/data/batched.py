@@ -459,8 +459,9 @@ class DeviceBatches:
     """A DataLoader of RawBatches seen as Batches: each decoded and augmented by a background thread
     (on a CUDA device, in its own stream) while the previous batch trains, up to `ahead` batches."""
 
-    def __init__(self, loader, pipeline: DevicePipeline, ahead: int = 2):
+    def __init__(self, loader, pipeline: DevicePipeline, ahead: int = 2, threads: int | None = None):
         self.loader, self.pipeline, self.ahead = loader, pipeline, ahead
+        self.threads = preparing_threads(pipeline.device) if threads is None else threads
 
     @property
     def batch_sampler(self):
@@ -470,26 +471,38 @@ class DeviceBatches:
         return len(self.loader)
 
     def __iter__(self):
-        return prepared_ahead(self.loader, self.pipeline, self.pipeline.device, self.ahead)
+        return prepared_ahead(self.loader, self.pipeline, self.pipeline.device, self.ahead, self.threads)
 
 
-def prepared_ahead(items, prepare, device: torch.device, ahead: int = 2):
-    """prepare(item) for each item by a background thread, up to `ahead` ready before they are
-    taken (on a CUDA device in a side stream the consumer's stream then waits for): the device
-    stage of a loader overlaps the work on the previous batch. Items are Batches, or (number,
-    Batch) pairs of a loader of several passes."""
-    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+def preparing_threads(device: torch.device, cores: int | None = None) -> int:
+    """Threads that prepare batches on `device`: one on a CPU (the loader's workers have the cores);
+    on a GPU two where there are 8 cores or more, so that one batch's decode overlaps the previous
+    one's resize (issue 35: one thread was ~85% busy on a 16-core H200 host), each in its own stream."""
+    if torch.device(device).type != "cuda":
+        return 1
+    cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    return 2 if cores >= 8 else 1
+
+
+def prepared_ahead(items, prepare, device: torch.device, ahead: int = 2, threads: int = 1):
+    """prepare(item) for each item by `threads` background threads, up to `ahead` ready before they
+    are taken, in order (on a CUDA device each thread in its own side stream, which the consumer's
+    stream then waits for): the device stage of a loader overlaps the work on the previous batch.
+    Items are Batches, or (number, Batch) pairs of a loader of several passes."""
+    local = threading.local()
 
     def run(item):
-        if stream is None:
+        if device.type != "cuda":
             return prepare(item), None
-        with torch.cuda.stream(stream):
+        if not hasattr(local, "stream"):
+            local.stream = torch.cuda.Stream(device)
+        with torch.cuda.stream(local.stream):
             out = prepare(item)
             ready = torch.cuda.Event()
-            ready.record(stream)
+            ready.record(local.stream)
         return out, ready
 
-    for out, ready in ahead_of_time(items, run, ahead):
+    for out, ready in ahead_of_time(items, run, ahead, threads):
         if ready is not None:  # the consumer's stream waits for the side stream's work, not the host
             current = torch.cuda.current_stream(device)
             current.wait_event(ready)
@@ -499,9 +512,13 @@ def prepared_ahead(items, prepare, device: torch.device, ahead: int = 2):
         yield out
 
 
-def ahead_of_time(items, prepare, ahead: int):
-    """prepare(item) for each item, by a background thread, at most `ahead` ready before they are
-    taken; in order. An error in the thread is raised here; leaving the loop early stops the thread."""
+def ahead_of_time(items, prepare, ahead: int, threads: int = 1):
+    """prepare(item) for each item, by background threads, at most `ahead` ready before they are
+    taken; in order. An error in a thread is raised here; leaving the loop early (a stop, an error,
+    a break) stops the threads."""
+    if threads > 1:
+        yield from _ahead_in_a_pool(items, prepare, ahead, threads)
+        return
     ready: queue.Queue = queue.Queue(maxsize=max(1, ahead))
     done, stop = object(), threading.Event()
 
@@ -536,3 +553,27 @@ def ahead_of_time(items, prepare, ahead: int):
     finally:
         stop.set()
         thread.join(timeout=5)
+
+
+def _ahead_in_a_pool(items, prepare, ahead: int, threads: int):
+    """ahead_of_time with several preparing threads: one reader hands items (a loader's batches, read
+    in order: a DataLoader is not to be iterated from two threads) to a pool of `threads`, and the
+    results come back in order, at most `ahead` + `threads` in flight."""
+    from collections import deque
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="warmstart-batches")
+    reader = ahead_of_time(items, lambda item: item, max(1, ahead))
+    pending: deque = deque()
+    try:
+        for item in reader:
+            pending.append(pool.submit(prepare, item))
+            if len(pending) > ahead + threads - 1:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        reader.close()
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
