@@ -320,3 +320,26 @@ def test_audit_and_exclude_name_shard_samples(color_tree, tmp_path, capsys):
                      "--epochs", "1", "--out", str(tmp_path / f"run-{listing.stem}"), *options[:-1]]) == 0
         line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("data:"))
         assert "36 train" in line and "(1 excluded" in line, line
+
+
+def test_shards_at_an_fsspec_url_are_indexed_as_a_stream_and_read_by_position(color_tree, tmp_path):
+    """Any fsspec URL (here its in-memory filesystem, as s3:// or gs:// would be with their backend):
+    the index is one sequential pass over each shard, each photo one positioned read."""
+    fsspec = pytest.importorskip("fsspec")
+    pack(str(color_tree), str(tmp_path / "wds"), shard_size=10, say=lambda _: None)
+    memory = fsspec.filesystem("memory")
+    for shard in sorted((tmp_path / "wds").glob("*.tar")):
+        memory.pipe(f"/bucket/{shard.name}", shard.read_bytes())
+    remote = load_source("memory://bucket/train-{000000..000003}.tar")
+    local = load_source(str(tmp_path / "wds"))
+    assert sorted(remote) == ["all"] and remote["all"].labels == local["train"].labels
+    assert str(remote["all"].items[0]).startswith("memory://bucket/train-000000.tar#")
+    assert np.array_equal(np.asarray(open_image(remote["all"].items[17])), np.asarray(open_image(local["train"].items[17])))
+    whole = tmp_path / "wds" / "train-000000.tar"
+    with tarfile.open(whole) as archive:
+        cut = archive.getmembers()[4].offset_data + 10  # inside the third sample's image
+    memory.pipe("/bucket/broken-0.tar", whole.read_bytes()[:cut])
+    broken = load_source("memory://bucket/broken-0.tar")["all"]  # a stream that ends early
+    assert len(broken) == 2 and any("ends early" in reason for _, reason in broken.ignored), broken.ignored
+    with pytest.raises(UserError, match="cannot open|no shards|image and a label"):
+        load_source("nosuchprotocol://bucket/train-{0..1}.tar")
