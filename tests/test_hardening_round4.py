@@ -373,9 +373,10 @@ def test_16_small_things(color_run, tmp_path, capsys):
     from warmstart.serve.settings import ServeSettings
 
     run_dir, root = color_run
-    with TestClient(create_app(ServeSettings(model=str(run_dir)))) as client:
+    with TestClient(create_app(ServeSettings(model=str(run_dir), engine="torch"))) as client:  # (no graph export)
         assert client.head("/health").status_code == 200 and client.head("/").status_code == 200
         assert client.get("/health").json()["status"] == "ok"
+        assert client.get("/metadata").json()["engine"] == "torch"  # serve --engine, as eval/predict/report
     assert size_text(300 * 1024) == "300.0 KB" and size_text(10 * 2**20) == "10.0 MB" and size_text(5) == "5 bytes"
     assert main(["train", "--data", str(root), "--exclude", str(tmp_path), *FAST]) == 2
     assert f"--exclude {tmp_path} is a folder" in _one_line(capsys)

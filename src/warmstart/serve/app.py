@@ -258,7 +258,7 @@ def add_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(settings: ServeSettings) -> FastAPI:
-    backend = load_backend(settings.model)
+    backend = load_backend(settings.model, settings.engine)
     batcher = MicroBatcher(backend, settings.max_batch, settings.max_wait_ms, settings.batching)
     decoder = Decoder(settings, backend.shrink)
 
@@ -324,7 +324,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
     @app.get("/metadata")
     async def metadata():
         return {**backend.meta, "precision": backend.meta.get("precision", "fp32"),
-                "server": {k: v for k, v in asdict(settings).items() if k != "model"}, "backend": type(backend).__name__}
+                "server": {k: v for k, v in asdict(settings).items() if k != "model"}, "backend": type(backend).__name__,
+                "engine": getattr(backend, "engine", "onnxruntime")}
 
     @app.get("/", response_class=HTMLResponse)
     @app.head("/", response_class=HTMLResponse, include_in_schema=False)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import asdict, dataclass, fields
 
-from ..config import check_declared, setting
+from ..config import ENGINES, check_declared, setting
 from ..data.images import MAX_ASPECT_RATIO
 
 
@@ -18,6 +18,8 @@ class ServeSettings:
     model: str = setting(..., "run directory or exported .onnx file", group="serve")
     int8: bool = setting(False, "serve the run's int8 ONNX model (exported, calibrated and checked against fp32 "
                          "first if it is not there yet)", group="serve")
+    engine: str | None = setting(None, "what computes a run directory's network (default: the run's own --engine)",
+                                 group="serve", choices=ENGINES)
     host: str = setting("127.0.0.1", "address to listen on", group="serve")
     port: int = setting(8000, "port to listen on", group="serve", bounds="[1, 65535]")
     workers: int = setting(1, "server processes", group="serve", bounds="[1, 64]")
