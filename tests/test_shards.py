@@ -291,6 +291,7 @@ def test_torchrun_ranks_see_each_sample_once_per_epoch_on_shards(color_tree, tmp
     assert ranks[0]["0"] != ranks[0]["1"]  # a new order each epoch
 
 
+@pytest.mark.slow  # an audit and two training runs
 def test_audit_and_exclude_name_shard_samples(color_tree, tmp_path, capsys):
     """The audit reads shard samples (a planted train copy of a val photo is found by its bytes and
     shown), and `--exclude` takes its CSV, or a sample's bare key."""
