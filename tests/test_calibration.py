@@ -82,7 +82,7 @@ def test_a_run_calibrates_on_val_and_every_output_is_softmax_of_logits_over_t(co
     raw = build_model(meta["architecture"], 3).eval()
     raw.load_state_dict(load_file(str(run.run_dir / "model.safetensors")))
     photo = Image.open(next((color_tree / "val" / "n00000002-green_thing").iterdir())).convert("RGB")
-    torch_backend = TorchBackend(run.run_dir)
+    torch_backend = TorchBackend(run.run_dir, "torch")  # (every backend: PyTorch here, ONNX below)
     with torch.inference_mode():
         logits = raw(torch_backend.transform(photo)[None]).numpy()
     expected = _softmax(logits / t)
@@ -100,7 +100,7 @@ def test_a_run_calibrates_on_val_and_every_output_is_softmax_of_logits_over_t(co
 
     upload = io.BytesIO()
     photo.save(upload, "PNG")
-    with TestClient(create_app(ServeSettings(str(run.run_dir)))) as client:
+    with TestClient(create_app(ServeSettings(str(run.run_dir), engine="torch"))) as client:
         answer = client.post("/predict", files={"file": ("g.png", upload.getvalue(), "image/png")}).json()
         assert client.get("/metadata").json()["calibrated"] is True
     best = int(expected[0].argmax())

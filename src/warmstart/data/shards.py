@@ -21,6 +21,9 @@ import json
 import os
 import re
 import tarfile
+import threading
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +35,7 @@ LABEL_EXTENSIONS = ("cls", "json")
 MAX_LABEL_BYTES = 64 << 10
 # the largest photo file read whole: a JPEG at the decoder's 89-Mpixel limit is ~30 MB at quality 95
 MAX_MEMBER_BYTES = 64 << 20
+READ_AHEAD = 8 << 20  # bytes fetched at once from a shard at a URL
 SPEC_FILE = "dataset.yaml"
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _SPLIT_PREFIX = re.compile(r"^(train|val|valid|validation|eval|test)[-_.]", re.IGNORECASE)
@@ -51,7 +55,7 @@ class ShardMember:
         return f"{self.shard}#{self.key}"
 
     def read_bytes(self) -> bytes:
-        with open_shard(self.shard) as handle:
+        with _open_handle(self.shard) as handle:
             handle.seek(self.offset)
             data = handle.read(self.size)
         if len(data) != self.size:
@@ -78,14 +82,46 @@ def open_shard(name: str):
     """A binary file object for a shard: local files directly, URLs through fsspec."""
     if is_local(name):
         return open(local_path(name), "rb")
+    return _open_url(name)
+
+
+def _open_url(name: str, block_size: int | None = None):
     try:
         import fsspec
     except ImportError:
         raise UserError(f"reading {name} needs fsspec: {WDS_EXTRA}") from None
     try:
-        return fsspec.open(name, "rb").open()
+        options = {"block_size": block_size, "cache_type": "readahead"} if block_size else {}
+        try:
+            return fsspec.open(name, "rb", **options).open()
+        except TypeError:  # a filesystem whose files take no read-ahead options (in memory, local)
+            return fsspec.open(name, "rb").open()
     except (ImportError, ValueError) as exc:  # no backend for the protocol (s3fs, gcsfs, …)
         raise UserError(f"cannot open {name}: {str(exc).splitlines()[0][:160]}") from None
+
+
+_HANDLES: "OrderedDict[tuple[int, str], tuple[threading.Lock, object]]" = OrderedDict()
+_HANDLES_LOCK = threading.Lock()
+OPEN_HANDLES = 8  # shards kept open per process: the streamed order reads from one or two at a time
+
+
+@contextmanager
+def _open_handle(name: str):
+    """A shard's file kept open in this process (the least recently used closed past OPEN_HANDLES),
+    so that reads that follow each other in a shard (the streamed order) reuse one handle, and at
+    a URL, fsspec's read-ahead blocks: a shard is fetched in large blocks, not a request a photo."""
+    key = (os.getpid(), name)  # a forked loader worker opens its own
+    with _HANDLES_LOCK:
+        entry = _HANDLES.pop(key, None)
+        if entry is None:
+            handle = open_shard(name) if is_local(name) else _open_url(name, READ_AHEAD)
+            entry = (threading.Lock(), handle)
+        _HANDLES[key] = entry
+        while len(_HANDLES) > OPEN_HANDLES:
+            (_, stale) = _HANDLES.popitem(last=False)[1]
+            stale.close()
+    with entry[0]:
+        yield entry[1]
 
 
 def expand(pattern: str) -> list[str]:

@@ -169,6 +169,9 @@ def _concat(a: CachedFeatures, b: CachedFeatures) -> CachedFeatures:
                           a.skipped + b.skipped)
 
 
+GATHER_BYTES = 64 << 20  # rows gathered at once from the cached views (a chunk of an epoch's batches)
+
+
 class CachedBatches:
     """An epoch of (inputs, targets, labels) from cached views, in the image loader's order (the
     same sampler and seed) with a seeded choice of view per image."""
@@ -185,10 +188,16 @@ class CachedBatches:
         return self.sampler.batches_per_epoch()
 
     def __iter__(self):
+        """Batches gathered a chunk of batches at a time (up to GATHER_BYTES of rows): one gather per
+        view and chunk rather than per batch, the same rows and view choices as batch by batch (the
+        generator's draws are consumed in the same order)."""
         self.sampler.set_epoch(self.epoch)
-        for keys in self.sampler:
-            check()
-            idx = torch.as_tensor([i for _, i in keys])
+        batches = [[i for _, i in keys] for keys in self.sampler]
+        row_bytes = self.views[0][0].numel() * self.views[0].element_size() if len(self.views[0]) else 1
+        per_chunk = max(1, GATHER_BYTES // max(1, row_bytes * max((len(b) for b in batches), default=1)))
+        for first in range(0, len(batches), per_chunk):
+            chunk = batches[first:first + per_chunk]
+            idx = torch.as_tensor([i for batch in chunk for i in batch], dtype=torch.long)
             source = idx if self.rows is None else self.rows[idx]
             x = self.views[0][source]
             if len(self.views) > 1:  # one gather per view, not one copy per image
@@ -198,5 +207,10 @@ class CachedBatches:
                     if len(chosen):
                         x[chosen.to(x.device)] = self.views[v][source[chosen]].to(x.device)
             y = self.labels[idx]
-            yield self.to_input(x), y, y
+            start = 0
+            for batch in chunk:
+                check()
+                end = start + len(batch)
+                yield self.to_input(x[start:end]), y[start:end], y[start:end]
+                start = end
         self.epoch += 1
