@@ -55,28 +55,21 @@ class TrainingLog:
 
     @torch.inference_mode()
     def predictions(self, epoch: int, forward) -> None:
-        """A grid of sample validation images with their true and predicted classes."""
+        """A grid of sample validation images with their predicted and true classes (green where
+        right, red where wrong), drawn with PIL: ~20 ms, where a matplotlib figure took ~0.2-0.4 s,
+        more than a head's ten epochs on cached features."""
         if not self.samples or epoch != self.epochs:
             return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import numpy as np
 
         probs = forward(torch.stack([s[1] for s in self.samples])).float().softmax(1).cpu()
-        cols = min(4, len(self.samples))
-        rows = (len(self.samples) + cols - 1) // cols
-        figure, axes = plt.subplots(rows, cols, figsize=(3 * cols, 3.2 * rows), squeeze=False)
-        for ax in axes.flat:
-            ax.axis("off")
-        for ax, (thumb, _, label), p in zip(axes.flat, self.samples, probs):
+        captions = []
+        for (_, _, label), p in zip(self.samples, probs):
             predicted = int(p.argmax())
-            ax.imshow(thumb)
-            ax.set_title(f"{self.class_names[predicted]} {float(p[predicted]):.0%}\n(true: {self.class_names[label]})",
-                         fontsize=8, color="green" if predicted == label else "red")
-        figure.tight_layout()
-        self.writer.add_figure("val/predictions", figure, epoch)
-        plt.close(figure)
+            captions.append((f"{self.class_names[predicted]} {float(p[predicted]):.0%}",
+                             f"(true: {self.class_names[label]})", predicted == label))
+        grid = prediction_grid([s[0] for s in self.samples], captions)
+        self.writer.add_image("val/predictions", np.asarray(grid), epoch, dataformats="HWC")
 
     def close(self) -> None:
         self.writer.close()
@@ -96,3 +89,23 @@ class QuietLog:
 
     def close(self) -> None:
         pass
+
+
+def prediction_grid(images: list, captions: list[tuple[str, str, bool]], cell: int = 180, columns: int = 4):
+    """Thumbnails in a grid, each over two lines of caption, the first green (right) or red (wrong)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    text_height = 28
+    columns = min(columns, len(images))
+    rows = (len(images) + columns - 1) // columns
+    grid = Image.new("RGB", (columns * cell, rows * (cell + text_height)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (image, (first, second, right)) in enumerate(zip(images, captions)):
+        x, y = (i % columns) * cell, (i // columns) * (cell + text_height)
+        thumb = image.convert("RGB")
+        thumb.thumbnail((cell - 8, cell - 8))
+        grid.paste(thumb, (x + (cell - thumb.width) // 2, y + 4 + (cell - 8 - thumb.height) // 2))
+        draw.text((x + 4, y + cell), first[:30], fill=(0, 128, 0) if right else (200, 0, 0), font=font)
+        draw.text((x + 4, y + cell + 13), second[:30], fill=(60, 60, 60), font=font)
+    return grid
