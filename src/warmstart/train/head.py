@@ -188,7 +188,10 @@ def _fold_head(model, start: dict, session: Session, feats: list[torch.Tensor], 
         criterion = make_criterion(config, labels.tolist(), head.out_features, labels.device)
         return fit_probe(torch.stack(feats), labels, session.pretrained, HeadFit.of(config), head=head,
                          criterion=criterion)
-    fold_model = copy.deepcopy(model)
+    # the frozen weights shared, not copied (a large network 5 times over); what trains, and every
+    # buffer (BatchNorm statistics, small), copied
+    frozen = {id(p): p for p in model.parameters() if not p.requires_grad}
+    fold_model = copy.deepcopy(model, memo=frozen)
     head = fold_model.get_classifier()
     head.load_state_dict(start)
     _, step = _head_plan(fold_model, labels, session, len(head.weight))
