@@ -120,3 +120,28 @@ def test_best_and_last_checkpoints_are_kept(reference, tmp_path):
     assert {p.name for p in folder.iterdir()} == {"last.pt", "previous.pt", "best.pt"}
     best = torch.load(folder / "best.pt", weights_only=True)
     assert best["best_top1"] == max(h["val_top1"] for h in result.history)
+
+
+def test_a_stop_between_two_epochs_points_at_the_checkpoint_and_resumes_exactly(reference, tmp_path, capsys):
+    """A signal that lands after an epoch's checkpoint and before the next epoch's first batch (or
+    while validating) is a stop with a checkpoint: `--resume` continues from it (the CI once saw
+    SIGTERM land there and the run say only that its feature cache was kept)."""
+    from warmstart import stop
+    from warmstart.train.checkpoint import TrainingInterrupted
+
+    root, expected, _ = reference
+    run = tmp_path / "run"
+    config = RunConfig.from_dict({"data": str(root), "out": str(run), "strategy": "fine-tune", "augment": "standard",
+                                  "epochs": 4, "batch_size": 4, "input_size": 64, "workers": 0,
+                                  "checkpoint_every": 2, "lr": 0.02, "seed": 5, "quiet": True})
+
+    def signal_after_the_first_epoch(record):
+        if record["epoch"] == 1:
+            stop._handle(signal.SIGTERM, None)  # as the signal handler does
+
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(config, on_epoch=signal_after_the_first_epoch)
+    assert stopped.value.checkpoint == run / "checkpoints" / "last.pt"
+    assert torch.load(stopped.value.checkpoint, weights_only=True)["epoch"] == 1
+    assert main(["train", "--resume", str(run), "--quiet"]) == 0
+    assert _same_weights(load_file(str(run / "model.safetensors")), expected)

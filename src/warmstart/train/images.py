@@ -18,7 +18,7 @@ from ..models.tta import FlipTTA
 from ..models.trainable import TrainableSet, set_train_mode, with_frozen_norms
 from ..models.unfreeze import GradualUnfreezing
 from ..evaluate import top1
-from ..stop import requested
+from ..stop import Stopped, requested
 from .checkpoint import TrainingInterrupted, rng_state, save_checkpoint, set_rng_state
 from .driver import Driven, Start, drive
 from .epoch import Progress, Totals, step_logger, train_one_epoch
@@ -92,13 +92,14 @@ class ImageTraining:
     def checkpoint(self, epoch: int, batch: int, totals: Totals, is_best: bool = False) -> Path | None:
         if self.session.checkpoints is None:
             return None
-        return save_checkpoint(self.session.checkpoints, {
+        self.latest_checkpoint = save_checkpoint(self.session.checkpoints, {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else {},
             "rng": rng_state(), "epoch": epoch, "batch": batch, "global_step": self.progress.step,
             "totals": list(totals.values()), "history": self.result.history, "best_top1": self.best,
             "class_ids": self.train_set.class_ids, "ema": self.ema.module.state_dict() if self.ema else {},
             "config": self.session.config.to_dict()}, best=is_best)
+        return self.latest_checkpoint
 
     def batches(self, bar):
         """The epoch's (inputs, targets, labels) on the device, mixed where --mixup/--cutmix say."""
@@ -194,8 +195,13 @@ class ImageTraining:
         validating = val_set is not None and len(val_set) > 0 and session.checkpoints is not None
         start = Start("the probe it started from", probe_top1) if probe_top1 is not None else scored_start(session)
         began = time.perf_counter()
-        driven = drive(self, session, validating, self.progress.epoch, Driven(self.result.history, best_top1=self.best),
-                       start)
+        try:
+            driven = drive(self, session, validating, self.progress.epoch,
+                           Driven(self.result.history, best_top1=self.best), start)
+        except Stopped as stop:  # between two epochs or while validating: resume from the latest checkpoint
+            if getattr(self, "latest_checkpoint", None) is None:
+                raise
+            raise TrainingInterrupted(stop.signum, self.latest_checkpoint) from None
         self.result.seconds = time.perf_counter() - began - driven.validation_seconds
         self.result.skipped = sorted(self.seen.items())
         self.result.took(driven)
