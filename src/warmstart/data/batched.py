@@ -388,14 +388,13 @@ class DevicePipeline:
         decoded = [ValueError(f"an image of {image.shape[-1]}x{image.shape[-2]} pixels: nothing to resize")
                    if not isinstance(image, Exception) and min(image.shape[-2:]) == 0 else image
                    for image in decode_all(raw.kinds, raw.data, self.device, self.batch_decode, raw.pixels)]
-        shaped = self._resampled(decoded, raw)
+        shaped = self._resampled(decoded, raw)  # every readable image at once, or None
         images, keep = [], []
         for i, image in enumerate(decoded):
-            if shaped is not None and not isinstance(image, Exception):
-                images.append(shaped[i])
-                keep.append(i)
-                continue
             if not isinstance(image, Exception):
+                if shaped is not None:
+                    keep.append(i)
+                    continue
                 try:
                     # resized in float: the uint8 path's per-image cast back and rounding (several small
                     # kernels each, the device stage's largest cost on an H200) happen once per batch
@@ -407,19 +406,18 @@ class DevicePipeline:
                     image = exc
             skipped.append((raw.names[i], reason(image)))
             skipped_indices.append(int(raw.indices[i]))
-        if not images:
+        if not keep:
             empty = torch.empty(0, dtype=torch.long)
             return Batch(torch.empty(0), empty, empty, skipped, skipped_indices)
-        batch = self.view.finish(torch.stack(images) if shaped is None else torch.cat([shaped[i][None] for i in keep])
-                                 if len(keep) < len(shaped) else shaped.stacked, [raw.chosen[i] for i in keep])
+        batch = self.view.finish(torch.stack(images) if shaped is None else shaped, [raw.chosen[i] for i in keep])
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         keep_t = torch.tensor(keep, dtype=torch.long)
         return Batch(batch, raw.labels[keep_t], raw.indices[keep_t], skipped, skipped_indices)
 
 
-    def _resampled(self, decoded: list, raw: RawBatch) -> "Resampled | None":
-        """Every decoded image cropped, resized and flipped to the view in a constant number of
+    def _resampled(self, decoded: list, raw: RawBatch) -> torch.Tensor | None:
+        """Every readable decoded image (in order) cropped, resized and flipped to the view in a constant number of
         operations per group (data.resample: PIL's own filters), or None where the view's geometry
         is not one resample per axis for some image (then each image goes its own way, as before)."""
         good = [i for i, image in enumerate(decoded) if not isinstance(image, Exception)]
@@ -439,20 +437,7 @@ class DevicePipeline:
             members = [good[g] for g in group]
             parts.append(resample([decoded[i] for i in members], [plans[i][0] for i in members],
                                   [plans[i][1] for i in members], kind))
-        return Resampled(good, torch.cat(parts) if len(parts) > 1 else parts[0])
-
-
-class Resampled:
-    """The resampled images of a batch by their position in it (the unreadable ones left out)."""
-
-    def __init__(self, positions: list[int], stacked: torch.Tensor):
-        self.row, self.stacked = {p: r for r, p in enumerate(positions)}, stacked
-
-    def __len__(self) -> int:
-        return len(self.row)
-
-    def __getitem__(self, position: int) -> torch.Tensor:
-        return self.stacked[self.row[position]]
+        return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 class DeviceBatches:

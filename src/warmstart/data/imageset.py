@@ -50,6 +50,37 @@ class ImageSet:
         return np.bincount(np.asarray(self.labels, dtype=np.int64), minlength=len(self.class_ids)).tolist()
 
 
+def classes_present(labels: list) -> list[str] | None:
+    """A source's classes from raw labels alone: the numbers present (in numeric order), or the
+    names (sorted); None where they mix or there are none."""
+    if labels and all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
+        return [str(n) for n in sorted(set(labels))]
+    if labels and all(isinstance(v, str) for v in labels):
+        return sorted(set(labels))
+    return None
+
+
+def labelled(items: list, raw: list, classes: list[str], by_index: bool, origin: str,
+             skipped: list[tuple[str, str]]) -> ImageSet:
+    """The items whose raw label is one of the classes (an index into them where `by_index`, else a
+    class id, a number matched as its text); the others go to `skipped`, a line each."""
+    position = {c: i for i, c in enumerate(classes)}
+    kept, labels, skipped = [], [], list(skipped)
+    for item, value in zip(items, raw):
+        if isinstance(value, int) and not isinstance(value, bool) and by_index:
+            label = value if 0 <= value < len(classes) else None
+        else:
+            label = position.get(str(value)) if value is not None else None
+        if label is None:
+            reason = ("no label" if value is None or value == -1
+                      else f"label {value!s:.40} is not one of the {len(classes)} classes")
+            skipped.append((str(item), reason + ": left out"))
+            continue
+        kept.append(item)
+        labels.append(label)
+    return ImageSet(kept, labels, list(classes), readable_class_names(classes), origin, {"ignored": skipped})
+
+
 _WNID_NAME = re.compile(r"^(n\d{8})[-_](.+)$")
 _WNID = re.compile(r"^n\d{8}$")
 

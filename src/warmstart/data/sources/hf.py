@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from ...errors import UserError
-from ..imageset import SPLIT_ALIASES, ImageSet, readable_class_names
+from ..imageset import SPLIT_ALIASES, ImageSet, classes_present, labelled
 from ..shards import MAX_MEMBER_BYTES
 from .options import SourceOptions
 
@@ -130,7 +130,10 @@ def load(data: str, class_ids: list[str] | None, options: SourceOptions) -> dict
     named = list(feature.names) if type(feature).__name__ == "ClassLabel" else None
     raw = {name: list(split[label_column]) for name, split in splits.items()}
     if class_ids is None:
-        class_ids = named or _classes_from([v for v in raw[first] if v is not None], data)
+        class_ids = named or classes_present([v for v in raw[first] if v is not None])
+        if not class_ids:
+            raise UserError(f"{data}: the label column holds neither class numbers nor class names "
+                            f"(pass --label-column NAME, or save the labels as a ClassLabel feature)")
     by_index = named is not None
     out = {}
     for name, split in splits.items():
@@ -141,31 +144,7 @@ def load(data: str, class_ids: list[str] | None, options: SourceOptions) -> dict
             raise UserError(f"{data}: split {name} is held in memory only; save it with save_to_disk first")
         table = ArrowTable(files, image_column, f"{data}[{name}]")
         key = "all" if name == "all" else SPLIT_ALIASES.get(name.lower(), name)
-        out["train" if name == first and len(splits) > 1 else key] = _image_set(table, raw[name], class_ids, by_index)
+        rows = [DatasetRow(table, index) for index in range(len(raw[name]))]
+        out["train" if name == first and len(splits) > 1 else key] = labelled(rows, raw[name], class_ids, by_index,
+                                                                              table.origin, [])
     return out
-
-
-def _classes_from(labels: list, data: str) -> list[str]:
-    if labels and all(isinstance(v, int) and not isinstance(v, bool) for v in labels):
-        return [str(n) for n in sorted(set(labels))]
-    if labels and all(isinstance(v, str) for v in labels):
-        return sorted(set(labels))
-    raise UserError(f"{data}: the label column holds neither class numbers nor class names "
-                    f"(pass --label-column NAME, or save the labels as a ClassLabel feature)")
-
-
-def _image_set(table: ArrowTable, raw: list, classes: list[str], by_index: bool) -> ImageSet:
-    position = {c: i for i, c in enumerate(classes)}
-    items, labels, skipped = [], [], []
-    for index, value in enumerate(raw):
-        if isinstance(value, int) and by_index:
-            label = value if 0 <= value < len(classes) else None
-        else:
-            label = position.get(str(value)) if value is not None else None
-        if label is None:
-            reason = "no label" if value is None or value == -1 else f"label {value!s:.40} is not one of the classes"
-            skipped.append((f"{table.origin}#{index}", reason + ": left out"))
-            continue
-        items.append(DatasetRow(table, index))
-        labels.append(label)
-    return ImageSet(items, labels, list(classes), readable_class_names(classes), table.origin, {"ignored": skipped})
